@@ -1,0 +1,226 @@
+#include "core/checkpoint.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cerrno>
+#include <cstring>
+#include <memory>
+
+namespace ckptfs::core {
+namespace {
+
+// Meta files larger than this are not meta: refuse rather than read them.
+constexpr int64_t kMaxMetaBytes = 64 << 20;
+
+int64_t MtimeNs(const struct stat& st) {
+  return static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+}
+
+std::string Basename(const std::string& path) {
+  auto slash = path.rfind('/');
+  return slash == std::string::npos ? path : path.substr(slash + 1);
+}
+
+std::string Dirname(const std::string& path) {
+  auto slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+Result<std::string> ReadSmallFile(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (fd < 0) return Status::FromErrno(path, errno);
+  std::unique_ptr<int, void (*)(int*)> guard(&fd, [](int* f) { ::close(*f); });
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return Status::FromErrno(path, errno);
+  if (!S_ISREG(st.st_mode)) return Status::Corrupt(path + ": not a regular file");
+  if (st.st_size > kMaxMetaBytes) return Status::Corrupt(path + ": meta file too large");
+  std::string data;
+  char buf[65536];
+  for (;;) {
+    ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Status::FromErrno(path, errno);
+    }
+    if (n == 0) break;
+    data.append(buf, static_cast<size_t>(n));
+    if (static_cast<int64_t>(data.size()) > kMaxMetaBytes) {
+      return Status::Corrupt(path + ": meta file too large");
+    }
+  }
+  return data;
+}
+
+Result<Meta> ParseMetaFile(Layout layout, const std::string& file) {
+  Result<std::string> text = ReadSmallFile(file);
+  if (!text.ok()) return text.status();
+  switch (layout) {
+    case Layout::kSpeechBrain:
+      return ParseSpeechBrainYaml(*text, file);
+    case Layout::kNative:
+      return ParseNativeJson(*text, file);
+    case Layout::kHuggingFace:
+      return ParseTrainerState(*text, file);
+    case Layout::kSingleFile:
+      break;
+  }
+  return Status::InvalidArgument(file + ": layout has no meta file");
+}
+
+}  // namespace
+
+const char* LayoutName(Layout layout) {
+  switch (layout) {
+    case Layout::kSpeechBrain:
+      return "speechbrain";
+    case Layout::kNative:
+      return "native";
+    case Layout::kHuggingFace:
+      return "huggingface";
+    case Layout::kSingleFile:
+      return "single-file";
+  }
+  return "unknown";
+}
+
+const char* MetaFileName(Layout layout) {
+  switch (layout) {
+    case Layout::kSpeechBrain:
+      return "CKPT.yaml";
+    case Layout::kNative:
+      return "meta.json";
+    case Layout::kHuggingFace:
+      return "trainer_state.json";
+    case Layout::kSingleFile:
+      return "";
+  }
+  return "";
+}
+
+std::optional<Layout> DirectoryLayout(std::string_view dir_name, bool has_ckpt_yaml,
+                                      bool has_meta_json, bool has_trainer_state) {
+  if (dir_name.rfind("CKPT+", 0) == 0 && has_ckpt_yaml) return Layout::kSpeechBrain;
+  if (has_meta_json) return Layout::kNative;
+  if (has_trainer_state && dir_name.rfind("checkpoint-", 0) == 0 && dir_name.size() > 11 &&
+      std::all_of(dir_name.begin() + 11, dir_name.end(),
+                  [](char c) { return c >= '0' && c <= '9'; })) {
+    return Layout::kHuggingFace;
+  }
+  return std::nullopt;
+}
+
+Result<std::string> CheckpointStamp(const std::string& path, Layout layout) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) return Status::FromErrno(path, errno);
+  std::string stamp = std::to_string(MtimeNs(st)) + ":" + std::to_string(st.st_size);
+  if (layout != Layout::kSingleFile) {
+    std::string meta_file = path + "/" + MetaFileName(layout);
+    struct stat mst {};
+    if (::lstat(meta_file.c_str(), &mst) == 0) {
+      stamp += ":" + std::to_string(MtimeNs(mst)) + ":" + std::to_string(mst.st_size);
+    } else {
+      stamp += ":missing";
+    }
+  }
+  return stamp;
+}
+
+Result<Checkpoint> LoadCheckpoint(const std::string& path, Layout layout) {
+  Checkpoint c;
+  c.path = path;
+  c.experiment = Dirname(path);
+  c.name = Basename(path);
+  c.layout = layout;
+  Result<std::string> stamp = CheckpointStamp(path, layout);
+  if (!stamp.ok()) return stamp.status();
+  c.stamp = *stamp;
+
+  int64_t newest_ns = 0;
+  if (layout == Layout::kSingleFile) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) return Status::FromErrno(path, errno);
+    if (!S_ISREG(st.st_mode)) return Status::InvalidArgument(path + ": not a regular file");
+    c.files.push_back({c.name, static_cast<int64_t>(st.st_size), MtimeNs(st)});
+    newest_ns = MtimeNs(st);
+    if (auto meta = ParseSingleFileName(c.name)) c.meta = std::move(*meta);
+  } else {
+    DIR* dir = ::opendir(path.c_str());
+    if (dir == nullptr) return Status::FromErrno(path, errno);
+    std::unique_ptr<DIR, int (*)(DIR*)> guard(dir, ::closedir);
+    while (struct dirent* e = ::readdir(dir)) {
+      std::string name = e->d_name;
+      if (name == "." || name == "..") continue;
+      struct stat st {};
+      if (::fstatat(::dirfd(dir), e->d_name, &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+      if (!S_ISREG(st.st_mode)) continue;
+      c.files.push_back({name, static_cast<int64_t>(st.st_size), MtimeNs(st)});
+      newest_ns = std::max(newest_ns, MtimeNs(st));
+    }
+    std::sort(c.files.begin(), c.files.end(),
+              [](const CheckpointFile& a, const CheckpointFile& b) { return a.name < b.name; });
+    Result<Meta> meta = ParseMetaFile(layout, path + "/" + MetaFileName(layout));
+    if (meta.ok()) {
+      c.meta = std::move(*meta);
+    } else {
+      c.valid = false;
+      c.error = meta.status().message();
+    }
+  }
+  c.recency = static_cast<double>(newest_ns) / 1e9;
+  if (auto unixtime = c.meta.Number("unixtime")) c.recency = *unixtime;
+  c.step = StepOf(c.meta);
+  return c;
+}
+
+std::string NaturalSortKey(std::string_view name) {
+  std::string key;
+  key.reserve(name.size() + 8);
+  size_t i = 0;
+  while (i < name.size()) {
+    if (name[i] >= '0' && name[i] <= '9') {
+      size_t j = i;
+      while (j < name.size() && name[j] >= '0' && name[j] <= '9') ++j;
+      size_t start = i;
+      while (start + 1 < j && name[start] == '0') ++start;  // "007" sorts as 7
+      size_t len = j - start;
+      // A length prefix makes longer numbers sort after shorter ones. Digits
+      // sort before letters at the same position, as in most natural sorts.
+      char prefix[8];
+      std::snprintf(prefix, sizeof(prefix), "%03zu", std::min<size_t>(len, 999));
+      key += prefix;
+      key.append(name.substr(start, len));
+      i = j;
+    } else {
+      key += name[i++];
+    }
+  }
+  return key;
+}
+
+std::optional<double> StepOf(const Meta& meta) {
+  for (const char* key : {"global_step", "step", "epoch", "index"}) {
+    if (auto v = meta.Number(key)) return v;
+  }
+  return std::nullopt;
+}
+
+bool IsNewer(const Checkpoint& a, const Checkpoint& b) {
+  if (a.recency != b.recency) return a.recency > b.recency;
+  double sa = a.step.value_or(-INFINITY);
+  double sb = b.step.value_or(-INFINITY);
+  if (sa != sb) return sa > sb;
+  return NaturalSortKey(a.name) > NaturalSortKey(b.name);
+}
+
+std::string SingleFileAlias(std::string_view file_name) {
+  return "checkpoint" + FileExtension(file_name);
+}
+
+}  // namespace ckptfs::core

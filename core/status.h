@@ -1,0 +1,81 @@
+// Status and Result<T>: how core and index report failure.
+//
+// A Status carries a code and a message that names the file, key or tensor
+// concerned. errno enters once (Status::FromErrno) and leaves once
+// (fs::ToErrno). Values are immutable and cheap to copy; thread-compatible.
+#ifndef CKPTFS_CORE_STATUS_H_
+#define CKPTFS_CORE_STATUS_H_
+
+#include <optional>
+#include <string>
+#include <utility>
+#include <variant>
+
+namespace ckptfs::core {
+
+enum class StatusCode {
+  kOk = 0,
+  kNotFound,         // nothing matches (ENOENT)
+  kInvalidArgument,  // malformed query path or option (EINVAL)
+  kCorrupt,          // unparseable meta, index or tensor file (EIO)
+  kIoError,          // the operating system refused (errno kept)
+  kUnsupported,      // a format or feature we do not handle (ENOTSUP)
+  kExists,           // target name already taken (EEXIST)
+  kPermission,       // read-only or forbidden (EROFS / EACCES)
+};
+
+class Status {
+ public:
+  Status() = default;
+  static Status Ok() { return Status(); }
+  static Status NotFound(std::string msg) { return {StatusCode::kNotFound, std::move(msg)}; }
+  static Status InvalidArgument(std::string msg) {
+    return {StatusCode::kInvalidArgument, std::move(msg)};
+  }
+  static Status Corrupt(std::string msg) { return {StatusCode::kCorrupt, std::move(msg)}; }
+  static Status Unsupported(std::string msg) { return {StatusCode::kUnsupported, std::move(msg)}; }
+  static Status Exists(std::string msg) { return {StatusCode::kExists, std::move(msg)}; }
+  static Status Permission(std::string msg) { return {StatusCode::kPermission, std::move(msg)}; }
+  // "context: strerror(err)", keeping err for ToErrno.
+  static Status FromErrno(const std::string& context, int err);
+
+  bool ok() const { return code_ == StatusCode::kOk; }
+  StatusCode code() const { return code_; }
+  int sys_errno() const { return errno_; }
+  const std::string& message() const { return message_; }
+  std::string ToString() const;
+
+ private:
+  Status(StatusCode code, std::string msg) : code_(code), message_(std::move(msg)) {}
+  StatusCode code_ = StatusCode::kOk;
+  int errno_ = 0;
+  std::string message_;
+};
+
+// Either a value or a non-ok Status.
+template <typename T>
+class Result {
+ public:
+  Result(T value) : v_(std::move(value)) {}       // NOLINT(google-explicit-constructor)
+  Result(Status status) : v_(std::move(status)) {}  // NOLINT(google-explicit-constructor)
+
+  bool ok() const { return std::holds_alternative<T>(v_); }
+  const Status& status() const {
+    static const Status kOkStatus;
+    return ok() ? kOkStatus : std::get<Status>(v_);
+  }
+  T& value() & { return std::get<T>(v_); }
+  const T& value() const& { return std::get<T>(v_); }
+  T&& value() && { return std::get<T>(std::move(v_)); }
+  T* operator->() { return &value(); }
+  const T* operator->() const { return &value(); }
+  T& operator*() { return value(); }
+  const T& operator*() const { return value(); }
+
+ private:
+  std::variant<T, Status> v_;
+};
+
+}  // namespace ckptfs::core
+
+#endif  // CKPTFS_CORE_STATUS_H_

@@ -1,0 +1,175 @@
+#include "fs/cli.h"
+
+#include <limits.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
+#include <iostream>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "fs/options.h"
+#include "index/index.h"
+#include "index/resolver.h"
+
+#ifndef CKPTFS_VERSION
+#define CKPTFS_VERSION "unknown"
+#endif
+
+namespace ckptfs::fs {
+
+using core::Result;
+using core::Status;
+
+namespace {
+
+constexpr int kExitFailure = 1;
+constexpr int kExitUsage = 2;
+
+const char kUsage[] =
+    "usage: ckptfs COMMAND [options] ...\n"
+    "\n"
+    "Checkpoint directories as queryable paths.\n"
+    "\n"
+    "commands:\n"
+    "  mount [options] SOURCE MOUNTPOINT   mount SOURCE's query filesystem at MOUNTPOINT;\n"
+    "                                      daemonises once the mount answers (-f: stay in front)\n"
+    "  resolve [options] SOURCE VPATH      print the real path VPATH resolves to (for avg/\n"
+    "                                      paths: the member files, newest first)\n"
+    "  ls [options] SOURCE                 list checkpoints with their meta (--json: as JSON)\n"
+    "  help                                show this text\n"
+    "\n"
+    "VPATH is a path inside the mount, relative to SOURCE, such as /best/min/loss/mdl.ckpt,\n"
+    "/latest, /top/3/max/acc/2, /where/epoch>=10/best/min/loss, /exp1/avg/last3/model.ckpt.\n"
+    "\n"
+    "options:\n"
+    "  --index PATH     the SQLite index file (default: $XDG_STATE_HOME/ckptfs/index-HASH.sqlite,\n"
+    "                   else ~/.local/state/ckptfs/); it is a cache and is rebuilt when missing\n"
+    "  --json           (ls) print JSON instead of a table\n"
+    "  -h, --help       show this text\n"
+    "  -V, --version    show the version\n"
+    "\n"
+    "mount options:\n"
+    "  -f               stay in the foreground, logs on stderr\n"
+    "  --links          selector entries are symbolic links to the real files\n"
+    "  -o OPT[,OPT]     FUSE mount options (allow_other, ...)\n"
+    "  -d               FUSE debug output (implies -f)\n"
+    "\n"
+    "Exit status: 0 success, 1 failure (the message names the file and the reason),\n"
+    "2 usage error. Unmount with: fusermount3 -u MOUNTPOINT\n";
+
+int Usage(const std::string& why) {
+  std::fprintf(stderr, "ckptfs: %s\nTry 'ckptfs --help'.\n", why.c_str());
+  return kExitUsage;
+}
+
+int Fail(const Status& s) {
+  std::fprintf(stderr, "ckptfs: %s\n", s.message().c_str());
+  return kExitFailure;
+}
+
+std::string FormatTime(double unixtime) {
+  if (!std::isfinite(unixtime) || unixtime <= 0) return "-";
+  std::time_t t = static_cast<std::time_t>(unixtime);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string Relative(const std::string& source, const std::string& path) {
+  if (path == source) return ".";
+  if (path.rfind(source + "/", 0) == 0) return path.substr(source.size() + 1);
+  return path;
+}
+
+int RunLs(const Options& opt) {
+  Result<std::unique_ptr<index::Index>> idx = OpenIndex(opt);
+  if (!idx.ok()) return Fail(idx.status());
+  Result<std::vector<core::Checkpoint>> all = (*idx)->List(opt.source);
+  if (!all.ok()) return Fail(all.status());
+  if (opt.json) {
+    std::fputs(index::CheckpointsToJson(*all).c_str(), stdout);
+    return 0;
+  }
+  std::printf("%-40s %-12s %-7s %-20s %s\n", "CHECKPOINT", "LAYOUT", "STATUS", "TIME", "META");
+  for (const core::Checkpoint& c : *all) {
+    std::string meta;
+    for (const auto& [k, v] : c.meta.entries) meta += (meta.empty() ? "" : " ") + k + "=" + v.text;
+    if (!c.valid) meta = c.error;
+    std::printf("%-40s %-12s %-7s %-20s %s\n", Relative(opt.source, c.path).c_str(),
+                core::LayoutName(c.layout), c.valid ? "ok" : "INVALID",
+                FormatTime(c.recency).c_str(), meta.c_str());
+  }
+  std::printf("%zu checkpoint(s)\n", all->size());
+  return 0;
+}
+
+int RunResolve(const Options& opt) {
+  Result<std::unique_ptr<index::Index>> idx = OpenIndex(opt);
+  if (!idx.ok()) return Fail(idx.status());
+  index::Resolver resolver(idx->get());
+  Result<index::Resolution> r = resolver.Resolve(opt.vpath);
+  if (!r.ok()) return Fail(r.status());
+  switch (r->type) {
+    case index::NodeType::kRealDir:
+    case index::NodeType::kRealFile:
+    case index::NodeType::kRealOther:
+      std::printf("%s\n", r->real_path.c_str());
+      return 0;
+    case index::NodeType::kAverageFile:
+      for (const core::Checkpoint& m : r->members) {
+        std::printf("%s\n", m.layout == core::Layout::kSingleFile
+                                ? m.path.c_str()
+                                : (m.path + "/" + r->real_path).c_str());
+      }
+      return 0;
+    case index::NodeType::kIndexJson:
+      return Fail(Status::InvalidArgument(opt.vpath +
+                                          ": index.json is generated; see 'ckptfs ls --json'"));
+    case index::NodeType::kVirtualDir:
+      if (r->checkpoint) {
+        std::printf("%s\n", r->checkpoint->path.c_str());
+        return 0;
+      }
+      if (!r->members.empty()) {
+        for (const core::Checkpoint& m : r->members) std::printf("%s\n", m.path.c_str());
+        return 0;
+      }
+      return Fail(Status::InvalidArgument(
+          opt.vpath + ": a directory of the query namespace, not a checkpoint (complete it, "
+                      "e.g. best/min/KEY)"));
+  }
+  return kExitFailure;
+}
+
+}  // namespace
+
+int RunCli(int argc, char** argv) {
+  Result<Options> opt = ParseOptions(argc, argv);
+  if (!opt.ok()) return Usage(opt.status().message());
+  switch (opt->command) {
+    case Command::kHelp:
+      std::fputs(kUsage, stdout);
+      return 0;
+    case Command::kVersion:
+      std::printf("ckptfs %s\n", CKPTFS_VERSION);
+      return 0;
+    case Command::kLs:
+      return RunLs(*opt);
+    case Command::kResolve:
+      return RunResolve(*opt);
+    case Command::kMount:
+      return RunMount(*opt);
+  }
+  return kExitUsage;
+}
+
+}  // namespace ckptfs::fs

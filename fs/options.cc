@@ -1,0 +1,125 @@
+#include "fs/options.h"
+
+#include <limits.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace ckptfs::fs {
+
+using core::Result;
+using core::Status;
+
+namespace {
+
+Result<std::string> RealDirectory(const std::string& path, const char* what) {
+  char buf[PATH_MAX];
+  if (::realpath(path.c_str(), buf) == nullptr) {
+    return Status::InvalidArgument(std::string(what) + " " + path + ": " + std::strerror(errno));
+  }
+  struct stat st {};
+  if (::stat(buf, &st) != 0 || !S_ISDIR(st.st_mode)) {
+    return Status::InvalidArgument(std::string(what) + " " + path + ": not a directory");
+  }
+  return std::string(buf);
+}
+
+void SplitCommas(const std::string& text, std::vector<std::string>* out) {
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    size_t comma = text.find(',', pos);
+    if (comma == std::string::npos) comma = text.size();
+    if (comma > pos) out->push_back(text.substr(pos, comma - pos));
+    pos = comma + 1;
+  }
+}
+
+}  // namespace
+
+Result<Options> ParseOptions(int argc, char** argv) {
+  Options opt;
+  if (argc < 2) return Status::InvalidArgument("no command given");
+  std::string cmd = argv[1];
+  if (cmd == "help" || cmd == "-h" || cmd == "--help") return opt;
+  if (cmd == "-V" || cmd == "--version") {
+    opt.command = Command::kVersion;
+    return opt;
+  }
+  size_t want;
+  if (cmd == "ls") {
+    opt.command = Command::kLs, want = 1;
+  } else if (cmd == "resolve") {
+    opt.command = Command::kResolve, want = 2;
+  } else if (cmd == "mount") {
+    opt.command = Command::kMount, want = 2;
+  } else {
+    return Status::InvalidArgument("unknown command '" + cmd + "'");
+  }
+  std::vector<std::string> operands;
+  bool options_done = false;
+  for (int i = 2; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&](const char* name) -> Result<std::string> {
+      if (i + 1 >= argc) return Status::InvalidArgument(std::string(name) + " needs a value");
+      return std::string(argv[++i]);
+    };
+    if (options_done || a.empty() || a[0] != '-' || a == "-") {
+      operands.push_back(a);
+    } else if (a == "--") {
+      options_done = true;
+    } else if (a == "-h" || a == "--help") {
+      opt.command = Command::kHelp;
+      return opt;
+    } else if (a == "--index") {
+      Result<std::string> v = value("--index");
+      if (!v.ok()) return v.status();
+      opt.index_path = *v;
+    } else if (a == "--json" && opt.command == Command::kLs) {
+      opt.json = true;
+    } else if (a == "-f" && opt.command == Command::kMount) {
+      opt.foreground = true;
+    } else if (a == "-d" && opt.command == Command::kMount) {
+      opt.debug = opt.foreground = true;
+    } else if (a == "--links" && opt.command == Command::kMount) {
+      opt.links = true;
+    } else if (a == "-o" && opt.command == Command::kMount) {
+      Result<std::string> v = value("-o");
+      if (!v.ok()) return v.status();
+      SplitCommas(*v, &opt.fuse_options);
+    } else if (a.rfind("-o", 0) == 0 && a.size() > 2 && opt.command == Command::kMount) {
+      SplitCommas(a.substr(2), &opt.fuse_options);
+    } else {
+      return Status::InvalidArgument("unknown option '" + a + "' for " + cmd);
+    }
+  }
+  if (operands.size() != want) {
+    return Status::InvalidArgument(cmd + " takes " + std::to_string(want) + " operand(s), got " +
+                                   std::to_string(operands.size()));
+  }
+  Result<std::string> source = RealDirectory(operands[0], "SOURCE");
+  if (!source.ok()) return source.status();
+  opt.source = *source;
+  if (opt.command == Command::kResolve) opt.vpath = operands[1];
+  if (opt.command == Command::kMount) {
+    Result<std::string> mp = RealDirectory(operands[1], "MOUNTPOINT");
+    if (!mp.ok()) return mp.status();
+    opt.mountpoint = *mp;
+    if (opt.mountpoint == opt.source || opt.mountpoint.rfind(opt.source + "/", 0) == 0) {
+      return Status::InvalidArgument("MOUNTPOINT " + opt.mountpoint + " lies inside SOURCE");
+    }
+  }
+  if (opt.index_path.empty()) opt.index_path = index::DefaultIndexPath(opt.source);
+  return opt;
+}
+
+Result<std::unique_ptr<index::Index>> OpenIndex(const Options& opt) {
+  Result<std::unique_ptr<index::Index>> idx = index::Index::Open(opt.source, opt.index_path);
+  if (!idx.ok()) return idx.status();
+  Result<index::ScanStats> scan = (*idx)->Scan();
+  if (!scan.ok()) return scan.status();
+  return idx;
+}
+
+}  // namespace ckptfs::fs

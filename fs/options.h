@@ -1,0 +1,43 @@
+// Command-line options of every ckptfs command, and the shared steps that
+// turn them into an open, up-to-date index.
+#ifndef CKPTFS_FS_OPTIONS_H_
+#define CKPTFS_FS_OPTIONS_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+#include "index/index.h"
+
+namespace ckptfs::fs {
+
+enum class Command { kHelp, kVersion, kLs, kResolve, kMount };
+
+struct Options {
+  Command command = Command::kHelp;
+  std::string source;      // realpath of SOURCE
+  std::string vpath;       // resolve
+  std::string mountpoint;  // mount: realpath of MOUNTPOINT
+  std::string index_path;  // --index, else DefaultIndexPath(source)
+  bool json = false;       // ls --json
+  bool foreground = false; // mount -f
+  bool debug = false;      // mount -d
+  bool links = false;      // mount --links
+  std::vector<std::string> fuse_options;  // mount -o, split on commas
+};
+
+// Parses argv. kInvalidArgument with a message for the user on bad usage
+// (unknown command or option, missing or extra operands, SOURCE not a
+// directory).
+core::Result<Options> ParseOptions(int argc, char** argv);
+
+// Opens the index of opt.source and brings it up to date with one scan.
+core::Result<std::unique_ptr<index::Index>> OpenIndex(const Options& opt);
+
+// `ckptfs mount`: defined in fs/daemon.cc.
+int RunMount(const Options& opt);
+
+}  // namespace ckptfs::fs
+
+#endif  // CKPTFS_FS_OPTIONS_H_

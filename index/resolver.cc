@@ -1,0 +1,313 @@
+#include "index/resolver.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <set>
+
+namespace ckptfs::index {
+
+using core::Checkpoint;
+using core::Query;
+using core::QueryNode;
+using core::Result;
+using core::Status;
+
+namespace {
+
+// Upper bound on how many checkpoints an index.json or a listing loads.
+constexpr int kMaxListed = 1000000;
+
+std::string Describe(const std::vector<std::string>& segments) {
+  std::string out;
+  for (const std::string& s : segments) out += "/" + s;
+  return out.empty() ? "/" : out;
+}
+
+NodeType TypeOf(const struct stat& st) {
+  if (S_ISDIR(st.st_mode)) return NodeType::kRealDir;
+  if (S_ISREG(st.st_mode)) return NodeType::kRealFile;
+  return NodeType::kRealOther;
+}
+
+nlohmann::ordered_json MetaToJson(const core::Meta& meta) {
+  nlohmann::ordered_json out = nlohmann::ordered_json::object();
+  for (const auto& [key, value] : meta.entries) {
+    switch (value.type) {
+      case core::MetaType::kNumber:
+        if (std::isfinite(value.number)) {
+          out[key] = value.number;
+        } else {
+          out[key] = value.text;  // JSON has no NaN or infinity
+        }
+        break;
+      case core::MetaType::kBool:
+        out[key] = value.number != 0;
+        break;
+      case core::MetaType::kString:
+        out[key] = value.text;
+        break;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+bool Resolver::HasNamespace(const std::string& dir) const {
+  return dir == index_->source() || index_->IsExperiment(dir);
+}
+
+Result<Resolution> Resolver::Resolve(std::string_view vpath) const {
+  Result<std::vector<std::string>> segments = core::SplitPath(vpath);
+  if (!segments.ok()) return segments.status();
+  Resolution r;
+  r.real_path = index_->source();
+  for (size_t i = 0; i < segments->size(); ++i) {
+    const std::string& seg = (*segments)[i];
+    std::string next = r.real_path + "/" + seg;
+    struct stat st {};
+    if (::lstat(next.c_str(), &st) == 0) {
+      NodeType type = TypeOf(st);
+      const bool last = i + 1 == segments->size();
+      if (type != NodeType::kRealDir && !last) {
+        return Status::NotFound(next + ": not a directory");
+      }
+      r.real_path = std::move(next);
+      r.type = type;
+      continue;
+    }
+    if (core::IsVirtualRootName(seg) && HasNamespace(r.real_path)) {
+      std::vector<std::string> rest(segments->begin() + static_cast<std::ptrdiff_t>(i),
+                                    segments->end());
+      return ResolveQuery(r.real_path, rest);
+    }
+    return Status::NotFound(next + ": no such file or directory");
+  }
+  return r;
+}
+
+Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
+                                          const std::vector<std::string>& segments) const {
+  Result<Query> q = core::ParseQuery(segments);
+  if (!q.ok()) return q.status();
+  Resolution r;
+  r.scope = scope;
+  r.in_view = true;
+  r.query = *q;
+  r.type = NodeType::kVirtualDir;
+  const std::string where = scope + Describe(segments);
+  switch (q->node) {
+    case QueryNode::kRoot:
+    case QueryNode::kWhere:
+    case QueryNode::kBest:
+    case QueryNode::kBestOrder:
+    case QueryNode::kTop:
+    case QueryNode::kTopK:
+    case QueryNode::kTopOrder:
+    case QueryNode::kAvg:
+    case QueryNode::kAvgBest:
+    case QueryNode::kAvgBestOrder:
+      return r;
+    case QueryNode::kTopKey: {
+      Result<std::vector<Checkpoint>> top =
+          index_->Select(scope, q->where, true, q->order, q->key, q->k);
+      if (!top.ok()) return top.status();
+      if (top->empty()) return Status::NotFound(where + ": no checkpoint has numeric " + q->key);
+      r.members = std::move(*top);
+      return r;
+    }
+    case QueryNode::kSelected: {
+      const int offset = q->selector == core::Selector::kLatest ? 0 : q->rank - 1;
+      Result<std::vector<Checkpoint>> chosen =
+          index_->Select(scope, q->where, q->ranked, q->order, q->key, 1, offset);
+      if (!chosen.ok()) return chosen.status();
+      if (chosen->empty()) return Status::NotFound(where + ": no checkpoint matches");
+      r.checkpoint = std::move(chosen->front());
+      return ResolveInside(std::move(r), q->rest);
+    }
+    case QueryNode::kAverage: {
+      Result<std::vector<Checkpoint>> members =
+          index_->Select(scope, q->where, q->ranked, q->order, q->key, q->n);
+      if (!members.ok()) return members.status();
+      if (static_cast<int>(members->size()) < q->n) {
+        return Status::NotFound(where + ": " + std::to_string(members->size()) +
+                                " checkpoint(s) match, the average needs " +
+                                std::to_string(q->n));
+      }
+      // Newest first, whatever order selected them.
+      std::sort(members->begin(), members->end(), core::IsNewer);
+      r.members = std::move(*members);
+      if (q->rest.empty()) return r;
+      std::vector<std::string> files = AverageableFiles(r.members);
+      if (q->rest.size() != 1 ||
+          std::find(files.begin(), files.end(), q->rest[0]) == files.end()) {
+        return Status::NotFound(where + ": not a file every member holds");
+      }
+      r.type = NodeType::kAverageFile;
+      r.real_path = q->rest[0];
+      return r;
+    }
+    case QueryNode::kNew:
+      return Status::Unsupported(where + ": writing through new/ is not available yet");
+    case QueryNode::kIndexJson: {
+      Result<std::vector<Checkpoint>> all =
+          q->where.empty()
+              ? index_->List(scope)
+              : index_->Select(scope, q->where, false, core::Order::kMin, "", kMaxListed);
+      if (!all.ok()) return all.status();
+      r.type = NodeType::kIndexJson;
+      r.content = CheckpointsToJson(*all);
+      return r;
+    }
+  }
+  return Status::NotFound(where);
+}
+
+Result<Resolution> Resolver::ResolveInside(Resolution r,
+                                           const std::vector<std::string>& rest) const {
+  const Checkpoint& c = *r.checkpoint;
+  if (c.layout == core::Layout::kSingleFile) {
+    if (rest.empty()) return r;  // a virtual directory of the file and its alias
+    if (rest.size() == 1 && (rest[0] == c.name || rest[0] == core::SingleFileAlias(c.name))) {
+      r.type = NodeType::kRealFile;
+      r.real_path = c.path;
+      return r;
+    }
+    return Status::NotFound(c.path + ": a single-file checkpoint holds only " + c.name +
+                            " and " + core::SingleFileAlias(c.name));
+  }
+  r.real_path = c.path;
+  r.type = NodeType::kRealDir;
+  for (size_t i = 0; i < rest.size(); ++i) {
+    if (r.type != NodeType::kRealDir) return Status::NotFound(r.real_path + ": not a directory");
+    std::string next = r.real_path + "/" + rest[i];
+    struct stat st {};
+    if (::lstat(next.c_str(), &st) != 0) return Status::FromErrno(next, errno);
+    r.type = TypeOf(st);
+    r.real_path = std::move(next);
+  }
+  return r;
+}
+
+Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir) const {
+  std::vector<DirEntry> out;
+  if (dir.type == NodeType::kRealDir) {
+    DIR* d = ::opendir(dir.real_path.c_str());
+    if (d == nullptr) return Status::FromErrno(dir.real_path, errno);
+    std::unique_ptr<DIR, int (*)(DIR*)> guard(d, ::closedir);
+    std::set<std::string> real;
+    while (struct dirent* e = ::readdir(d)) {
+      std::string name = e->d_name;
+      if (name == "." || name == "..") continue;
+      bool is_dir = e->d_type == DT_DIR;
+      if (e->d_type == DT_UNKNOWN) {
+        struct stat st {};
+        is_dir = ::fstatat(::dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+                 S_ISDIR(st.st_mode);
+      }
+      real.insert(name);
+      out.push_back({std::move(name), is_dir});
+    }
+    if (!dir.in_view && HasNamespace(dir.real_path)) {
+      for (const std::string& name : core::VirtualRootNames()) {
+        if (name == "new" || real.count(name) != 0) continue;  // new/: not yet
+        out.push_back({name, name != "index.json"});
+      }
+    }
+    return out;
+  }
+  if (dir.type != NodeType::kVirtualDir) return Status::InvalidArgument(dir.real_path + ": not a directory");
+  const Query& q = dir.query;
+  switch (q.node) {
+    case QueryNode::kRoot:
+      for (const std::string& name : core::VirtualRootNames()) {
+        if (name != "new") out.push_back({name, name != "index.json"});
+      }
+      break;
+    case QueryNode::kBest:
+    case QueryNode::kTopK:
+    case QueryNode::kAvgBest:
+      out = {{"min", true}, {"max", true}};
+      break;
+    case QueryNode::kBestOrder:
+    case QueryNode::kTopOrder:
+    case QueryNode::kAvgBestOrder: {
+      Result<std::vector<std::string>> keys = index_->NumericKeys(dir.scope, q.where);
+      if (!keys.ok()) return keys.status();
+      for (std::string& k : *keys) out.push_back({std::move(k), true});
+      break;
+    }
+    case QueryNode::kTopKey:
+      for (size_t i = 1; i <= dir.members.size(); ++i) out.push_back({std::to_string(i), true});
+      break;
+    case QueryNode::kSelected:  // a single-file checkpoint
+      if (dir.checkpoint) {
+        out.push_back({dir.checkpoint->name, false});
+        out.push_back({core::SingleFileAlias(dir.checkpoint->name), false});
+      }
+      break;
+    case QueryNode::kAverage:
+      for (std::string& f : AverageableFiles(dir.members)) out.push_back({std::move(f), false});
+      break;
+    default:
+      break;  // where/, top/, avg/: open-ended, nothing to list
+  }
+  return out;
+}
+
+std::vector<std::string> AverageableFiles(const std::vector<Checkpoint>& members) {
+  if (members.empty()) return {};
+  if (members.front().layout == core::Layout::kSingleFile) {
+    const std::string alias = core::SingleFileAlias(members.front().name);
+    for (const Checkpoint& m : members) {
+      if (m.layout != core::Layout::kSingleFile || core::SingleFileAlias(m.name) != alias) return {};
+    }
+    return {alias};
+  }
+  std::vector<std::string> common;
+  for (const core::CheckpointFile& f : members.front().files) {
+    if (f.name == core::MetaFileName(members.front().layout)) continue;
+    bool everywhere = true;
+    for (const Checkpoint& m : members) {
+      everywhere = everywhere && std::any_of(m.files.begin(), m.files.end(),
+                                             [&](const core::CheckpointFile& g) {
+                                               return g.name == f.name;
+                                             });
+    }
+    if (everywhere) common.push_back(f.name);
+  }
+  return common;
+}
+
+std::string CheckpointsToJson(const std::vector<Checkpoint>& checkpoints) {
+  nlohmann::ordered_json arr = nlohmann::ordered_json::array();
+  for (const Checkpoint& c : checkpoints) {
+    nlohmann::ordered_json j;
+    j["name"] = c.name;
+    j["path"] = c.path;
+    j["experiment"] = c.experiment;
+    j["layout"] = core::LayoutName(c.layout);
+    j["valid"] = c.valid;
+    if (!c.valid) j["error"] = c.error;
+    j["recency"] = c.recency;
+    if (c.step) j["step"] = *c.step;
+    j["meta"] = MetaToJson(c.meta);
+    if (!c.meta.skipped.empty()) j["skipped_keys"] = c.meta.skipped;
+    nlohmann::ordered_json files = nlohmann::ordered_json::array();
+    for (const core::CheckpointFile& f : c.files) {
+      files.push_back({{"name", f.name}, {"size", f.size}});
+    }
+    j["files"] = files;
+    arr.push_back(std::move(j));
+  }
+  return arr.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+}
+
+}  // namespace ckptfs::index

@@ -1,0 +1,83 @@
+// Resolves a path of the mount (a VPATH, relative to the source) to what it
+// names: a real file or directory passed through, a virtual directory of the
+// query namespace, a selected checkpoint's real files, an average, or a
+// generated file such as index.json (DESIGN.md §2).
+//
+// Real entries win over virtual names of the same spelling. The resolver
+// never follows a symbolic link in the middle of a path and rejects "..", so
+// nothing resolves outside the source tree. Thread-safe if the Index is.
+// Errors: kNotFound (ENOENT) for unknown names and selectors that match
+// nothing, kInvalidArgument (EINVAL) for malformed query paths.
+#ifndef CKPTFS_INDEX_RESOLVER_H_
+#define CKPTFS_INDEX_RESOLVER_H_
+
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/checkpoint.h"
+#include "core/query_path.h"
+#include "core/status.h"
+#include "index/index.h"
+
+namespace ckptfs::index {
+
+enum class NodeType {
+  kRealDir,      // real_path is a directory
+  kRealFile,     // real_path is a regular file
+  kRealOther,    // real_path is a symbolic link, fifo, … (served as itself)
+  kVirtualDir,   // a directory of the query namespace
+  kIndexJson,    // content holds the generated index.json
+  kAverageFile,  // avg/…/<file>: members hold the checkpoints, newest first
+};
+
+struct Resolution {
+  NodeType type = NodeType::kRealDir;
+  std::string real_path;  // real nodes; for kAverageFile the file name inside members
+  std::string scope;      // directory whose virtual namespace the path entered
+  bool in_view = false;   // reached through the query namespace (read-only view)
+  core::Query query;      // meaningful when in_view
+  std::optional<core::Checkpoint> checkpoint;  // the selected checkpoint
+  std::vector<core::Checkpoint> members;       // avg/: newest first
+  std::string content;                         // kIndexJson
+};
+
+struct DirEntry {
+  std::string name;
+  bool is_dir = false;
+};
+
+class Resolver {
+ public:
+  explicit Resolver(Index* index) : index_(index) {}  // index must outlive this
+
+  core::Result<Resolution> Resolve(std::string_view vpath) const;
+
+  // The entries of a directory resolution (real or virtual), virtual root
+  // names included where the directory has a query namespace.
+  core::Result<std::vector<DirEntry>> List(const Resolution& dir) const;
+
+  // Whether `dir` (a real directory) has the virtual namespace: the source
+  // root and every experiment directory.
+  bool HasNamespace(const std::string& dir) const;
+
+ private:
+  core::Result<Resolution> ResolveQuery(const std::string& scope,
+                                        const std::vector<std::string>& segments) const;
+  core::Result<Resolution> ResolveInside(Resolution r, const std::vector<std::string>& rest) const;
+
+  Index* index_;
+};
+
+// The files an average over these members can produce: names every member
+// holds, the layout's meta file excluded; for single-file checkpoints the
+// stable alias.
+std::vector<std::string> AverageableFiles(const std::vector<core::Checkpoint>& members);
+
+// index.json / `ls --json`: every checkpoint with meta, validity and path.
+std::string CheckpointsToJson(const std::vector<core::Checkpoint>& checkpoints);
+
+}  // namespace ckptfs::index
+
+#endif  // CKPTFS_INDEX_RESOLVER_H_

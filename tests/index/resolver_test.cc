@@ -1,0 +1,147 @@
+#include "index/resolver.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#include "test_util.h"
+
+namespace ckptfs::index {
+namespace {
+
+using core::StatusCode;
+using testing::WriteFile;
+
+class ResolverTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    src_ = dir_.path() + "/src";
+    exp_ = src_ + "/exp";
+    WriteFile(exp_ + "/CKPT+1/CKPT.yaml", "unixtime: 100\nloss: 0.5\nsplit: full\n");
+    WriteFile(exp_ + "/CKPT+1/mdl.ckpt", "one");
+    WriteFile(exp_ + "/CKPT+2/CKPT.yaml", "unixtime: 200\nloss: 0.3\nsplit: quick\n");
+    WriteFile(exp_ + "/CKPT+2/mdl.ckpt", "two");
+    WriteFile(exp_ + "/CKPT+2/opt.ckpt", "opt");
+    WriteFile(exp_ + "/CKPT+3/CKPT.yaml", "unixtime: 300\nloss: 0.4\nsplit: full\n");
+    WriteFile(exp_ + "/CKPT+3/mdl.ckpt", "three");
+    WriteFile(exp_ + "/CKPT+3/sub/deep.txt", "deep");
+    WriteFile(exp_ + "/train_log.txt", "log");
+    WriteFile(src_ + "/pl/epoch=1-step=10-val_loss=0.7.ckpt", "a");
+    WriteFile(src_ + "/pl/epoch=2-step=20-val_loss=0.6.ckpt", "b");
+    WriteFile(src_ + "/pl/epoch=3-step=30-val_loss=0.9.ckpt", "c");
+    WriteFile(dir_.path() + "/outside/secret", "secret");
+    ASSERT_EQ(::symlink((dir_.path() + "/outside").c_str(), (exp_ + "/escape").c_str()), 0);
+    auto idx = Index::Open(src_, dir_.path() + "/index.sqlite");
+    ASSERT_TRUE(idx.ok());
+    index_ = std::move(*idx);
+    ASSERT_TRUE(index_->Scan().ok());
+  }
+
+  std::string Real(const std::string& vpath) {
+    auto r = Resolver(index_.get()).Resolve(vpath);
+    EXPECT_TRUE(r.ok()) << vpath << ": " << r.status().message();
+    return r.ok() ? r->real_path : "";
+  }
+
+  StatusCode Code(const std::string& vpath) {
+    return Resolver(index_.get()).Resolve(vpath).status().code();
+  }
+
+  std::vector<std::string> ListNames(const std::string& vpath) {
+    Resolver resolver(index_.get());
+    auto r = resolver.Resolve(vpath);
+    EXPECT_TRUE(r.ok()) << vpath;
+    if (!r.ok()) return {};
+    auto entries = resolver.List(*r);
+    EXPECT_TRUE(entries.ok()) << vpath;
+    std::vector<std::string> names;
+    for (const auto& e : *entries) names.push_back(e.name);
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+  testing::TempDir dir_;
+  std::string src_, exp_;
+  std::unique_ptr<Index> index_;
+};
+
+TEST_F(ResolverTest, SelectorsResolveToRealPaths) {
+  EXPECT_EQ(Real("/exp/latest"), exp_ + "/CKPT+3");
+  EXPECT_EQ(Real("/exp/latest/mdl.ckpt"), exp_ + "/CKPT+3/mdl.ckpt");
+  EXPECT_EQ(Real("/exp/latest/sub/deep.txt"), exp_ + "/CKPT+3/sub/deep.txt");
+  EXPECT_EQ(Real("/exp/best/min/loss/mdl.ckpt"), exp_ + "/CKPT+2/mdl.ckpt");
+  EXPECT_EQ(Real("/exp/best/max/loss"), exp_ + "/CKPT+1");
+  EXPECT_EQ(Real("/exp/top/3/min/loss/2/mdl.ckpt"), exp_ + "/CKPT+3/mdl.ckpt");
+  EXPECT_EQ(Real("/exp/where/split=full/best/min/loss/mdl.ckpt"), exp_ + "/CKPT+3/mdl.ckpt");
+  EXPECT_EQ(Real("/exp/where/split=full/where/loss>0.45/latest"), exp_ + "/CKPT+1");
+  // The top of the tree answers across experiments.
+  EXPECT_EQ(Real("/best/min/loss"), exp_ + "/CKPT+2");
+  EXPECT_EQ(Real("/best/min/val_loss/checkpoint.ckpt"), src_ + "/pl/epoch=2-step=20-val_loss=0.6.ckpt");
+  EXPECT_EQ(Real("/pl/latest/epoch=3-step=30-val_loss=0.9.ckpt"),
+            src_ + "/pl/epoch=3-step=30-val_loss=0.9.ckpt");
+  // Real entries pass through.
+  EXPECT_EQ(Real("/exp/train_log.txt"), exp_ + "/train_log.txt");
+  EXPECT_EQ(Real("/exp/CKPT+1/mdl.ckpt"), exp_ + "/CKPT+1/mdl.ckpt");
+  EXPECT_EQ(Real("/"), src_);
+}
+
+TEST_F(ResolverTest, NothingMatchesIsNotFoundMalformedIsInvalid) {
+  EXPECT_EQ(Code("/exp/best/min/nokey"), StatusCode::kNotFound);
+  EXPECT_EQ(Code("/exp/where/split=none/latest"), StatusCode::kNotFound);
+  EXPECT_EQ(Code("/exp/latest/nofile"), StatusCode::kIoError);  // ENOENT from lstat
+  EXPECT_EQ(Code("/exp/best/mid/loss"), StatusCode::kInvalidArgument);
+  EXPECT_EQ(Code("/exp/top/0/min/loss"), StatusCode::kInvalidArgument);
+  EXPECT_EQ(Code("/exp/CKPT+1/latest"), StatusCode::kNotFound);  // no namespace in a checkpoint
+  EXPECT_EQ(Code("/pl/latest/other.ckpt"), StatusCode::kNotFound);
+  EXPECT_EQ(Code("/exp/avg/last4/mdl.ckpt"), StatusCode::kNotFound);
+}
+
+TEST_F(ResolverTest, NothingResolvesOutsideTheSource) {
+  EXPECT_EQ(Code("/../outside/secret"), StatusCode::kInvalidArgument);
+  EXPECT_EQ(Code("/exp/latest/../../../outside/secret"), StatusCode::kInvalidArgument);
+  EXPECT_EQ(Code("/exp/escape/secret"), StatusCode::kNotFound);  // no walking through links
+  auto link = Resolver(index_.get()).Resolve("/exp/escape");
+  ASSERT_TRUE(link.ok());
+  EXPECT_EQ(link->type, NodeType::kRealOther);  // the link itself, never its target
+}
+
+TEST_F(ResolverTest, AveragesListMembersNewestFirst) {
+  auto r = Resolver(index_.get()).Resolve("/exp/avg/best2/min/loss/mdl.ckpt");
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->type, NodeType::kAverageFile);
+  ASSERT_EQ(r->members.size(), 2u);
+  EXPECT_EQ(r->members[0].name, "CKPT+3");
+  EXPECT_EQ(r->members[1].name, "CKPT+2");
+  EXPECT_EQ(ListNames("/exp/avg/last3"), std::vector<std::string>{"mdl.ckpt"});
+  EXPECT_EQ(ListNames("/pl/avg/last3"), std::vector<std::string>{"checkpoint.ckpt"});
+  EXPECT_EQ(Code("/exp/avg/last3/opt.ckpt"), StatusCode::kNotFound);
+}
+
+TEST_F(ResolverTest, Listings) {
+  auto exp = ListNames("/exp");
+  for (const char* name : {"CKPT+1", "train_log.txt", "latest", "best", "top", "avg", "where",
+                           "index.json"}) {
+    EXPECT_NE(std::find(exp.begin(), exp.end(), name), exp.end()) << name;
+  }
+  EXPECT_EQ(ListNames("/exp/best"), (std::vector<std::string>{"max", "min"}));
+  EXPECT_EQ(ListNames("/exp/best/min"), (std::vector<std::string>{"loss", "unixtime"}));
+  EXPECT_EQ(ListNames("/exp/top/5/min/loss"), (std::vector<std::string>{"1", "2", "3"}));
+  EXPECT_EQ(ListNames("/exp/best/min/loss"), (std::vector<std::string>{"CKPT.yaml", "mdl.ckpt", "opt.ckpt"}));
+  EXPECT_EQ(ListNames("/pl/best/min/val_loss"),
+            (std::vector<std::string>{"checkpoint.ckpt", "epoch=2-step=20-val_loss=0.6.ckpt"}));
+  auto inside = ListNames("/exp/CKPT+1");
+  EXPECT_EQ(std::count(inside.begin(), inside.end(), "latest"), 0);
+}
+
+TEST_F(ResolverTest, IndexJsonNamesEveryCheckpoint) {
+  auto r = Resolver(index_.get()).Resolve("/exp/index.json");
+  ASSERT_TRUE(r.ok());
+  EXPECT_EQ(r->type, NodeType::kIndexJson);
+  EXPECT_NE(r->content.find(exp_ + "/CKPT+2"), std::string::npos);
+  EXPECT_NE(r->content.find("\"loss\": 0.3"), std::string::npos);
+  EXPECT_EQ(r->content.find("pl/epoch"), std::string::npos);  // scoped to the experiment
+}
+
+}  // namespace
+}  // namespace ckptfs::index
