@@ -236,8 +236,8 @@ std::string DefaultIndexPath(const std::string& source) {
   return base + name;
 }
 
-Index::Index(std::string source, std::unique_ptr<Db> db)
-    : source_(std::move(source)), db_(std::move(db)) {}
+Index::Index(std::string source, std::unique_ptr<Db> db, std::unique_ptr<Db> scan_db)
+    : source_(std::move(source)), scan_db_(std::move(scan_db)), db_(std::move(db)) {}
 
 Index::~Index() = default;
 
@@ -250,12 +250,31 @@ Result<std::unique_ptr<Index>> Index::Open(const std::string& source, const std:
     db = OpenChecked(source, db_path);
     if (!db.ok()) return db.status();
   }
-  return std::unique_ptr<Index>(new Index(source, std::move(*db)));
+  Result<std::unique_ptr<Db>> scan_db = Db::Open(db_path);
+  if (!scan_db.ok()) return scan_db.status();
+  if (Status s = (*scan_db)->Exec("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;"); !s.ok()) {
+    return s;
+  }
+  return std::unique_ptr<Index>(new Index(source, std::move(*db), std::move(*scan_db)));
 }
 
 Result<ScanStats> Index::Scan() {
+  std::lock_guard<std::mutex> lock(scan_mu_);
+  return ScanTree(scan_db_.get(), source_);
+}
+
+Result<std::vector<std::string>> Index::Dirs() {
   std::lock_guard<std::mutex> lock(mu_);
-  return ScanTree(db_.get(), source_);
+  Result<Stmt> st = db_->Prepare("SELECT path FROM dirs");
+  if (!st.ok()) return st.status();
+  std::vector<std::string> out;
+  for (;;) {
+    Result<bool> r = st->Next();
+    if (!r.ok()) return r.status();
+    if (!*r) break;
+    out.push_back(st->Text(0));
+  }
+  return out;
 }
 
 Result<Checkpoint> Index::LoadRow(int64_t id) {

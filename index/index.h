@@ -1,9 +1,11 @@
 // The SQLite index of a source tree: every checkpoint's meta, validity and
 // files, kept as a cache of what is on disk (deleting it loses nothing).
 //
-// Ownership: an Index owns its database connection. Thread-safety: every
-// public method may be called from any thread; they serialise on one
-// internal mutex (the only lock; nothing is called back while it is held).
+// Ownership: an Index owns two connections to its database: one for scans
+// (the only writer) and one for queries, so that lookups are answered from
+// the last committed state while a scan runs (WAL). Thread-safety: every
+// public method may be called from any thread. Lock order: scan_mu_ before
+// mu_ (never the reverse); nothing is called back while either is held.
 // Errors: kCorrupt for database trouble, kIoError for the disk, kNotFound
 // when a query matches nothing. Meta keys, values and path segments reach
 // SQL only as bound parameters.
@@ -67,6 +69,10 @@ class Index {
   core::Result<std::vector<std::string>> NumericKeys(const std::string& scope,
                                                      const std::vector<core::Predicate>& where);
 
+  // Every directory the last scan walked (plain and checkpoint directories):
+  // what a watcher must watch.
+  core::Result<std::vector<std::string>> Dirs();
+
   // Whether `dir` directly holds at least one checkpoint (valid or not).
   bool IsExperiment(const std::string& dir);
 
@@ -74,10 +80,12 @@ class Index {
   core::Result<core::Checkpoint> Find(const std::string& path);
 
  private:
-  Index(std::string source, std::unique_ptr<Db> db);
+  Index(std::string source, std::unique_ptr<Db> db, std::unique_ptr<Db> scan_db);
   core::Result<core::Checkpoint> LoadRow(int64_t id);
 
   const std::string source_;
+  std::mutex scan_mu_;  // guards scan_db_
+  std::unique_ptr<Db> scan_db_;
   std::mutex mu_;  // guards db_
   std::unique_ptr<Db> db_;
 };

@@ -219,6 +219,12 @@ TEST(WildFixturesTest, HuggingFaceWhisperRunAgreesWithTheTrainer) {
   const std::string src = dir.path() + "/whisper";
   std::filesystem::copy(CKPTFS_WILD_FIXTURES "/hf-whisper-ja", src,
                         std::filesystem::copy_options::recursive);
+  // A copy has fresh mtimes in copy order; give the files their training order.
+  for (int step = 1000; step <= 5000; step += 1000) {
+    for (const char* f : {"/trainer_state.json", "/config.json"}) {
+      testing::SetMtime(src + "/checkpoint-" + std::to_string(step) + f, 1.7e9 + step);
+    }
+  }
   auto idx = Index::Open(src, dir.path() + "/i.sqlite");
   ASSERT_TRUE(idx.ok());
   ASSERT_TRUE((*idx)->Scan().ok());

@@ -1,0 +1,17 @@
+// Logging: one line per event, "ckptfs[pid]: LEVEL message", to stderr (the
+// foreground and systemd/journald) or to syslog once the daemon detached.
+// Thread-safe; a line is written with one call so lines never interleave.
+#ifndef CKPTFS_CORE_LOG_H_
+#define CKPTFS_CORE_LOG_H_
+
+namespace ckptfs::core {
+
+enum class LogLevel { kDebug = 0, kInfo = 1, kWarning = 2, kError = 3 };
+
+void SetLogLevel(LogLevel level);
+void LogToSyslog(bool enable);
+void Log(LogLevel level, const char* format, ...) __attribute__((format(printf, 2, 3)));
+
+}  // namespace ckptfs::core
+
+#endif  // CKPTFS_CORE_LOG_H_

@@ -1,0 +1,327 @@
+#include "fs/node_table.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <ctime>
+
+#include "core/log.h"
+
+namespace ckptfs::fs {
+
+using core::Result;
+using core::Status;
+using core::StatusCode;
+using index::NodeType;
+
+namespace {
+
+constexpr char kXattrRealPath[] = "user.ckptfs.real_path";
+constexpr char kXattrCheckpoint[] = "user.ckptfs.checkpoint";
+
+struct timespec Now() {
+  struct timespec ts {};
+  ::clock_gettime(CLOCK_REALTIME, &ts);
+  return ts;
+}
+
+
+std::string DirOf(const std::string& path) {
+  auto slash = path.rfind('/');
+  return slash == std::string::npos || slash == 0 ? "/" : path.substr(0, slash);
+}
+
+bool Covers(const std::string& scope, const std::string& experiment) {
+  return experiment == scope || experiment.rfind(scope + "/", 0) == 0;
+}
+
+}  // namespace
+
+int ToErrno(const Status& status) {
+  switch (status.code()) {
+    case StatusCode::kOk:
+      return 0;
+    case StatusCode::kNotFound:
+      return ENOENT;
+    case StatusCode::kInvalidArgument:
+      return EINVAL;
+    case StatusCode::kCorrupt:
+      return EIO;
+    case StatusCode::kIoError:
+      return status.sys_errno() != 0 ? status.sys_errno() : EIO;
+    case StatusCode::kUnsupported:
+      return EOPNOTSUPP;
+    case StatusCode::kExists:
+      return EEXIST;
+    case StatusCode::kPermission:
+      return EROFS;
+  }
+  return EIO;
+}
+
+NodeTable::NodeTable(index::Index* index, NodeTableOptions options)
+    : index_(index), resolver_(index), options_(std::move(options)), mount_time_(Now()) {
+  Node root;
+  root.vpath = "/";
+  root.type = NodeType::kRealDir;
+  root.real_path = index_->source();
+  root.nlookup = 1;
+  nodes_.emplace(kRootIno, root);
+  by_real_.emplace(root.real_path, kRootIno);
+}
+
+std::string NodeTable::KeyOf(const Node& n) {
+  return n.vpath + '\0' + n.real_path + '\0' + n.checkpoint + (n.as_link ? "\1" : "");
+}
+
+std::string NodeTable::VpathOf(const Node& parent, const std::string& name) const {
+  return parent.vpath == "/" ? "/" + name : parent.vpath + "/" + name;
+}
+
+Result<NodeTable::Node> NodeTable::Snapshot(uint64_t ino) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = nodes_.find(ino);
+  if (it == nodes_.end()) return Status::NotFound("inode " + std::to_string(ino) + " is gone");
+  return it->second;
+}
+
+Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
+  NodeAttr a;
+  struct stat& st = a.st;
+  if (node.as_link) {
+    st.st_mode = S_IFLNK | 0777;
+    st.st_nlink = 1;
+    st.st_size = static_cast<off_t>(node.real_path.size());
+    st.st_atim = st.st_mtim = st.st_ctim = mount_time_;
+    st.st_uid = ::getuid();
+    st.st_gid = ::getgid();
+  } else if (node.type == NodeType::kVirtualDir || node.type == NodeType::kIndexJson ||
+             node.type == NodeType::kAverageFile) {
+    const bool dir = node.type == NodeType::kVirtualDir;
+    st.st_mode = dir ? (S_IFDIR | 0555) : (S_IFREG | 0444);
+    st.st_nlink = dir ? 2 : 1;
+    st.st_size = static_cast<off_t>(node.content_size);
+    st.st_atim = st.st_mtim = st.st_ctim = mount_time_;
+    st.st_uid = ::getuid();
+    st.st_gid = ::getgid();
+  } else {
+    if (::lstat(node.real_path.c_str(), &st) != 0) return Status::FromErrno(node.real_path, errno);
+    st.st_mode &= ~static_cast<mode_t>(0222);  // read-only outside new/
+  }
+  st.st_ino = ino;
+  st.st_blksize = 1 << 20;  // readers size their reads from this
+  const bool real = node.type == NodeType::kRealDir || node.type == NodeType::kRealFile ||
+                    node.type == NodeType::kRealOther;
+  const bool watched = !real || node.as_link || !options_.is_watched ||
+                       options_.is_watched(DirOf(node.real_path)) ||
+                       (node.type == NodeType::kRealDir && options_.is_watched(node.real_path));
+  a.timeout = watched ? kLongTimeout : kShortTimeout;
+  return a;
+}
+
+Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name) {
+  Result<Node> parent = Snapshot(parent_ino);
+  if (!parent.ok()) return parent.status();
+  if (parent->type != NodeType::kRealDir && parent->type != NodeType::kVirtualDir) {
+    return Status::FromErrno(parent->vpath, ENOTDIR);
+  }
+  Node node;
+  node.parent = parent_ino;
+  node.name = name;
+  node.vpath = VpathOf(*parent, name);
+  Result<index::Resolution> r = resolver_.Resolve(node.vpath);
+  if (!r.ok()) return r.status();
+  node.type = r->type;
+  node.real_path = r->real_path;
+  node.scope = r->scope;
+  node.in_view = r->in_view;
+  if (r->checkpoint) node.checkpoint = r->checkpoint->path;
+  node.content_size = r->content.size();
+  node.as_link = options_.links && r->in_view &&
+                 (r->type == NodeType::kRealDir || r->type == NodeType::kRealFile);
+  if (r->type == NodeType::kAverageFile) node.real_path.clear();  // computed, not real
+
+  std::lock_guard<std::mutex> lock(mu_);
+  const std::string key = KeyOf(node);
+  uint64_t ino;
+  auto it = by_key_.find(key);
+  if (it != by_key_.end()) {
+    ino = it->second;
+    Node& existing = nodes_[ino];
+    existing.content_size = node.content_size;
+    existing.nlookup++;
+    node = existing;
+  } else {
+    ino = next_ino_++;
+    node.nlookup = 1;
+    nodes_.emplace(ino, node);
+    by_key_.emplace(key, ino);
+    if (!node.real_path.empty()) by_real_.emplace(node.real_path, ino);
+  }
+  Result<NodeAttr> attr = AttrOf(ino, node);
+  if (!attr.ok()) {
+    // Vanished between resolving and stat: undo the lookup.
+    Node& n = nodes_[ino];
+    if (--n.nlookup == 0) {
+      by_key_.erase(key);
+      auto range = by_real_.equal_range(n.real_path);
+      for (auto r2 = range.first; r2 != range.second; ++r2) {
+        if (r2->second == ino) {
+          by_real_.erase(r2);
+          break;
+        }
+      }
+      nodes_.erase(ino);
+    }
+  }
+  return attr;
+}
+
+Result<NodeAttr> NodeTable::GetAttr(uint64_t ino) {
+  Result<Node> node = Snapshot(ino);
+  if (!node.ok()) return node.status();
+  return AttrOf(ino, *node);
+}
+
+void NodeTable::Forget(uint64_t ino, uint64_t nlookup) {
+  if (ino == kRootIno) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = nodes_.find(ino);
+  if (it == nodes_.end()) return;
+  Node& n = it->second;
+  n.nlookup = n.nlookup > nlookup ? n.nlookup - nlookup : 0;
+  if (n.nlookup > 0) return;
+  by_key_.erase(KeyOf(n));
+  auto range = by_real_.equal_range(n.real_path);
+  for (auto r = range.first; r != range.second; ++r) {
+    if (r->second == ino) {
+      by_real_.erase(r);
+      break;
+    }
+  }
+  nodes_.erase(it);
+}
+
+Result<std::vector<index::DirEntry>> NodeTable::ReadDir(uint64_t ino) {
+  Result<Node> node = Snapshot(ino);
+  if (!node.ok()) return node.status();
+  Result<index::Resolution> r = resolver_.Resolve(node->vpath);
+  if (!r.ok()) return r.status();
+  if (r->type != NodeType::kRealDir && r->type != NodeType::kVirtualDir) {
+    return Status::FromErrno(node->vpath, ENOTDIR);
+  }
+  return resolver_.List(*r);
+}
+
+Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags) {
+  Result<Node> node = Snapshot(ino);
+  if (!node.ok()) return node.status();
+  if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC) != 0) {
+    return Status::Permission(node->vpath + ": read-only (write checkpoints through new/)");
+  }
+  OpenedFile f;
+  switch (node->type) {
+    case NodeType::kRealFile: {
+      f.fd = ::open(node->real_path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+      if (f.fd < 0) return Status::FromErrno(node->real_path, errno);
+      struct stat st {};
+      if (::fstat(f.fd, &st) != 0) {
+        int err = errno;
+        ::close(f.fd);
+        return Status::FromErrno(node->real_path, err);
+      }
+      const int64_t mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = nodes_.find(ino);
+      if (it != nodes_.end()) {
+        Node& n = it->second;
+        f.keep_cache = n.opened && n.dev == st.st_dev && n.real_ino == st.st_ino &&
+                       n.size == st.st_size && n.mtime_ns == mtime_ns;
+        n.opened = true, n.dev = st.st_dev, n.real_ino = st.st_ino, n.size = st.st_size,
+        n.mtime_ns = mtime_ns;
+      }
+      return f;
+    }
+    case NodeType::kIndexJson: {
+      Result<index::Resolution> r = resolver_.Resolve(node->vpath);
+      if (!r.ok()) return r.status();
+      f.generated = true;
+      f.content = std::move(r->content);
+      return f;
+    }
+    case NodeType::kAverageFile:
+      return Status::Unsupported(node->vpath + ": averaging is not available in this build yet");
+    case NodeType::kRealDir:
+    case NodeType::kVirtualDir:
+      return Status::FromErrno(node->vpath, EISDIR);
+    case NodeType::kRealOther:
+      break;
+  }
+  return Status::FromErrno(node->vpath, EACCES);
+}
+
+Result<std::string> NodeTable::ReadLink(uint64_t ino) {
+  Result<Node> node = Snapshot(ino);
+  if (!node.ok()) return node.status();
+  if (node->as_link) return node->real_path;
+  if (node->type != NodeType::kRealOther) return Status::FromErrno(node->vpath, EINVAL);
+  char buf[4096];
+  ssize_t n = ::readlink(node->real_path.c_str(), buf, sizeof(buf));
+  if (n < 0) return Status::FromErrno(node->real_path, errno);
+  return std::string(buf, static_cast<size_t>(n));
+}
+
+Result<std::string> NodeTable::GetXattr(uint64_t ino, const std::string& name) {
+  Result<Node> node = Snapshot(ino);
+  if (!node.ok()) return node.status();
+  if (name == kXattrRealPath && !node->real_path.empty()) return node->real_path;
+  if (name == kXattrCheckpoint && !node->checkpoint.empty()) return node->checkpoint;
+  return Status::FromErrno(node->vpath + ": " + name, ENODATA);
+}
+
+std::vector<std::string> NodeTable::ListXattr(uint64_t ino) {
+  Result<Node> node = Snapshot(ino);
+  std::vector<std::string> names;
+  if (!node.ok()) return names;
+  if (!node->real_path.empty()) names.push_back(kXattrRealPath);
+  if (!node->checkpoint.empty()) names.push_back(kXattrCheckpoint);
+  return names;
+}
+
+std::vector<Invalidation> NodeTable::ViewsChanged(const std::vector<std::string>& experiments) {
+  std::vector<Invalidation> out;
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& [ino, n] : nodes_) {
+    if (!n.in_view) continue;
+    bool hit = false;
+    for (const std::string& e : experiments) hit = hit || Covers(n.scope, e);
+    if (!hit) continue;
+    out.push_back({true, n.parent, n.name, 0});
+    out.push_back({false, 0, "", ino});
+  }
+  return out;
+}
+
+std::vector<Invalidation> NodeTable::PathChanged(const std::string& dir, const std::string& name) {
+  std::vector<Invalidation> out;
+  const std::string path = name.empty() ? dir : dir + "/" + name;
+  std::lock_guard<std::mutex> lock(mu_);
+  auto range = by_real_.equal_range(path);
+  for (auto it = range.first; it != range.second; ++it) out.push_back({false, 0, "", it->second});
+  if (!name.empty()) {
+    range = by_real_.equal_range(dir);
+    for (auto it = range.first; it != range.second; ++it) {
+      out.push_back({true, it->second, name, 0});
+      out.push_back({false, 0, "", it->second});
+    }
+  }
+  return out;
+}
+
+size_t NodeTable::size() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return nodes_.size();
+}
+
+}  // namespace ckptfs::fs

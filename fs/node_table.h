@@ -1,0 +1,129 @@
+// The mount's inode table: what every inode the kernel knows stands for, and
+// the testable logic behind each FUSE callback (lookup, getattr, readdir,
+// open, readlink, xattrs) and behind cache invalidation. No libfuse here.
+//
+// An inode is a (mount path, real path) pair: when a view such as latest/
+// moves, the same name resolves to a new inode, so the kernel never mixes the
+// pages of two files. Inodes live while the kernel holds a lookup on them.
+// Thread-safety: all methods may be called concurrently; one internal mutex
+// guards the table and is never held while the index is queried.
+#ifndef CKPTFS_FS_NODE_TABLE_H_
+#define CKPTFS_FS_NODE_TABLE_H_
+
+#include <sys/stat.h>
+
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/status.h"
+#include "index/index.h"
+#include "index/resolver.h"
+
+namespace ckptfs::fs {
+
+inline constexpr uint64_t kRootIno = 1;
+// Entries and attributes the kernel may cache until told otherwise (views
+// and watched directories are invalidated explicitly).
+inline constexpr double kLongTimeout = 86400;
+// Paths no watcher covers (inside a checkpoint's subdirectories).
+inline constexpr double kShortTimeout = 1;
+
+struct NodeAttr {
+  struct stat st {};
+  double timeout = kShortTimeout;
+};
+
+struct OpenedFile {
+  int fd = -1;              // real file, owned by the caller once returned
+  std::string content;      // generated file (index.json)
+  bool generated = false;
+  bool keep_cache = false;  // same real file, size and mtime as at the last open
+};
+
+struct Invalidation {
+  bool entry = false;  // true: forget name in parent; false: forget inode ino
+  uint64_t parent = 0;
+  std::string name;
+  uint64_t ino = 0;
+};
+
+struct NodeTableOptions {
+  bool links = false;  // --links: view entries are symbolic links to real paths
+  // Whether changes in a real directory are reported (long timeouts are then safe).
+  std::function<bool(const std::string& dir)> is_watched;
+};
+
+class NodeTable {
+ public:
+  NodeTable(index::Index* index, NodeTableOptions options);
+
+  // Resolves name in parent; on success the inode's lookup count grows by one.
+  core::Result<NodeAttr> Lookup(uint64_t parent, const std::string& name);
+  core::Result<NodeAttr> GetAttr(uint64_t ino);
+  void Forget(uint64_t ino, uint64_t nlookup);
+  core::Result<std::vector<index::DirEntry>> ReadDir(uint64_t ino);
+  // Read-only: any write access is kPermission (EROFS at the edge).
+  core::Result<OpenedFile> Open(uint64_t ino, int flags);
+  core::Result<std::string> ReadLink(uint64_t ino);
+  // user.ckptfs.real_path (the file or directory served) and
+  // user.ckptfs.checkpoint (the selected checkpoint), for view nodes.
+  core::Result<std::string> GetXattr(uint64_t ino, const std::string& name);
+  std::vector<std::string> ListXattr(uint64_t ino);
+
+  // What the kernel must forget after the index changed in these experiments:
+  // every view entry whose scope covers one of them.
+  std::vector<Invalidation> ViewsChanged(const std::vector<std::string>& experiments);
+  // What it must forget after `name` changed in real directory `dir`.
+  std::vector<Invalidation> PathChanged(const std::string& dir, const std::string& name);
+
+  size_t size() const;
+  const std::string& source() const { return index_->source(); }
+
+ private:
+  struct Node {
+    uint64_t parent = 0;
+    std::string name;
+    std::string vpath;
+    index::NodeType type = index::NodeType::kRealDir;
+    std::string real_path;
+    std::string scope;
+    std::string checkpoint;
+    bool in_view = false;
+    bool as_link = false;
+    uint64_t nlookup = 0;
+    size_t content_size = 0;
+    // The real file at the last open, for keep_cache.
+    bool opened = false;
+    dev_t dev = 0;
+    ino_t real_ino = 0;
+    off_t size = 0;
+    int64_t mtime_ns = 0;
+  };
+
+  core::Result<Node> Snapshot(uint64_t ino) const;
+  core::Result<NodeAttr> AttrOf(uint64_t ino, const Node& node) const;
+  std::string VpathOf(const Node& parent, const std::string& name) const;
+  static std::string KeyOf(const Node& node);  // identity: path, real path, selection
+
+  index::Index* index_;
+  index::Resolver resolver_;
+  NodeTableOptions options_;
+  const struct timespec mount_time_;
+
+  mutable std::mutex mu_;  // guards everything below
+  uint64_t next_ino_ = kRootIno + 1;
+  std::unordered_map<uint64_t, Node> nodes_;
+  std::unordered_map<std::string, uint64_t> by_key_;  // KeyOf(node) -> ino
+  std::unordered_multimap<std::string, uint64_t> by_real_;
+};
+
+// The errno a Status becomes at the FUSE edge.
+int ToErrno(const core::Status& status);
+
+}  // namespace ckptfs::fs
+
+#endif  // CKPTFS_FS_NODE_TABLE_H_
