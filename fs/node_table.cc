@@ -106,7 +106,15 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
     st.st_uid = ::getuid();
     st.st_gid = ::getgid();
   } else {
-    if (::lstat(node.real_path.c_str(), &st) != 0) return Status::FromErrno(node.real_path, errno);
+    if (::lstat(node.real_path.c_str(), &st) != 0) {
+      const int err = errno;
+      if (err == ENOENT && node.in_view && node.has_last) {
+        a.st = node.last;
+        a.timeout = 0;
+        return a;
+      }
+      return Status::FromErrno(node.real_path, err);
+    }
     st.st_mode &= ~static_cast<mode_t>(0222);  // read-only outside new/
   }
   st.st_ino = ino;
@@ -160,6 +168,7 @@ Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name)
     if (!node.real_path.empty()) by_real_.emplace(node.real_path, ino);
   }
   Result<NodeAttr> attr = AttrOf(ino, node);
+  if (attr.ok()) RememberAttr(ino, attr->st);
   if (!attr.ok()) {
     // Vanished between resolving and stat: undo the lookup.
     Node& n = nodes_[ino];
@@ -181,7 +190,19 @@ Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name)
 Result<NodeAttr> NodeTable::GetAttr(uint64_t ino) {
   Result<Node> node = Snapshot(ino);
   if (!node.ok()) return node.status();
-  return AttrOf(ino, *node);
+  Result<NodeAttr> attr = AttrOf(ino, *node);
+  if (attr.ok() && attr->timeout > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    RememberAttr(ino, attr->st);
+  }
+  return attr;
+}
+
+void NodeTable::RememberAttr(uint64_t ino, const struct stat& st) {
+  auto it = nodes_.find(ino);
+  if (it == nodes_.end() || !it->second.in_view) return;
+  it->second.has_last = true;
+  it->second.last = st;
 }
 
 void NodeTable::Forget(uint64_t ino, uint64_t nlookup) {
@@ -308,7 +329,12 @@ std::vector<Invalidation> NodeTable::PathChanged(const std::string& dir, const s
   const std::string path = name.empty() ? dir : dir + "/" + name;
   std::lock_guard<std::mutex> lock(mu_);
   auto range = by_real_.equal_range(path);
-  for (auto it = range.first; it != range.second; ++it) out.push_back({false, 0, "", it->second});
+  for (auto it = range.first; it != range.second; ++it) {
+    out.push_back({false, 0, "", it->second});
+    // A view onto a path that changed may now select something else.
+    const Node& n = nodes_.at(it->second);
+    if (n.in_view) out.push_back({true, n.parent, n.name, 0});
+  }
   if (!name.empty()) {
     range = by_real_.equal_range(dir);
     for (auto it = range.first; it != range.second; ++it) {

@@ -102,10 +102,15 @@ class NodeTable {
     ino_t real_ino = 0;
     off_t size = 0;
     int64_t mtime_ns = 0;
+    // The last attributes served: a view whose checkpoint was just deleted
+    // answers with them until the invalidation that follows reaches the kernel.
+    bool has_last = false;
+    struct stat last {};
   };
 
   core::Result<Node> Snapshot(uint64_t ino) const;
   core::Result<NodeAttr> AttrOf(uint64_t ino, const Node& node) const;
+  void RememberAttr(uint64_t ino, const struct stat& st);  // caller holds mu_
   std::string VpathOf(const Node& parent, const std::string& name) const;
   static std::string KeyOf(const Node& node);  // identity: path, real path, selection
 

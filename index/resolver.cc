@@ -116,25 +116,24 @@ Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
     case QueryNode::kAvgBestOrder:
       return r;
     case QueryNode::kTopKey: {
-      Result<std::vector<Checkpoint>> top =
-          index_->Select(scope, q->where, true, q->order, q->key, q->k);
+      Result<std::vector<Checkpoint>> top = SelectExisting(scope, *q, q->k);
       if (!top.ok()) return top.status();
       if (top->empty()) return Status::NotFound(where + ": no checkpoint has numeric " + q->key);
       r.members = std::move(*top);
       return r;
     }
     case QueryNode::kSelected: {
-      const int offset = q->selector == core::Selector::kLatest ? 0 : q->rank - 1;
-      Result<std::vector<Checkpoint>> chosen =
-          index_->Select(scope, q->where, q->ranked, q->order, q->key, 1, offset);
+      const int rank = q->selector == core::Selector::kLatest ? 1 : q->rank;
+      Result<std::vector<Checkpoint>> chosen = SelectExisting(scope, *q, rank);
       if (!chosen.ok()) return chosen.status();
-      if (chosen->empty()) return Status::NotFound(where + ": no checkpoint matches");
-      r.checkpoint = std::move(chosen->front());
+      if (static_cast<int>(chosen->size()) < rank) {
+        return Status::NotFound(where + ": no checkpoint matches");
+      }
+      r.checkpoint = std::move((*chosen)[static_cast<size_t>(rank - 1)]);
       return ResolveInside(std::move(r), q->rest);
     }
     case QueryNode::kAverage: {
-      Result<std::vector<Checkpoint>> members =
-          index_->Select(scope, q->where, q->ranked, q->order, q->key, q->n);
+      Result<std::vector<Checkpoint>> members = SelectExisting(scope, *q, q->n);
       if (!members.ok()) return members.status();
       if (static_cast<int>(members->size()) < q->n) {
         return Status::NotFound(where + ": " + std::to_string(members->size()) +
@@ -168,6 +167,27 @@ Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
     }
   }
   return Status::NotFound(where);
+}
+
+Result<std::vector<Checkpoint>> Resolver::SelectExisting(const std::string& scope, const Query& q,
+                                                         int count) const {
+  std::vector<Checkpoint> out;
+  int offset = 0;
+  int batch = count + 2;
+  for (;;) {
+    Result<std::vector<Checkpoint>> rows =
+        index_->Select(scope, q.where, q.ranked, q.order, q.key, batch, offset);
+    if (!rows.ok()) return rows.status();
+    for (Checkpoint& c : *rows) {
+      struct stat st {};
+      if (::lstat(c.path.c_str(), &st) != 0) continue;  // deleted, not rescanned yet
+      out.push_back(std::move(c));
+      if (static_cast<int>(out.size()) == count) return out;
+    }
+    if (static_cast<int>(rows->size()) < batch) return out;  // no more candidates
+    offset += batch;
+    batch *= 2;
+  }
 }
 
 Result<Resolution> Resolver::ResolveInside(Resolution r,

@@ -66,6 +66,12 @@ class Resolver {
   core::Result<Resolution> ResolveQuery(const std::string& scope,
                                         const std::vector<std::string>& segments) const;
   core::Result<Resolution> ResolveInside(Resolution r, const std::vector<std::string>& rest) const;
+  // The first `count` checkpoints of the query's order that still exist on
+  // disk: between a deletion and the rescan that follows it, the index may
+  // name a checkpoint that is gone, and a view must skip it, not fail.
+  core::Result<std::vector<core::Checkpoint>> SelectExisting(const std::string& scope,
+                                                             const core::Query& q,
+                                                             int count) const;
 
   Index* index_;
 };

@@ -63,7 +63,7 @@ def demo(root):
     """A SpeechBrain-style experiment of five epochs, one with a broken CKPT.yaml."""
     base = 1_700_000_000
     runs = []
-    losses = [0.92, 0.61, 0.43, 0.47, 0.39]
+    losses = [0.92, 0.61, 0.38, 0.33, 0.45]
     for epoch, loss in enumerate(losses, start=1):
         runs.append((f"2024-01-0{epoch}+12-00-00+00",
                      {"end-of-epoch": True, "epoch": epoch, "loss": loss,

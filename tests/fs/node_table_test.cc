@@ -1,0 +1,156 @@
+#include "fs/node_table.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+
+#include "test_util.h"
+
+namespace ckptfs::fs {
+namespace {
+
+using testing::WriteFile;
+
+class NodeTableTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    src_ = dir_.path() + "/src";
+    WriteFile(src_ + "/exp/CKPT+1/CKPT.yaml", "unixtime: 100\nloss: 0.5\n");
+    WriteFile(src_ + "/exp/CKPT+1/mdl.ckpt", "one");
+    WriteFile(src_ + "/exp/CKPT+2/CKPT.yaml", "unixtime: 200\nloss: 0.3\n");
+    WriteFile(src_ + "/exp/CKPT+2/mdl.ckpt", "two!");
+    Reopen(false);
+  }
+
+  void Reopen(bool links) {
+    table_.reset();
+    auto idx = index::Index::Open(src_, dir_.path() + "/i.sqlite");
+    ASSERT_TRUE(idx.ok());
+    index_ = std::move(*idx);
+    ASSERT_TRUE(index_->Scan().ok());
+    NodeTableOptions options;
+    options.links = links;
+    table_ = std::make_unique<NodeTable>(index_.get(), options);
+  }
+
+  // Looks up a path component by component; returns the final inode.
+  uint64_t Walk(const std::vector<std::string>& names) {
+    uint64_t ino = kRootIno;
+    for (const std::string& n : names) {
+      auto a = table_->Lookup(ino, n);
+      EXPECT_TRUE(a.ok()) << n << ": " << a.status().message();
+      if (!a.ok()) return 0;
+      ino = a->st.st_ino;
+    }
+    return ino;
+  }
+
+  testing::TempDir dir_;
+  std::string src_;
+  std::unique_ptr<index::Index> index_;
+  std::unique_ptr<NodeTable> table_;
+};
+
+TEST_F(NodeTableTest, ViewFilesAreReadOnlyRealFiles) {
+  uint64_t ino = Walk({"exp", "best", "min", "loss", "mdl.ckpt"});
+  auto attr = table_->GetAttr(ino);
+  ASSERT_TRUE(attr.ok());
+  EXPECT_EQ(attr->st.st_size, 4);
+  EXPECT_EQ(attr->st.st_mode & 0222, 0u);
+  auto f = table_->Open(ino, O_RDONLY);
+  ASSERT_TRUE(f.ok());
+  char buf[8] = {};
+  EXPECT_EQ(::pread(f->fd, buf, sizeof(buf), 0), 4);
+  EXPECT_STREQ(buf, "two!");
+  EXPECT_FALSE(f->keep_cache);  // first open
+  ::close(f->fd);
+  f = table_->Open(ino, O_RDONLY);
+  ASSERT_TRUE(f.ok());
+  EXPECT_TRUE(f->keep_cache);  // same file, unchanged
+  ::close(f->fd);
+  EXPECT_EQ(ToErrno(table_->Open(ino, O_RDWR).status()), EROFS);
+  EXPECT_EQ(ToErrno(table_->Open(ino, O_RDONLY | O_TRUNC).status()), EROFS);
+  EXPECT_EQ(*table_->GetXattr(ino, "user.ckptfs.real_path"), src_ + "/exp/CKPT+2/mdl.ckpt");
+  EXPECT_EQ(ToErrno(table_->GetXattr(ino, "user.other").status()), ENODATA);
+}
+
+TEST_F(NodeTableTest, ErrnoAtTheEdge) {
+  uint64_t exp = Walk({"exp"});
+  EXPECT_EQ(ToErrno(table_->Lookup(exp, "nothing").status()), ENOENT);
+  uint64_t best = Walk({"exp", "best"});
+  EXPECT_EQ(ToErrno(table_->Lookup(best, "middle").status()), EINVAL);
+  uint64_t file = Walk({"exp", "CKPT+1", "mdl.ckpt"});
+  EXPECT_EQ(ToErrno(table_->Lookup(file, "x").status()), ENOTDIR);
+  EXPECT_EQ(ToErrno(table_->Open(exp, O_RDONLY).status()), EISDIR);
+}
+
+TEST_F(NodeTableTest, SameNameNewSelectionIsANewInode) {
+  uint64_t before = Walk({"exp", "latest", "mdl.ckpt"});
+  WriteFile(src_ + "/exp/CKPT+3/CKPT.yaml", "unixtime: 300\nloss: 0.9\n");
+  WriteFile(src_ + "/exp/CKPT+3/mdl.ckpt", "three");
+  auto scan = index_->Scan();
+  ASSERT_TRUE(scan.ok());
+  auto invals = table_->ViewsChanged(scan->changed_experiments);
+  // latest (in exp) and mdl.ckpt (in latest) are both forgotten.
+  EXPECT_TRUE(std::any_of(invals.begin(), invals.end(),
+                          [](const Invalidation& i) { return i.entry && i.name == "latest"; }));
+  EXPECT_TRUE(std::any_of(invals.begin(), invals.end(),
+                          [&](const Invalidation& i) { return !i.entry && i.ino == before; }));
+  uint64_t after = Walk({"exp", "latest", "mdl.ckpt"});
+  EXPECT_NE(before, after);
+  EXPECT_EQ(table_->GetAttr(after)->st.st_size, 5);
+  // Passthrough nodes are not views and are left alone.
+  uint64_t real = Walk({"exp", "CKPT+1", "mdl.ckpt"});
+  invals = table_->ViewsChanged({src_ + "/exp"});
+  EXPECT_FALSE(std::any_of(invals.begin(), invals.end(),
+                           [&](const Invalidation& i) { return !i.entry && i.ino == real; }));
+}
+
+TEST_F(NodeTableTest, PathChangeInvalidatesEveryNodeOfThatPath) {
+  uint64_t real = Walk({"exp", "CKPT+2", "mdl.ckpt"});
+  uint64_t view = Walk({"exp", "best", "min", "loss", "mdl.ckpt"});
+  auto invals = table_->PathChanged(src_ + "/exp/CKPT+2", "mdl.ckpt");
+  for (uint64_t ino : {real, view}) {
+    EXPECT_TRUE(std::any_of(invals.begin(), invals.end(),
+                            [&](const Invalidation& i) { return !i.entry && i.ino == ino; }));
+  }
+}
+
+TEST_F(NodeTableTest, ForgetDropsNodesAtZero) {
+  const size_t base = table_->size();
+  uint64_t ino = Walk({"exp", "latest"});
+  Walk({"exp", "latest"});
+  EXPECT_EQ(table_->size(), base + 2);
+  table_->Forget(ino, 2);
+  EXPECT_EQ(table_->size(), base + 1);  // "exp" is still looked up twice
+  EXPECT_EQ(ToErrno(table_->GetAttr(ino).status()), ENOENT);
+}
+
+TEST_F(NodeTableTest, LinksModeMakesViewsSymlinks) {
+  Reopen(true);
+  uint64_t ino = Walk({"exp", "best", "min", "loss"});
+  auto attr = table_->GetAttr(ino);
+  ASSERT_TRUE(attr.ok());
+  EXPECT_TRUE(S_ISLNK(attr->st.st_mode));
+  EXPECT_EQ(*table_->ReadLink(ino), src_ + "/exp/CKPT+2");
+  EXPECT_FALSE(S_ISLNK(table_->GetAttr(Walk({"exp", "CKPT+1"}))->st.st_mode));
+}
+
+TEST_F(NodeTableTest, ManyLookupsAndForgetsLeaveNothingBehind) {
+  const size_t base = table_->size();
+  for (int i = 0; i < 2000; ++i) {
+    uint64_t exp = Walk({"exp"});
+    auto a = table_->Lookup(exp, "top");
+    ASSERT_TRUE(a.ok());
+    table_->Forget(a->st.st_ino, 1);
+    table_->Forget(exp, 1);
+    (void)table_->Lookup(kRootIno, "nope");
+  }
+  EXPECT_EQ(table_->size(), base);
+}
+
+}  // namespace
+}  // namespace ckptfs::fs
