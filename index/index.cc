@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <map>
+#include <set>
 
 #include "index/scanner.h"
 #include "index/sqlite.h"
@@ -261,6 +262,32 @@ Result<std::unique_ptr<Index>> Index::Open(const std::string& source, const std:
 Result<ScanStats> Index::Scan() {
   std::lock_guard<std::mutex> lock(scan_mu_);
   return ScanTree(scan_db_.get(), source_);
+}
+
+Result<ScanStats> Index::ScanChanges(
+    const std::vector<std::pair<std::string, std::string>>& changes) {
+  std::lock_guard<std::mutex> lock(scan_mu_);
+  std::set<std::string> targets;
+  for (const auto& [dir, name] : changes) {
+    bool in_checkpoint = false;
+    {
+      Result<Stmt> st = scan_db_->Prepare("SELECT is_checkpoint FROM dirs WHERE path = ?");
+      if (!st.ok()) return st.status();
+      st->Bind(1, dir);
+      Result<bool> row = st->Next();
+      if (!row.ok()) return row.status();
+      in_checkpoint = *row && st->Int(0) != 0;
+    }
+    targets.insert(in_checkpoint || name.empty() ? dir : dir + "/" + name);
+  }
+  // A target below another target is covered by it.
+  std::vector<std::string> roots;
+  for (const std::string& t : targets) {
+    bool covered = false;
+    for (const std::string& r : targets) covered = covered || t.rfind(r + "/", 0) == 0;
+    if (!covered) roots.push_back(t);
+  }
+  return ScanTargets(scan_db_.get(), source_, roots);
 }
 
 Result<std::vector<std::string>> Index::Dirs() {

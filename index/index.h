@@ -51,6 +51,13 @@ class Index {
   // change are not listed again, and unchanged checkpoints are not re-read.
   core::Result<ScanStats> Scan();
 
+  // A scan of only what changed: `changes` are (directory, entry name) pairs
+  // as a watcher reports them. A change inside a checkpoint directory
+  // re-reads that checkpoint; any other names one entry, which is walked (or
+  // removed) on its own. Cost grows with the changes, not with the tree.
+  core::Result<ScanStats> ScanChanges(
+      const std::vector<std::pair<std::string, std::string>>& changes);
+
   // Checkpoints directly in `experiment` or anywhere below `scope` (an
   // absolute directory), valid and invalid, newest first.
   core::Result<std::vector<core::Checkpoint>> List(const std::string& scope);

@@ -44,13 +44,37 @@ class Walker {
  public:
   Walker(Db* db, std::string source) : db_(db), source_(std::move(source)) {}
 
+  // A full scan: every row is loaded, the whole tree walked, the rest swept.
   Result<ScanStats> Run() {
+    return InTransaction([this]() -> Status {
+      if (Status s = Load(nullptr); !s.ok()) return s;
+      if (Status s = Visit(source_, "", 0); !s.ok()) return s;
+      return Sweep();
+    });
+  }
+
+  // A targeted scan of the paths events named: each target is walked as a
+  // subtree of its own and only its own rows are swept.
+  Result<ScanStats> RunTargets(const std::vector<std::string>& targets) {
+    return InTransaction([&]() -> Status {
+      for (const std::string& target : targets) {
+        if (target != source_ && target.rfind(source_ + "/", 0) != 0) continue;
+        Reset();
+        if (Status s = Load(&target); !s.ok()) return s;
+        if (Status s = VisitTarget(target); !s.ok()) return s;
+        if (Status s = Sweep(); !s.ok()) return s;
+      }
+      return Status::Ok();
+    });
+  }
+
+ private:
+  template <typename Fn>
+  Result<ScanStats> InTransaction(Fn body) {
     auto start = std::chrono::steady_clock::now();
     Transaction txn(db_);
     if (!txn.status().ok()) return txn.status();
-    if (Status s = Load(); !s.ok()) return s;
-    if (Status s = Visit(source_, "", 0); !s.ok()) return s;
-    if (Status s = Sweep(); !s.ok()) return s;
+    if (Status s = body(); !s.ok()) return s;
     if (Status s = txn.Commit(); !s.ok()) return s;
     stats_.changed_experiments.assign(changed_.begin(), changed_.end());
     stats_.seconds =
@@ -58,10 +82,39 @@ class Walker {
     return stats_;
   }
 
- private:
-  Status Load() {
-    Result<Stmt> dirs = db_->Prepare("SELECT path, parent, mtime_ns, is_checkpoint FROM dirs");
+  void Reset() {
+    dirs_.clear();
+    children_.clear();
+    checkpoints_.clear();
+    singles_.clear();
+    seen_dirs_.clear();
+    seen_checkpoints_.clear();
+  }
+
+  Status VisitTarget(const std::string& target) {
+    const std::string parent = target.substr(0, target.rfind('/'));
+    struct stat st {};
+    const std::string name = target.substr(target.rfind('/') + 1);
+    if (target != source_ && name[0] == '.') return Status::Ok();  // hidden: never indexed
+    if (::lstat(target.c_str(), &st) != 0) return Status::Ok();   // gone: Sweep removes it
+    if (S_ISDIR(st.st_mode)) return Visit(target, parent, 0);
+    if (S_ISREG(st.st_mode) && core::ParseSingleFileName(name)) {
+      return Refresh(target, Layout::kSingleFile);
+    }
+    return Status::Ok();
+  }
+
+  // Loads the rows of the whole index, or of one subtree (path == prefix or
+  // below it).
+  Status Load(const std::string* prefix) {
+    const std::string where =
+        prefix == nullptr ? "" : " WHERE path = ?1 OR (path > ?2 AND path < ?3)";
+    auto bind = [&](Stmt* st) {
+      if (prefix != nullptr) st->Bind(1, *prefix).Bind(2, *prefix + "/").Bind(3, *prefix + "0");
+    };
+    Result<Stmt> dirs = db_->Prepare("SELECT path, parent, mtime_ns, is_checkpoint FROM dirs" + where);
     if (!dirs.ok()) return dirs.status();
+    bind(&*dirs);
     for (;;) {
       Result<bool> row = dirs->Next();
       if (!row.ok()) return row.status();
@@ -70,8 +123,10 @@ class Walker {
       children_[dirs->Text(1)].push_back(path);
       dirs_[path] = {dirs->Int(2), dirs->Int(3) != 0};
     }
-    Result<Stmt> ckpts = db_->Prepare("SELECT path, stamp, layout, experiment FROM checkpoints");
+    Result<Stmt> ckpts =
+        db_->Prepare("SELECT path, stamp, layout, experiment FROM checkpoints" + where);
     if (!ckpts.ok()) return ckpts.status();
+    bind(&*ckpts);
     for (;;) {
       Result<bool> row = ckpts->Next();
       if (!row.ok()) return row.status();
@@ -213,6 +268,11 @@ class Walker {
 }  // namespace
 
 Result<ScanStats> ScanTree(Db* db, const std::string& source) { return Walker(db, source).Run(); }
+
+Result<ScanStats> ScanTargets(Db* db, const std::string& source,
+                              const std::vector<std::string>& targets) {
+  return Walker(db, source).RunTargets(targets);
+}
 
 Status WriteCheckpoint(Db* db, const Checkpoint& c) {
   Result<Stmt> del = db->Prepare("DELETE FROM checkpoints WHERE path = ?");

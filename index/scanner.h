@@ -10,6 +10,7 @@
 #define CKPTFS_INDEX_SCANNER_H_
 
 #include <string>
+#include <vector>
 
 #include "core/checkpoint.h"
 #include "core/status.h"
@@ -20,6 +21,11 @@ namespace ckptfs::index {
 
 // Runs one scan inside one transaction. The caller holds the Index mutex.
 core::Result<ScanStats> ScanTree(Db* db, const std::string& source);
+
+// Runs a targeted scan of the given absolute paths (files or directories,
+// existing or not) and of nothing else, in one transaction.
+core::Result<ScanStats> ScanTargets(Db* db, const std::string& source,
+                                    const std::vector<std::string>& targets);
 
 // Writes (insert or replace) one checkpoint's rows. Used by the scanner and
 // by tests that build an index from Checkpoint values.

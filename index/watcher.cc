@@ -55,15 +55,15 @@ class Watcher::Impl {
   }
 
  private:
-  // Adds a watch for every indexed directory not yet watched. Returns
-  // whether any was added (their contents may have changed unseen).
-  bool SyncWatches() {
+  // Adds a watch for every indexed directory not yet watched. Returns the
+  // directories added: their contents may have changed before the watch.
+  std::vector<std::string> SyncWatches() {
     Result<std::vector<std::string>> dirs = index_->Dirs();
+    std::vector<std::string> added;
     if (!dirs.ok()) {
       core::Log(LogLevel::kError, "watcher: %s", dirs.status().message().c_str());
-      return false;
+      return added;
     }
-    bool added = false;
     std::lock_guard<std::mutex> lock(mu_);
     for (const std::string& dir : *dirs) {
       if (by_path_.count(dir) != 0) continue;
@@ -80,13 +80,19 @@ class Watcher::Impl {
       }
       by_wd_[wd] = dir;
       by_path_[dir] = wd;
-      added = true;
+      added.push_back(dir);
     }
     return added;
   }
 
-  void Rescan() {
-    Result<ScanStats> stats = index_->Scan();
+  // A targeted scan of what events named, or a full one after an overflow
+  // or when the periodic fallback is due.
+  void Rescan(bool full) {
+    std::vector<std::pair<std::string, std::string>> changes;
+    changes.swap(changes_);
+    if (overflowed_) full = true;
+    overflowed_ = false;
+    Result<ScanStats> stats = full ? index_->Scan() : index_->ScanChanges(changes);
     if (!stats.ok()) {
       core::Log(LogLevel::kError, "rescan of %s failed: %s", index_->source().c_str(),
                 stats.status().message().c_str());
@@ -97,7 +103,12 @@ class Watcher::Impl {
                 stats->checkpoints_loaded, stats->checkpoints_removed, stats->seconds * 1e3);
       if (callbacks_.on_scanned) callbacks_.on_scanned(*stats);
     }
-    if (stats->dirs_read > 0 && SyncWatches()) pending_ = true;  // look again inside new dirs
+    if (stats->dirs_read > 0) {
+      for (std::string& dir : SyncWatches()) {
+        changes_.emplace_back(std::move(dir), "");  // look again inside new dirs
+        MarkPending();
+      }
+    }
   }
 
   void HandleEvents() {
@@ -110,6 +121,7 @@ class Watcher::Impl {
         p += sizeof(struct inotify_event) + ev->len;
         if (ev->mask & IN_Q_OVERFLOW) {
           core::Log(LogLevel::kWarning, "watcher: event queue overflowed; rescanning");
+          overflowed_ = true;
           MarkPending();
           continue;
         }
@@ -127,6 +139,7 @@ class Watcher::Impl {
         }
         std::string name = ev->len > 0 ? std::string(ev->name) : std::string();
         if (callbacks_.on_path_changed) callbacks_.on_path_changed(dir, name);
+        changes_.emplace_back(dir, std::move(name));
         MarkPending();
       }
     }
@@ -152,10 +165,9 @@ class Watcher::Impl {
       now = Clock::now();
       if (pending_ && now >= deadline_) {
         pending_ = false;
-        Rescan();
-        next_periodic = Clock::now() + settings_.periodic;
+        Rescan(/*full=*/false);
       } else if (!pending_ && now >= next_periodic) {
-        Rescan();
+        Rescan(/*full=*/true);
         next_periodic = Clock::now() + settings_.periodic;
       }
     }
@@ -167,9 +179,11 @@ class Watcher::Impl {
   const int inotify_fd_;
   const int stop_fd_;
   std::thread thread_;
-  // Only the watcher thread touches these two.
+  // Only the watcher thread touches these.
   bool pending_ = false;
+  bool overflowed_ = false;
   Clock::time_point deadline_;
+  std::vector<std::pair<std::string, std::string>> changes_;
 
   mutable std::mutex mu_;  // guards the maps and warned_limit_
   std::unordered_map<int, std::string> by_wd_;

@@ -145,6 +145,43 @@ TEST_F(IndexTest, RescanTouchesOnlyWhatChanged) {
   EXPECT_EQ(Select({}, true, Order::kMin, "loss", 1), std::vector<std::string>{"CKPT+3"});
 }
 
+TEST_F(IndexTest, TargetedScanTouchesOnlyTheNamedChanges) {
+  AddSb(exp_, "CKPT+7", "unixtime: 700\nloss: 0.05\n");
+  auto scan = index_->ScanChanges({{exp_, "CKPT+7"}});
+  ASSERT_TRUE(scan.ok()) << scan.status().message();
+  EXPECT_EQ(scan->checkpoints_loaded, 1);
+  EXPECT_EQ(scan->dirs_visited, 1);
+  EXPECT_EQ(scan->changed_experiments, std::vector<std::string>{exp_});
+  EXPECT_EQ(Select({}, true, Order::kMin, "loss", 1), std::vector<std::string>{"CKPT+7"});
+
+  // A change inside a checkpoint directory re-reads that checkpoint.
+  WriteFile(exp_ + "/CKPT+7/CKPT.yaml", "unixtime: 700\nloss: 0.95\n");
+  scan = index_->ScanChanges({{exp_ + "/CKPT+7", "CKPT.yaml"}});
+  ASSERT_TRUE(scan.ok());
+  EXPECT_EQ(scan->checkpoints_loaded, 1);
+  EXPECT_EQ(Select({}, true, Order::kMin, "loss", 1), std::vector<std::string>{"CKPT+2"});
+
+  // Removal, a single file, and a hidden directory.
+  testing::RemoveTree(exp_ + "/CKPT+7");
+  WriteFile(exp_ + "/epoch=9-loss=0.01.ckpt", "w");
+  AddSb(exp_ + "/.staging", "CKPT+x", "loss: 0.0\n");
+  scan = index_->ScanChanges({{exp_, "CKPT+7"}, {exp_ + "/CKPT+7", ""}, {exp_, "epoch=9-loss=0.01.ckpt"},
+                              {exp_, ".staging"}});
+  ASSERT_TRUE(scan.ok());
+  EXPECT_EQ(scan->checkpoints_removed, 1);
+  EXPECT_EQ(scan->checkpoints_loaded, 1);
+  EXPECT_EQ(Select({}, true, Order::kMin, "loss", 1),
+            std::vector<std::string>{"epoch=9-loss=0.01.ckpt"});
+  ::unlink((exp_ + "/epoch=9-loss=0.01.ckpt").c_str());
+  scan = index_->ScanChanges({{exp_, "epoch=9-loss=0.01.ckpt"}});
+  EXPECT_EQ(scan->checkpoints_removed, 1);
+  // A full scan agrees with what the targeted ones left.
+  scan = index_->Scan();
+  ASSERT_TRUE(scan.ok());
+  EXPECT_EQ(scan->checkpoints_loaded, 0);
+  EXPECT_EQ(scan->checkpoints_removed, 0);
+}
+
 TEST_F(IndexTest, CorruptOrForeignIndexIsRebuilt) {
   index_.reset();
   WriteFile(dir_.path() + "/state/index.sqlite", std::string(8192, 'x'));
