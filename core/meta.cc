@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <cerrno>
+#include <initializer_list>
 #include <cmath>
 #include <cstdlib>
 #include <nlohmann/json.hpp>
@@ -26,19 +27,46 @@ std::string FormatNumber(double v) {
   return buf;
 }
 
-// Parses a whole token as a finite or infinite decimal number.
+// Whether token is spelled [+-]digits[.digits][e[+-]digits] (or .digits):
+// what a file name or query value means as a number. strtod alone would also
+// take hex floats, "nan", "inf" and leading spaces.
+bool IsDecimal(std::string_view t) {
+  size_t i = 0;
+  auto digits = [&]() {
+    size_t start = i;
+    while (i < t.size() && t[i] >= '0' && t[i] <= '9') ++i;
+    return i - start;
+  };
+  if (i < t.size() && (t[i] == '+' || t[i] == '-')) ++i;
+  size_t mantissa = digits();
+  if (i < t.size() && t[i] == '.') {
+    ++i;
+    mantissa += digits();
+  }
+  if (mantissa == 0) return false;
+  if (i < t.size() && (t[i] == 'e' || t[i] == 'E')) {
+    ++i;
+    if (i < t.size() && (t[i] == '+' || t[i] == '-')) ++i;
+    if (digits() == 0) return false;
+  }
+  return i == t.size();
+}
+
+// Parses a whole token as a decimal number.
 std::optional<double> ParseNumber(std::string_view token) {
-  if (token.empty() || token.size() > 64) return std::nullopt;
+  if (token.empty() || token.size() > 64 || !IsDecimal(token)) return std::nullopt;
   std::string s(token);
-  // strtod accepts hex floats, "nan", "inf" and leading spaces; a file name or
-  // query value meaning a number looks like [+-]digits[.digits][e[+-]digits].
-  static const std::regex kDecimal(R"([+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)");
-  if (!std::regex_match(s, kDecimal)) return std::nullopt;
-  errno = 0;
   char* end = nullptr;
   double v = std::strtod(s.c_str(), &end);
   if (end != s.c_str() + s.size()) return std::nullopt;
   return v;
+}
+
+bool OneOf(const std::string& s, std::initializer_list<const char*> words) {
+  for (const char* w : words) {
+    if (s == w) return true;
+  }
+  return false;
 }
 
 // YAML 1.1 scalars as PyYAML's SafeLoader resolves them.
@@ -49,18 +77,16 @@ std::optional<MetaValue> ResolveYamlScalar(const YAML::Node& node) {
   if (!tag.empty() && tag != "?" && tag.rfind("tag:yaml.org,2002:", 0) != 0) {
     return std::nullopt;  // !!python/... and other application tags
   }
-  static const std::regex kTrue("yes|Yes|YES|true|True|TRUE|on|On|ON");
-  static const std::regex kFalse("no|No|NO|false|False|FALSE|off|Off|OFF");
-  static const std::regex kNull("~|null|Null|NULL|");
-  static const std::regex kNan(R"(\.(nan|NaN|NAN))");
-  static const std::regex kInf(R"([-+]?\.(inf|Inf|INF))");
-  if (std::regex_match(s, kNull)) return std::nullopt;
-  if (std::regex_match(s, kTrue)) return MetaValue::Bool(true);
-  if (std::regex_match(s, kFalse)) return MetaValue::Bool(false);
-  if (std::regex_match(s, kNan)) return MetaValue::Number(std::nan(""));
-  if (std::regex_match(s, kInf)) {
-    return MetaValue::Number(s[0] == '-' ? -INFINITY : INFINITY);
+  if (OneOf(s, {"~", "null", "Null", "NULL", ""})) return std::nullopt;
+  if (OneOf(s, {"yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"})) {
+    return MetaValue::Bool(true);
   }
+  if (OneOf(s, {"no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF"})) {
+    return MetaValue::Bool(false);
+  }
+  if (OneOf(s, {".nan", ".NaN", ".NAN"})) return MetaValue::Number(std::nan(""));
+  if (OneOf(s, {".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF"})) return MetaValue::Number(INFINITY);
+  if (OneOf(s, {"-.inf", "-.Inf", "-.INF"})) return MetaValue::Number(-INFINITY);
   std::string no_underscore;
   for (char c : s) {
     if (c != '_') no_underscore += c;

@@ -253,7 +253,8 @@ Result<std::unique_ptr<Index>> Index::Open(const std::string& source, const std:
   }
   Result<std::unique_ptr<Db>> scan_db = Db::Open(db_path);
   if (!scan_db.ok()) return scan_db.status();
-  if (Status s = (*scan_db)->Exec("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;"); !s.ok()) {
+  if (Status s = (*scan_db)->Exec("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;"
+                                                " PRAGMA cache_size=-65536;"); !s.ok()) {
     return s;
   }
   return std::unique_ptr<Index>(new Index(source, std::move(*db), std::move(*scan_db)));

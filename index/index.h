@@ -33,6 +33,8 @@ struct ScanStats {
   double seconds = 0;
   // Experiments whose checkpoint set or meta changed during this scan.
   std::vector<std::string> changed_experiments;
+  // Directories indexed for the first time (a watcher starts watching them).
+  std::vector<std::string> new_dirs;
 };
 
 class Index {

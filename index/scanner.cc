@@ -223,6 +223,7 @@ class Walker {
     std::string name = path.substr(path.rfind('/') + 1);
     std::optional<Layout> layout;
     if (path != source_) layout = core::DirectoryLayout(name, has_yaml, has_json, has_trainer);
+    if (dirs_.count(path) == 0) stats_.new_dirs.push_back(path);
     if (Status s = RecordDir(path, parent, mtime, layout.has_value()); !s.ok()) return s;
     if (layout) return Refresh(path, *layout);
     for (const std::string& sub : subdirs) {

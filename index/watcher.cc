@@ -45,7 +45,11 @@ class Watcher::Impl {
   }
 
   void Begin() {
-    SyncWatches();
+    WatchAll();
+    // Whatever changed between the caller's scan and these watches is found
+    // by one full scan right away.
+    overflowed_ = true;
+    MarkPending();
     thread_ = std::thread([this] { Loop(); });
   }
 
@@ -55,17 +59,22 @@ class Watcher::Impl {
   }
 
  private:
-  // Adds a watch for every indexed directory not yet watched. Returns the
-  // directories added: their contents may have changed before the watch.
-  std::vector<std::string> SyncWatches() {
+  // Adds a watch for every indexed directory not yet watched.
+  void WatchAll() {
     Result<std::vector<std::string>> dirs = index_->Dirs();
-    std::vector<std::string> added;
     if (!dirs.ok()) {
       core::Log(LogLevel::kError, "watcher: %s", dirs.status().message().c_str());
-      return added;
+      return;
     }
+    Watch(*dirs);
+  }
+
+  // Adds watches for these directories; returns those newly watched: their
+  // contents may have changed before the watch existed.
+  std::vector<std::string> Watch(const std::vector<std::string>& dirs) {
+    std::vector<std::string> added;
     std::lock_guard<std::mutex> lock(mu_);
-    for (const std::string& dir : *dirs) {
+    for (const std::string& dir : dirs) {
       if (by_path_.count(dir) != 0) continue;
       int wd = ::inotify_add_watch(inotify_fd_, dir.c_str(), kMask);
       if (wd < 0) {
@@ -103,11 +112,9 @@ class Watcher::Impl {
                 stats->checkpoints_loaded, stats->checkpoints_removed, stats->seconds * 1e3);
       if (callbacks_.on_scanned) callbacks_.on_scanned(*stats);
     }
-    if (stats->dirs_read > 0) {
-      for (std::string& dir : SyncWatches()) {
-        changes_.emplace_back(std::move(dir), "");  // look again inside new dirs
-        MarkPending();
-      }
+    for (std::string& dir : Watch(stats->new_dirs)) {
+      changes_.emplace_back(std::move(dir), "");  // look again inside new dirs
+      MarkPending();
     }
   }
 
