@@ -1,6 +1,8 @@
 #include "fs/cli.h"
 
+#include <fcntl.h>
 #include <limits.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 #include <cerrno>
@@ -14,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include "core/average_cache.h"
+#include "core/log.h"
 #include "fs/options.h"
 #include "index/index.h"
 #include "index/resolver.h"
@@ -43,6 +47,8 @@ const char kUsage[] =
     "  resolve [options] SOURCE VPATH      print the real path VPATH resolves to (for avg/\n"
     "                                      paths: the member files, newest first)\n"
     "  ls [options] SOURCE                 list checkpoints with their meta (--json: as JSON)\n"
+    "  cat [options] SOURCE VPATH          write VPATH's content to stdout, computing an average\n"
+    "                                      if needed (for machines without FUSE)\n"
     "  help                                show this text\n"
     "\n"
     "VPATH is a path inside the mount, relative to SOURCE, such as /best/min/loss/mdl.ckpt,\n"
@@ -52,6 +58,8 @@ const char kUsage[] =
     "  --index PATH     the SQLite index file (default: $XDG_STATE_HOME/ckptfs/index-HASH.sqlite,\n"
     "                   else ~/.local/state/ckptfs/); it is a cache and is rebuilt when missing\n"
     "  --json           (ls) print JSON instead of a table\n"
+    "  --avg-cache DIR  (cat, mount) where averages are cached (default: the index path + .avg)\n"
+    "  --avg-cache-bytes SIZE  (cat, mount) bound of that cache, e.g. 20G (default 20G)\n"
     "  -h, --help       show this text\n"
     "  -V, --version    show the version\n"
     "\n"
@@ -125,11 +133,7 @@ int RunResolve(const Options& opt) {
       std::printf("%s\n", r->real_path.c_str());
       return 0;
     case index::NodeType::kAverageFile:
-      for (const core::Checkpoint& m : r->members) {
-        std::printf("%s\n", m.layout == core::Layout::kSingleFile
-                                ? m.path.c_str()
-                                : (m.path + "/" + r->real_path).c_str());
-      }
+      for (const std::string& f : index::MemberFiles(*r)) std::printf("%s\n", f.c_str());
       return 0;
     case index::NodeType::kIndexJson:
       return Fail(Status::InvalidArgument(opt.vpath +
@@ -150,6 +154,73 @@ int RunResolve(const Options& opt) {
   return kExitFailure;
 }
 
+// Copies a file to stdout.
+Status CopyToStdout(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::FromErrno(path, errno);
+  std::vector<char> buf(1 << 20);
+  Status status;
+  for (;;) {
+    ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      status = Status::FromErrno(path, errno);
+      break;
+    }
+    if (n == 0) break;
+    for (ssize_t off = 0; off < n;) {
+      ssize_t w = ::write(STDOUT_FILENO, buf.data() + off, static_cast<size_t>(n - off));
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0) {
+        ::close(fd);
+        return Status::FromErrno("stdout", errno);
+      }
+      off += w;
+    }
+  }
+  ::close(fd);
+  return status;
+}
+
+// A progress bar on stderr when it is a terminal; otherwise silence.
+core::ProgressFn ProgressBar() {
+  if (::isatty(STDERR_FILENO) == 0) return nullptr;
+  return [](const core::AverageProgress& p) {
+    const int width = 40;
+    const double frac = p.total > 0 ? static_cast<double>(p.done) / static_cast<double>(p.total) : 1;
+    const int filled = static_cast<int>(frac * width);
+    std::fprintf(stderr, "\r%-9s [%s%s] %5.1f%% %8.1f MB", p.stage, std::string(filled, '#').c_str(),
+                 std::string(width - filled, ' ').c_str(), frac * 100,
+                 static_cast<double>(p.done) / 1e6);
+    if (std::string(p.stage) == "done") std::fputc('\n', stderr);
+  };
+}
+
+int RunCat(const Options& opt) {
+  Result<std::unique_ptr<index::Index>> idx = OpenIndex(opt);
+  if (!idx.ok()) return Fail(idx.status());
+  index::Resolver resolver(idx->get());
+  Result<index::Resolution> r = resolver.Resolve(opt.vpath);
+  if (!r.ok()) return Fail(r.status());
+  switch (r->type) {
+    case index::NodeType::kRealFile:
+      if (Status s = CopyToStdout(r->real_path); !s.ok()) return Fail(s);
+      return 0;
+    case index::NodeType::kIndexJson:
+      std::fwrite(r->content.data(), 1, r->content.size(), stdout);
+      return std::fflush(stdout) == 0 ? 0 : Fail(Status::FromErrno("stdout", errno));
+    case index::NodeType::kAverageFile: {
+      core::AverageCache cache(opt.avg_cache, opt.avg_cache_bytes);
+      Result<std::string> avg = cache.Get(index::MemberFiles(*r), ProgressBar());
+      if (!avg.ok()) return Fail(avg.status());
+      if (Status s = CopyToStdout(*avg); !s.ok()) return Fail(s);
+      return 0;
+    }
+    default:
+      return Fail(Status::InvalidArgument(opt.vpath + ": not a file"));
+  }
+}
+
 }  // namespace
 
 int RunCli(int argc, char** argv) {
@@ -166,6 +237,8 @@ int RunCli(int argc, char** argv) {
       return RunLs(*opt);
     case Command::kResolve:
       return RunResolve(*opt);
+    case Command::kCat:
+      return RunCat(*opt);
     case Command::kMount:
       return RunMount(*opt);
   }

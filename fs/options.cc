@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <sys/stat.h>
 
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 
@@ -38,6 +39,29 @@ void SplitCommas(const std::string& text, std::vector<std::string>* out) {
 
 }  // namespace
 
+Result<int64_t> ParseSize(const std::string& text) {
+  if (text.empty()) return Status::InvalidArgument("empty size");
+  size_t digits = 0;
+  while (digits < text.size() && std::isdigit(static_cast<unsigned char>(text[digits]))) ++digits;
+  if (digits == 0 || digits > 15) return Status::InvalidArgument("bad size '" + text + "'");
+  int64_t v = std::stoll(text.substr(0, digits));
+  std::string unit = text.substr(digits);
+  int shift = 0;
+  if (unit == "K" || unit == "k") {
+    shift = 10;
+  } else if (unit == "M") {
+    shift = 20;
+  } else if (unit == "G") {
+    shift = 30;
+  } else if (unit == "T") {
+    shift = 40;
+  } else if (!unit.empty()) {
+    return Status::InvalidArgument("bad size unit in '" + text + "' (use K, M, G or T)");
+  }
+  if (v > (INT64_MAX >> shift)) return Status::InvalidArgument("size '" + text + "' too large");
+  return v << shift;
+}
+
 Result<Options> ParseOptions(int argc, char** argv) {
   Options opt;
   if (argc < 2) return Status::InvalidArgument("no command given");
@@ -52,6 +76,8 @@ Result<Options> ParseOptions(int argc, char** argv) {
     opt.command = Command::kLs, want = 1;
   } else if (cmd == "resolve") {
     opt.command = Command::kResolve, want = 2;
+  } else if (cmd == "cat") {
+    opt.command = Command::kCat, want = 2;
   } else if (cmd == "mount") {
     opt.command = Command::kMount, want = 2;
   } else {
@@ -76,6 +102,17 @@ Result<Options> ParseOptions(int argc, char** argv) {
       Result<std::string> v = value("--index");
       if (!v.ok()) return v.status();
       opt.index_path = *v;
+    } else if (a == "--avg-cache" && (opt.command == Command::kCat || opt.command == Command::kMount)) {
+      Result<std::string> v = value("--avg-cache");
+      if (!v.ok()) return v.status();
+      opt.avg_cache = *v;
+    } else if (a == "--avg-cache-bytes" &&
+               (opt.command == Command::kCat || opt.command == Command::kMount)) {
+      Result<std::string> v = value("--avg-cache-bytes");
+      if (!v.ok()) return v.status();
+      Result<int64_t> bytes = ParseSize(*v);
+      if (!bytes.ok()) return bytes.status();
+      opt.avg_cache_bytes = *bytes;
     } else if (a == "--json" && opt.command == Command::kLs) {
       opt.json = true;
     } else if (a == "-f" && opt.command == Command::kMount) {
@@ -101,7 +138,7 @@ Result<Options> ParseOptions(int argc, char** argv) {
   Result<std::string> source = RealDirectory(operands[0], "SOURCE");
   if (!source.ok()) return source.status();
   opt.source = *source;
-  if (opt.command == Command::kResolve) opt.vpath = operands[1];
+  if (opt.command == Command::kResolve || opt.command == Command::kCat) opt.vpath = operands[1];
   if (opt.command == Command::kMount) {
     Result<std::string> mp = RealDirectory(operands[1], "MOUNTPOINT");
     if (!mp.ok()) return mp.status();
@@ -111,6 +148,7 @@ Result<Options> ParseOptions(int argc, char** argv) {
     }
   }
   if (opt.index_path.empty()) opt.index_path = index::DefaultIndexPath(opt.source);
+  if (opt.avg_cache.empty()) opt.avg_cache = opt.index_path + ".avg";
   return opt;
 }
 

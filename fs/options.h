@@ -7,12 +7,13 @@
 #include <string>
 #include <vector>
 
+#include "core/average_cache.h"
 #include "core/status.h"
 #include "index/index.h"
 
 namespace ckptfs::fs {
 
-enum class Command { kHelp, kVersion, kLs, kResolve, kMount };
+enum class Command { kHelp, kVersion, kLs, kResolve, kCat, kMount };
 
 struct Options {
   Command command = Command::kHelp;
@@ -20,6 +21,8 @@ struct Options {
   std::string vpath;       // resolve
   std::string mountpoint;  // mount: realpath of MOUNTPOINT
   std::string index_path;  // --index, else DefaultIndexPath(source)
+  std::string avg_cache;   // --avg-cache, else index_path + ".avg"
+  int64_t avg_cache_bytes = core::kDefaultAverageCacheBytes;  // --avg-cache-bytes
   bool json = false;       // ls --json
   bool foreground = false; // mount -f
   bool debug = false;      // mount -d
@@ -34,6 +37,9 @@ core::Result<Options> ParseOptions(int argc, char** argv);
 
 // Opens the index of opt.source and brings it up to date with one scan.
 core::Result<std::unique_ptr<index::Index>> OpenIndex(const Options& opt);
+
+// "20G", "512M", "1024" -> bytes (K, M, G, T are powers of 1024).
+core::Result<int64_t> ParseSize(const std::string& text);
 
 // `ckptfs mount`: defined in fs/daemon.cc.
 int RunMount(const Options& opt);

@@ -293,7 +293,11 @@ std::vector<std::string> AverageableFiles(const std::vector<Checkpoint>& members
   }
   std::vector<std::string> common;
   for (const core::CheckpointFile& f : members.front().files) {
-    if (f.name == core::MetaFileName(members.front().layout)) continue;
+    const std::string ext = core::FileExtension(f.name);
+    const bool tensor_file = ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin" ||
+                             ext == ".safetensors" ||
+                             (f.name.size() > 11 && f.name.compare(f.name.size() - 11, 11, ".index.json") == 0);
+    if (!tensor_file) continue;
     bool everywhere = true;
     for (const Checkpoint& m : members) {
       everywhere = everywhere && std::any_of(m.files.begin(), m.files.end(),
@@ -304,6 +308,14 @@ std::vector<std::string> AverageableFiles(const std::vector<Checkpoint>& members
     if (everywhere) common.push_back(f.name);
   }
   return common;
+}
+
+std::vector<std::string> MemberFiles(const Resolution& average) {
+  std::vector<std::string> out;
+  for (const Checkpoint& m : average.members) {
+    out.push_back(m.layout == core::Layout::kSingleFile ? m.path : m.path + "/" + average.real_path);
+  }
+  return out;
 }
 
 std::string CheckpointsToJson(const std::vector<Checkpoint>& checkpoints) {

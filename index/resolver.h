@@ -76,10 +76,13 @@ class Resolver {
   Index* index_;
 };
 
-// The files an average over these members can produce: names every member
-// holds, the layout's meta file excluded; for single-file checkpoints the
-// stable alias.
+// The files an average over these members can produce: tensor files
+// (.ckpt .pt .pth .bin .safetensors) and shard indexes (.index.json) that
+// every member holds; for single-file checkpoints the stable alias.
 std::vector<std::string> AverageableFiles(const std::vector<core::Checkpoint>& members);
+
+// For a kAverageFile resolution: that file of each member, newest first.
+std::vector<std::string> MemberFiles(const Resolution& average);
 
 // index.json / `ls --json`: every checkpoint with meta, validity and path.
 std::string CheckpointsToJson(const std::vector<core::Checkpoint>& checkpoints);

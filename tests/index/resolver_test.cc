@@ -113,7 +113,8 @@ TEST_F(ResolverTest, AveragesListMembersNewestFirst) {
   ASSERT_EQ(r->members.size(), 2u);
   EXPECT_EQ(r->members[0].name, "CKPT+3");
   EXPECT_EQ(r->members[1].name, "CKPT+2");
-  EXPECT_EQ(ListNames("/exp/avg/last3"), std::vector<std::string>{"mdl.ckpt"});
+  EXPECT_EQ(ListNames("/exp/avg/last3"), std::vector<std::string>{"mdl.ckpt"});  // no CKPT.yaml
+  EXPECT_EQ(MemberFiles(*r), (std::vector<std::string>{exp_ + "/CKPT+3/mdl.ckpt", exp_ + "/CKPT+2/mdl.ckpt"}));
   EXPECT_EQ(ListNames("/pl/avg/last3"), std::vector<std::string>{"checkpoint.ckpt"});
   EXPECT_EQ(Code("/exp/avg/last3/opt.ckpt"), StatusCode::kNotFound);
 }

@@ -1,0 +1,137 @@
+#include "core/average_cache.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <ctime>
+
+#include "core/log.h"
+#include "core/meta.h"
+
+namespace ckptfs::core {
+namespace {
+
+// Bumped when the averaging output changes, so old results are not reused.
+constexpr char kVersion[] = "ckptfs-average-v1";
+constexpr int64_t kStaleTmpSeconds = 3600;
+
+uint64_t Fnv1a(const std::string& s, uint64_t h) {
+  for (unsigned char c : s) {
+    h ^= c;
+    h *= 1099511628211ULL;
+  }
+  return h;
+}
+
+Status MakeDirs(const std::string& dir) {
+  for (size_t pos = 1; pos != std::string::npos;) {
+    pos = dir.find('/', pos + 1);
+    std::string part = dir.substr(0, pos);
+    if (::mkdir(part.c_str(), 0700) != 0 && errno != EEXIST) {
+      return Status::FromErrno("cannot create " + part, errno);
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+AverageCache::AverageCache(std::string dir, int64_t max_bytes)
+    : dir_(std::move(dir)), max_bytes_(max_bytes) {}
+
+Result<std::string> AverageCache::KeyOf(const std::vector<std::string>& members) const {
+  std::string identity = kVersion;
+  for (const std::string& m : members) {
+    struct stat st {};
+    if (::stat(m.c_str(), &st) != 0) return Status::FromErrno(m, errno);
+    if (!S_ISREG(st.st_mode)) return Status::InvalidArgument(m + ": not a regular file");
+    identity += "|" + m + "|" + std::to_string(st.st_size) + "|" + std::to_string(st.st_mtim.tv_sec) +
+                "." + std::to_string(st.st_mtim.tv_nsec) + "|" + std::to_string(st.st_dev) + "|" +
+                std::to_string(st.st_ino) + "|" + std::to_string(st.st_ctim.tv_sec) + "." +
+                std::to_string(st.st_ctim.tv_nsec);
+  }
+  char key[40];
+  std::snprintf(key, sizeof(key), "%016llx%016llx",
+                static_cast<unsigned long long>(Fnv1a(identity, 1469598103934665603ULL)),
+                static_cast<unsigned long long>(Fnv1a(identity, 0x9e3779b97f4a7c15ULL)));
+  return std::string(key) + FileExtension(members.front().substr(members.front().rfind('/') + 1));
+}
+
+Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
+                                      const ProgressFn& progress) {
+  if (members.empty()) return Status::InvalidArgument("an average needs members");
+  Result<std::string> key = KeyOf(members);
+  if (!key.ok()) return key.status();
+  const std::string path = dir_ + "/" + *key;
+  std::shared_ptr<std::mutex> slot;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& s = computing_[*key];
+    if (!s) s = std::make_shared<std::mutex>();
+    slot = s;
+  }
+  std::lock_guard<std::mutex> one_computation(*slot);
+  if (::access(path.c_str(), R_OK) == 0) {
+    ::utimensat(AT_FDCWD, path.c_str(), nullptr, 0);  // recently used
+    return path;
+  }
+  if (Status s = MakeDirs(dir_); !s.ok()) return s;
+  auto start = std::chrono::steady_clock::now();
+  Log(LogLevel::kInfo, "averaging %zu member(s), newest %s", members.size(), members.front().c_str());
+  Result<AverageResult> r = AverageFiles(members, path, progress);
+  if (!r.ok()) {
+    Log(LogLevel::kError, "average of %zu member(s) failed: %s", members.size(),
+        r.status().message().c_str());
+    return r.status();
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  Log(LogLevel::kInfo, "averaged %zu member(s) (%s, %d averaged, %d copied, %.1f MB) in %.2f s -> %s",
+      members.size(), TensorFormatName(r->format), r->tensors_averaged, r->tensors_copied,
+      static_cast<double>(r->bytes) / 1e6, secs, path.c_str());
+  Evict(path);
+  return path;
+}
+
+void AverageCache::Evict(const std::string& keep) {
+  DIR* d = ::opendir(dir_.c_str());
+  if (d == nullptr) return;
+  struct Entry {
+    std::string path;
+    int64_t size;
+    int64_t mtime;
+  };
+  std::vector<Entry> entries;
+  int64_t total = 0;
+  const int64_t now = static_cast<int64_t>(std::time(nullptr));
+  while (struct dirent* e = ::readdir(d)) {
+    std::string name = e->d_name;
+    if (name == "." || name == "..") continue;
+    std::string p = dir_ + "/" + name;
+    struct stat st {};
+    if (::lstat(p.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
+    if (name.find(".tmp-") != std::string::npos) {
+      // Left by a crash mid-average; one in progress is younger than this.
+      if (now - st.st_mtim.tv_sec > kStaleTmpSeconds) ::unlink(p.c_str());
+      continue;
+    }
+    entries.push_back({p, static_cast<int64_t>(st.st_size), static_cast<int64_t>(st.st_mtim.tv_sec)});
+    total += st.st_size;
+  }
+  ::closedir(d);
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.mtime < b.mtime; });
+  for (const Entry& e : entries) {
+    if (total <= max_bytes_) break;
+    if (e.path == keep) continue;
+    if (::unlink(e.path.c_str()) == 0) {
+      total -= e.size;
+      Log(LogLevel::kInfo, "average cache: evicted %s (%.1f MB)", e.path.c_str(), static_cast<double>(e.size) / 1e6);
+    }
+  }
+}
+
+}  // namespace ckptfs::core

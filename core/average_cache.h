@@ -1,0 +1,49 @@
+// An on-disk cache of averages, keyed by the identity of their members (path,
+// size, mtime, device and inode of every member file): a changed or new member
+// is a new key, so a stale average is never served. Results are written
+// atomically (temporary file, fsync, rename); a crash leaves no half file.
+// The cache keeps under max_bytes by evicting the least recently used
+// results; a result open elsewhere stays readable after eviction (unlink).
+//
+// Thread-safe: concurrent Get calls for the same members wait for one
+// computation; different members compute in parallel.
+#ifndef CKPTFS_CORE_AVERAGE_CACHE_H_
+#define CKPTFS_CORE_AVERAGE_CACHE_H_
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "core/averaging.h"
+#include "core/status.h"
+
+namespace ckptfs::core {
+
+inline constexpr int64_t kDefaultAverageCacheBytes = int64_t{20} << 30;
+
+class AverageCache {
+ public:
+  AverageCache(std::string dir, int64_t max_bytes);
+
+  // The path of a file holding the average of `members` (one file of each
+  // member checkpoint, newest first), computed now if not cached.
+  Result<std::string> Get(const std::vector<std::string>& members, const ProgressFn& progress);
+
+  const std::string& dir() const { return dir_; }
+
+ private:
+  Result<std::string> KeyOf(const std::vector<std::string>& members) const;
+  void Evict(const std::string& keep);
+
+  const std::string dir_;
+  const int64_t max_bytes_;
+  std::mutex mu_;  // guards computing_; never held while computing
+  std::map<std::string, std::shared_ptr<std::mutex>> computing_;
+};
+
+}  // namespace ckptfs::core
+
+#endif  // CKPTFS_CORE_AVERAGE_CACHE_H_

@@ -1,0 +1,185 @@
+#include "core/averaging.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <random>
+
+#include "core/tensor_io.h"
+
+namespace ckptfs::core {
+
+namespace {
+constexpr size_t kOutputBuffer = 4 << 20;
+
+bool EndsWith(const std::string& s, const char* suffix) {
+  const size_t n = std::strlen(suffix);
+  return s.size() >= n && s.compare(s.size() - n, n, suffix) == 0;
+}
+
+Status CopyFile(const std::string& from, OutputFile* out) {
+  int fd = ::open(from.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::FromErrno(from, errno);
+  std::vector<char> buf(1 << 20);
+  for (;;) {
+    ssize_t n = ::read(fd, buf.data(), buf.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      int err = errno;
+      ::close(fd);
+      return Status::FromErrno(from, err);
+    }
+    if (n == 0) break;
+    out->Write(buf.data(), static_cast<size_t>(n));
+  }
+  ::close(fd);
+  return out->status();
+}
+}  // namespace
+
+OutputFile::OutputFile(std::string path) : path_(std::move(path)), buf_(kOutputBuffer) {
+  fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd_ < 0) status_ = Status::FromErrno(path_, errno);
+}
+
+OutputFile::~OutputFile() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void OutputFile::Flush() {
+  size_t off = 0;
+  while (status_.ok() && off < used_) {
+    ssize_t n = ::write(fd_, buf_.data() + off, used_ - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      status_ = Status::FromErrno(path_, errno);
+      break;
+    }
+    off += static_cast<size_t>(n);
+  }
+  used_ = 0;
+}
+
+size_t OutputFile::Write(const void* data, size_t n) {
+  if (!status_.ok()) return 0;
+  const char* p = static_cast<const char*>(data);
+  size_t left = n;
+  while (left > 0) {
+    if (used_ == buf_.size()) Flush();
+    if (!status_.ok()) return 0;
+    const size_t take = std::min(left, buf_.size() - used_);
+    std::memcpy(buf_.data() + used_, p, take);
+    used_ += take, p += take, left -= take;
+  }
+  return n;
+}
+
+Status OutputFile::Finish() {
+  Flush();
+  if (status_.ok() && ::fsync(fd_) != 0) status_ = Status::FromErrno(path_, errno);
+  if (::close(fd_) != 0 && status_.ok()) status_ = Status::FromErrno(path_, errno);
+  fd_ = -1;
+  return status_;
+}
+
+const char* TensorFormatName(TensorFormat f) {
+  switch (f) {
+    case TensorFormat::kTorchZip:
+      return "torch zip";
+    case TensorFormat::kSafetensors:
+      return "safetensors";
+    case TensorFormat::kTorchLegacy:
+      return "legacy torch";
+    case TensorFormat::kJsonIndex:
+      return "shard index";
+    case TensorFormat::kUnknown:
+      return "unknown";
+  }
+  return "unknown";
+}
+
+Result<TensorFormat> DetectFormat(const std::string& path) {
+  if (EndsWith(path, ".index.json")) return TensorFormat::kJsonIndex;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::FromErrno(path, errno);
+  unsigned char head[9] = {};
+  ssize_t n = ::pread(fd, head, sizeof(head), 0);
+  ::close(fd);
+  if (n < 0) return Status::FromErrno(path, errno);
+  if (n >= 4 && std::memcmp(head, "PK\x03\x04", 4) == 0) return TensorFormat::kTorchZip;
+  if (n >= 4 && head[0] == 0x80 && head[1] == 0x02 && head[2] == 0x8a && head[3] == 0x0a) {
+    return TensorFormat::kTorchLegacy;
+  }
+  if (n == 9 && head[8] == '{') return TensorFormat::kSafetensors;
+  return TensorFormat::kUnknown;
+}
+
+Result<AverageResult> AverageFiles(const std::vector<std::string>& members,
+                                   const std::string& out_path, const ProgressFn& progress) {
+  if (members.empty()) return Status::InvalidArgument(out_path + ": an average needs members");
+  Result<TensorFormat> format = DetectFormat(members[0]);
+  if (!format.ok()) return format.status();
+  for (size_t i = 1; i < members.size(); ++i) {
+    Result<TensorFormat> f = DetectFormat(members[i]);
+    if (!f.ok()) return f.status();
+    if (*f != *format) {
+      return Status::Corrupt(members[i] + ": is " + TensorFormatName(*f) + ", the newest member " +
+                             members[0] + " is " + TensorFormatName(*format));
+    }
+  }
+  if (*format == TensorFormat::kTorchLegacy) {
+    return Status::Unsupported(members[0] +
+                               ": legacy (pre-1.6) torch.save format is not supported; "
+                               "re-save it with a current torch.save");
+  }
+  if (*format == TensorFormat::kUnknown) {
+    return Status::Corrupt(members[0] + ": not a PyTorch zip or safetensors file");
+  }
+  std::mt19937_64 rng(std::random_device{}());
+  char suffix[32];
+  std::snprintf(suffix, sizeof(suffix), ".tmp-%016llx", static_cast<unsigned long long>(rng()));
+  const std::string tmp = out_path + suffix;
+  Result<AverageResult> result = AverageResult{};
+  {
+    OutputFile out(tmp);
+    if (!out.status().ok()) return out.status();
+    switch (*format) {
+      case TensorFormat::kTorchZip:
+        result = AverageTorchZip(members, &out, progress);
+        break;
+      case TensorFormat::kSafetensors:
+        result = AverageSafetensors(members, &out, progress);
+        break;
+      default: {
+        Status s = CopyFile(members[0], &out);
+        if (s.ok()) {
+          AverageResult copied;
+          copied.format = *format;
+          result = copied;
+        } else {
+          result = s;
+        }
+        break;
+      }
+    }
+    if (result.ok()) {
+      if (Status s = out.Finish(); !s.ok()) result = s;
+    }
+  }
+  if (!result.ok()) {
+    ::unlink(tmp.c_str());
+    return result;
+  }
+  if (::rename(tmp.c_str(), out_path.c_str()) != 0) {
+    Status s = Status::FromErrno("rename to " + out_path, errno);
+    ::unlink(tmp.c_str());
+    return s;
+  }
+  if (progress) progress({"done", result->bytes, result->bytes});
+  return result;
+}
+
+}  // namespace ckptfs::core

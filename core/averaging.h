@@ -1,0 +1,58 @@
+// Averaging checkpoint files (DESIGN.md §3): PyTorch's zip format (any
+// extension) and safetensors, with the newest member's exact structure.
+//
+// Floating tensors are averaged element-wise, accumulating in at least
+// float32, and written in their own dtype; integer, bool and opaque tensors,
+// and every non-tensor value, come from the newest member (the first path).
+// The newest member's pickle bytes are reused unchanged, so container types,
+// key order, `_metadata`, storage sharing and opaque objects are kept and
+// nothing in them ever runs. Memory stays bounded by the largest storage or
+// tensor, not by the number of members or the model size.
+//
+// Errors name the file and the tensor: kCorrupt for members that cannot be
+// parsed or disagree (keys, shapes, dtypes, storage layout), kUnsupported for
+// formats we do not handle (legacy pre-1.6 torch files, TorchScript
+// archives, quantized or sparse tensors). The output is written to a
+// temporary file beside out_path, fsynced and renamed: never half a file.
+// Thread-compatible: concurrent calls must use different out_paths.
+#ifndef CKPTFS_CORE_AVERAGING_H_
+#define CKPTFS_CORE_AVERAGING_H_
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+
+namespace ckptfs::core {
+
+enum class TensorFormat { kTorchZip, kSafetensors, kTorchLegacy, kJsonIndex, kUnknown };
+
+const char* TensorFormatName(TensorFormat f);
+
+// From the first bytes of the file (and ".index.json" for shard indexes).
+Result<TensorFormat> DetectFormat(const std::string& path);
+
+struct AverageProgress {
+  const char* stage;  // "reading", "averaging", "writing", "done"
+  int64_t done = 0;   // bytes of output produced so far
+  int64_t total = 0;  // bytes of output in all
+};
+using ProgressFn = std::function<void(const AverageProgress&)>;
+
+struct AverageResult {
+  TensorFormat format = TensorFormat::kUnknown;
+  int64_t bytes = 0;          // tensor bytes in the output
+  int tensors_averaged = 0;   // storages (torch) or tensors (safetensors)
+  int tensors_copied = 0;     // taken from the newest member
+};
+
+// members: the same file of each member checkpoint, newest first (at least
+// one). A shard index (".index.json") is copied from the newest member.
+Result<AverageResult> AverageFiles(const std::vector<std::string>& members,
+                                   const std::string& out_path, const ProgressFn& progress);
+
+}  // namespace ckptfs::core
+
+#endif  // CKPTFS_CORE_AVERAGING_H_

@@ -1,0 +1,562 @@
+#include "core/pickle.h"
+
+#include <cstring>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace ckptfs::core::pickle {
+namespace {
+
+// Bounds that keep hostile input from asking for absurd work or memory.
+constexpr size_t kMaxDepth = 10000;      // nesting of containers when walking
+constexpr size_t kMaxStack = 10000000;   // objects on the VM stack
+
+ObjectPtr Make(Kind kind) {
+  auto o = std::make_shared<Object>();
+  o->kind = kind;
+  return o;
+}
+
+bool IsGlobal(const ObjectPtr& o, const char* qualified) {
+  return o && o->kind == Kind::kGlobal && o->text == qualified;
+}
+
+class Machine {
+ public:
+  Machine(std::string_view data, const std::string& origin) : data_(data), origin_(origin) {}
+
+  Result<ObjectPtr> Run() {
+    while (pos_ < data_.size()) {
+      const size_t at = pos_;
+      const auto op = static_cast<unsigned char>(data_[pos_++]);
+      Status s = Step(op);
+      if (!s.ok()) {
+        std::string msg = origin_ + ": pickle offset " + std::to_string(at) + ": " + s.message();
+        return s.code() == StatusCode::kUnsupported ? Status::Unsupported(msg) : Status::Corrupt(msg);
+      }
+      if (done_) {
+        if (stack_.size() != 1) return Status::Corrupt(origin_ + ": pickle STOP with a bad stack");
+        return stack_.back();
+      }
+    }
+    return Status::Corrupt(origin_ + ": pickle truncated (no STOP)");
+  }
+
+ private:
+  Status Need(size_t n) {
+    if (data_.size() - pos_ < n) return Status::Corrupt("truncated argument");
+    return Status::Ok();
+  }
+  uint64_t ReadLE(size_t n) {
+    uint64_t v = 0;
+    for (size_t i = 0; i < n; ++i) v |= static_cast<uint64_t>(static_cast<unsigned char>(data_[pos_ + i])) << (8 * i);
+    pos_ += n;
+    return v;
+  }
+  Status ReadLine(std::string* out) {
+    size_t nl = data_.find('\n', pos_);
+    if (nl == std::string_view::npos) return Status::Corrupt("unterminated line");
+    *out = std::string(data_.substr(pos_, nl - pos_));
+    pos_ = nl + 1;
+    return Status::Ok();
+  }
+  Status Push(ObjectPtr o) {
+    if (stack_.size() >= kMaxStack) return Status::Corrupt("stack too deep");
+    stack_.push_back(std::move(o));
+    return Status::Ok();
+  }
+  Result<ObjectPtr> Pop() {
+    if (stack_.empty() || (!marks_.empty() && stack_.size() <= marks_.back())) {
+      return Status::Corrupt("pop from an empty stack");
+    }
+    ObjectPtr o = std::move(stack_.back());
+    stack_.pop_back();
+    return o;
+  }
+  Result<ObjectPtr> Top() {
+    if (stack_.empty()) return Status::Corrupt("empty stack");
+    return stack_.back();
+  }
+  // Pops everything down to the last MARK, and the mark.
+  Result<std::vector<ObjectPtr>> PopMark() {
+    if (marks_.empty()) return Status::Corrupt("no MARK");
+    size_t m = marks_.back();
+    marks_.pop_back();
+    if (m > stack_.size()) return Status::Corrupt("MARK above the stack");
+    std::vector<ObjectPtr> items(std::make_move_iterator(stack_.begin() + static_cast<std::ptrdiff_t>(m)),
+                                 std::make_move_iterator(stack_.end()));
+    stack_.resize(m);
+    return items;
+  }
+  Status Memoize(uint64_t index) {
+    Result<ObjectPtr> top = Top();
+    if (!top.ok()) return top.status();
+    memo_[index] = *top;
+    return Status::Ok();
+  }
+  Status Get(uint64_t index) {
+    auto it = memo_.find(index);
+    if (it == memo_.end()) return Status::Corrupt("memo key " + std::to_string(index) + " missing");
+    return Push(it->second);
+  }
+  Status PushInt(int64_t v) {
+    ObjectPtr o = Make(Kind::kInt);
+    o->integer = v;
+    return Push(o);
+  }
+  Status PushText(Kind kind, size_t len_bytes) {
+    if (Status s = Need(len_bytes); !s.ok()) return s;
+    uint64_t n = ReadLE(len_bytes);
+    if (Status s = Need(n); !s.ok()) return s;
+    ObjectPtr o = Make(kind);
+    o->text = std::string(data_.substr(pos_, n));
+    pos_ += n;
+    return Push(o);
+  }
+  Status PushGlobal(std::string module, std::string name) {
+    ObjectPtr o = Make(Kind::kGlobal);
+    o->text = module + "." + name;
+    return Push(o);
+  }
+  Status Tuple(std::vector<ObjectPtr> items) {
+    ObjectPtr t = Make(Kind::kTuple);
+    t->items = std::move(items);
+    return Push(t);
+  }
+  Status TupleN(size_t n) {
+    if (stack_.size() < n) return Status::Corrupt("tuple of missing items");
+    std::vector<ObjectPtr> items(stack_.end() - static_cast<std::ptrdiff_t>(n), stack_.end());
+    stack_.resize(stack_.size() - n);
+    return Tuple(std::move(items));
+  }
+  Status SetItems(const ObjectPtr& dict, std::vector<ObjectPtr> kv) {
+    if (kv.size() % 2 != 0) return Status::Corrupt("odd number of dict items");
+    if (dict->kind != Kind::kDict) {
+      // Items set on an opaque object (a defaultdict, a custom mapping): keep them.
+      if (dict->kind != Kind::kCall) return Status::Corrupt("SETITEMS on a non-dict");
+      if (!dict->state) dict->state = Make(Kind::kDict);
+      return SetItems(dict->state, std::move(kv));
+    }
+    for (size_t i = 0; i < kv.size(); i += 2) dict->entries.emplace_back(kv[i], kv[i + 1]);
+    return Status::Ok();
+  }
+  Status Append(const ObjectPtr& list, std::vector<ObjectPtr> items) {
+    if (list->kind == Kind::kList || list->kind == Kind::kSet) {
+      for (auto& i : items) list->items.push_back(std::move(i));
+      return Status::Ok();
+    }
+    if (list->kind == Kind::kCall) {  // extend() on an opaque object
+      if (!list->state) list->state = Make(Kind::kList);
+      return Append(list->state, std::move(items));
+    }
+    return Status::Corrupt("APPEND on a non-list");
+  }
+
+  Result<ObjectPtr> RebuildTensor(const ObjectPtr& fn, const ObjectPtr& args) {
+    if (!args || args->kind != Kind::kTuple || args->items.size() < 4) {
+      return Status::Corrupt(fn->text + " with bad arguments");
+    }
+    const auto& a = args->items;
+    if (!a[0] || a[0]->kind != Kind::kStorage) return Status::Corrupt(fn->text + " without a storage");
+    ObjectPtr t = Make(Kind::kTensor);
+    t->storage = a[0];
+    if (a[1]->kind != Kind::kInt || a[1]->big_integer) return Status::Corrupt("bad storage offset");
+    t->offset = a[1]->integer;
+    for (int which = 0; which < 2; ++which) {
+      const ObjectPtr& dims = a[2 + which];
+      if (dims->kind != Kind::kTuple) return Status::Corrupt("tensor size/stride is not a tuple");
+      for (const ObjectPtr& d : dims->items) {
+        if (d->kind != Kind::kInt || d->big_integer) return Status::Corrupt("bad tensor dimension");
+        (which == 0 ? t->size : t->stride).push_back(d->integer);
+      }
+    }
+    if (t->size.size() != t->stride.size()) return Status::Corrupt("size and stride differ in rank");
+    if (fn->text == "torch._utils._rebuild_tensor_v3") {
+      if (a.size() < 7 || a[6]->kind != Kind::kGlobal) return Status::Corrupt("v3 tensor without dtype");
+      t->tensor_dtype = a[6]->text;
+    }
+    return t;
+  }
+
+  // REDUCE: interprets tensor rebuilds and OrderedDict; anything else is an
+  // opaque call node.
+  Result<ObjectPtr> Reduce(const ObjectPtr& fn, const ObjectPtr& args) {
+    if (IsGlobal(fn, "torch._utils._rebuild_tensor_v2") || IsGlobal(fn, "torch._utils._rebuild_tensor") ||
+        IsGlobal(fn, "torch._utils._rebuild_tensor_v3")) {
+      return RebuildTensor(fn, args);
+    }
+    if ((IsGlobal(fn, "torch._utils._rebuild_parameter") ||
+         IsGlobal(fn, "torch._utils._rebuild_parameter_with_state")) &&
+        args && args->kind == Kind::kTuple && !args->items.empty() &&
+        args->items[0]->kind == Kind::kTensor) {
+      return args->items[0];
+    }
+    if (IsGlobal(fn, "torch._tensor._rebuild_from_type_v2") && args && args->kind == Kind::kTuple &&
+        args->items.size() >= 3 && args->items[0]->kind == Kind::kGlobal) {
+      return Reduce(args->items[0], args->items[2]);
+    }
+    if (fn && fn->kind == Kind::kGlobal &&
+        (fn->text.find("_rebuild_qtensor") != std::string::npos ||
+         fn->text.find("_rebuild_sparse") != std::string::npos ||
+         fn->text.find("_rebuild_nested") != std::string::npos)) {
+      return Status::Unsupported(fn->text + ": quantized, sparse and nested tensors are not supported");
+    }
+    if (IsGlobal(fn, "collections.OrderedDict") && args && args->kind == Kind::kTuple &&
+        args->items.empty()) {
+      return Make(Kind::kDict);
+    }
+    ObjectPtr call = Make(Kind::kCall);
+    call->items = {fn, args};
+    return call;
+  }
+
+  Result<ObjectPtr> Storage(const ObjectPtr& pid) {
+    if (!pid || pid->kind != Kind::kTuple || pid->items.size() < 5 ||
+        pid->items[0]->kind != Kind::kString || pid->items[0]->text != "storage" ||
+        pid->items[1]->kind != Kind::kGlobal || pid->items[2]->kind != Kind::kString ||
+        pid->items[4]->kind != Kind::kInt || pid->items[4]->big_integer) {
+      return Status::Corrupt("persistent id is not a torch storage");
+    }
+    ObjectPtr s = Make(Kind::kStorage);
+    const std::string& type = pid->items[1]->text;
+    if (type.rfind("torch.", 0) != 0) return Status::Corrupt("storage type " + type);
+    s->storage_type = type.substr(6);
+    s->storage_key = pid->items[2]->text;
+    s->storage_numel = pid->items[4]->integer;
+    if (s->storage_numel < 0) return Status::Corrupt("negative storage size");
+    // One object per key, so tensors sharing a storage share the object.
+    auto it = storages_.find(s->storage_key);
+    if (it != storages_.end()) return it->second;
+    storages_.emplace(s->storage_key, s);
+    return s;
+  }
+
+  Status Step(unsigned char op) {
+    switch (op) {
+      case 0x80: {  // PROTO
+        if (Status s = Need(1); !s.ok()) return s;
+        if (static_cast<unsigned char>(data_[pos_++]) > 5) return Status::Unsupported("pickle protocol > 5");
+        return Status::Ok();
+      }
+      case 0x95:  // FRAME
+        if (Status s = Need(8); !s.ok()) return s;
+        pos_ += 8;
+        return Status::Ok();
+      case '.':  // STOP
+        done_ = true;
+        return Status::Ok();
+      case '(':  // MARK
+        marks_.push_back(stack_.size());
+        return Status::Ok();
+      case '0': {  // POP
+        if (!marks_.empty() && marks_.back() == stack_.size()) {
+          marks_.pop_back();
+          return Status::Ok();
+        }
+        return Pop().status();
+      }
+      case '1':  // POP_MARK
+        return PopMark().status();
+      case '2': {  // DUP
+        Result<ObjectPtr> top = Top();
+        if (!top.ok()) return top.status();
+        return Push(*top);
+      }
+      case 'N':
+        return Push(Make(Kind::kNone));
+      case 0x88:
+      case 0x89: {  // NEWTRUE, NEWFALSE
+        ObjectPtr b = Make(Kind::kBool);
+        b->boolean = op == 0x88;
+        return Push(b);
+      }
+      case 'K':
+        if (Status s = Need(1); !s.ok()) return s;
+        return PushInt(static_cast<int64_t>(ReadLE(1)));
+      case 'M':
+        if (Status s = Need(2); !s.ok()) return s;
+        return PushInt(static_cast<int64_t>(ReadLE(2)));
+      case 'J':
+        if (Status s = Need(4); !s.ok()) return s;
+        return PushInt(static_cast<int32_t>(ReadLE(4)));
+      case 0x8a:
+      case 0x8b: {  // LONG1, LONG4
+        const size_t len_bytes = op == 0x8a ? 1 : 4;
+        if (Status s = Need(len_bytes); !s.ok()) return s;
+        uint64_t n = ReadLE(len_bytes);
+        if (Status s = Need(n); !s.ok()) return s;
+        ObjectPtr o = Make(Kind::kInt);
+        if (n <= 8) {
+          uint64_t v = n == 0 ? 0 : ReadLE(n);
+          if (n > 0 && n < 8 && (v >> (8 * n - 1)) & 1) v |= ~uint64_t{0} << (8 * n);  // sign
+          o->integer = static_cast<int64_t>(v);
+        } else {
+          o->big_integer = true;
+          pos_ += n;
+        }
+        return Push(o);
+      }
+      case 'G': {  // BINFLOAT, big-endian
+        if (Status s = Need(8); !s.ok()) return s;
+        uint64_t bits = 0;
+        for (int i = 0; i < 8; ++i) bits = (bits << 8) | static_cast<unsigned char>(data_[pos_ + i]);
+        pos_ += 8;
+        ObjectPtr f = Make(Kind::kFloat);
+        std::memcpy(&f->real, &bits, sizeof(bits));
+        return Push(f);
+      }
+      case 'X':
+        return PushText(Kind::kString, 4);
+      case 0x8c:
+        return PushText(Kind::kString, 1);
+      case 0x8d:
+        return PushText(Kind::kString, 8);
+      case 'T':  // BINSTRING (py2 str)
+        return PushText(Kind::kBytes, 4);
+      case 'U':
+        return PushText(Kind::kBytes, 1);
+      case 'B':
+        return PushText(Kind::kBytes, 4);
+      case 'C':
+        return PushText(Kind::kBytes, 1);
+      case 0x8e:
+      case 0x96:  // BINBYTES8, BYTEARRAY8
+        return PushText(Kind::kBytes, 8);
+      case ')':
+        return Tuple({});
+      case 't': {
+        Result<std::vector<ObjectPtr>> items = PopMark();
+        if (!items.ok()) return items.status();
+        return Tuple(std::move(*items));
+      }
+      case 0x85:
+        return TupleN(1);
+      case 0x86:
+        return TupleN(2);
+      case 0x87:
+        return TupleN(3);
+      case ']':
+        return Push(Make(Kind::kList));
+      case 'l': {
+        Result<std::vector<ObjectPtr>> items = PopMark();
+        if (!items.ok()) return items.status();
+        ObjectPtr l = Make(Kind::kList);
+        l->items = std::move(*items);
+        return Push(l);
+      }
+      case 'a': {
+        Result<ObjectPtr> v = Pop();
+        if (!v.ok()) return v.status();
+        Result<ObjectPtr> list = Top();
+        if (!list.ok()) return list.status();
+        return Append(*list, {*v});
+      }
+      case 'e': {
+        Result<std::vector<ObjectPtr>> items = PopMark();
+        if (!items.ok()) return items.status();
+        Result<ObjectPtr> list = Top();
+        if (!list.ok()) return list.status();
+        return Append(*list, std::move(*items));
+      }
+      case '}':
+        return Push(Make(Kind::kDict));
+      case 'd': {
+        Result<std::vector<ObjectPtr>> items = PopMark();
+        if (!items.ok()) return items.status();
+        ObjectPtr d = Make(Kind::kDict);
+        if (Status s = SetItems(d, std::move(*items)); !s.ok()) return s;
+        return Push(d);
+      }
+      case 's': {
+        Result<ObjectPtr> v = Pop();
+        if (!v.ok()) return v.status();
+        Result<ObjectPtr> k = Pop();
+        if (!k.ok()) return k.status();
+        Result<ObjectPtr> d = Top();
+        if (!d.ok()) return d.status();
+        return SetItems(*d, {*k, *v});
+      }
+      case 'u': {
+        Result<std::vector<ObjectPtr>> items = PopMark();
+        if (!items.ok()) return items.status();
+        Result<ObjectPtr> d = Top();
+        if (!d.ok()) return d.status();
+        return SetItems(*d, std::move(*items));
+      }
+      case 0x8f:
+        return Push(Make(Kind::kSet));
+      case 0x90: {  // ADDITEMS
+        Result<std::vector<ObjectPtr>> items = PopMark();
+        if (!items.ok()) return items.status();
+        Result<ObjectPtr> set = Top();
+        if (!set.ok()) return set.status();
+        return Append(*set, std::move(*items));
+      }
+      case 0x91: {  // FROZENSET
+        Result<std::vector<ObjectPtr>> items = PopMark();
+        if (!items.ok()) return items.status();
+        ObjectPtr s = Make(Kind::kSet);
+        s->items = std::move(*items);
+        return Push(s);
+      }
+      case 'c': {  // GLOBAL
+        std::string module, name;
+        if (Status s = ReadLine(&module); !s.ok()) return s;
+        if (Status s = ReadLine(&name); !s.ok()) return s;
+        return PushGlobal(std::move(module), std::move(name));
+      }
+      case 0x93: {  // STACK_GLOBAL
+        Result<ObjectPtr> name = Pop();
+        if (!name.ok()) return name.status();
+        Result<ObjectPtr> module = Pop();
+        if (!module.ok()) return module.status();
+        if ((*name)->kind != Kind::kString || (*module)->kind != Kind::kString) {
+          return Status::Corrupt("STACK_GLOBAL of non-strings");
+        }
+        return PushGlobal((*module)->text, (*name)->text);
+      }
+      case 'q':
+        if (Status s = Need(1); !s.ok()) return s;
+        return Memoize(ReadLE(1));
+      case 'r':
+        if (Status s = Need(4); !s.ok()) return s;
+        return Memoize(ReadLE(4));
+      case 0x94:
+        return Memoize(memo_.size());
+      case 'h':
+        if (Status s = Need(1); !s.ok()) return s;
+        return Get(ReadLE(1));
+      case 'j':
+        if (Status s = Need(4); !s.ok()) return s;
+        return Get(ReadLE(4));
+      case 'Q': {  // BINPERSID
+        Result<ObjectPtr> pid = Pop();
+        if (!pid.ok()) return pid.status();
+        Result<ObjectPtr> storage = Storage(*pid);
+        if (!storage.ok()) return storage.status();
+        return Push(*storage);
+      }
+      case 'R': {  // REDUCE
+        Result<ObjectPtr> args = Pop();
+        if (!args.ok()) return args.status();
+        Result<ObjectPtr> fn = Pop();
+        if (!fn.ok()) return fn.status();
+        Result<ObjectPtr> r = Reduce(*fn, *args);
+        if (!r.ok()) return r.status();
+        return Push(*r);
+      }
+      case 0x81:  // NEWOBJ
+      case 0x92: {  // NEWOBJ_EX
+        ObjectPtr kwargs;
+        if (op == 0x92) {
+          Result<ObjectPtr> k = Pop();
+          if (!k.ok()) return k.status();
+          kwargs = *k;
+        }
+        Result<ObjectPtr> args = Pop();
+        if (!args.ok()) return args.status();
+        Result<ObjectPtr> cls = Pop();
+        if (!cls.ok()) return cls.status();
+        ObjectPtr call = Make(Kind::kCall);
+        call->items = {*cls, *args};
+        if (kwargs) call->items.push_back(kwargs);
+        return Push(call);
+      }
+      case 'b': {  // BUILD
+        Result<ObjectPtr> state = Pop();
+        if (!state.ok()) return state.status();
+        Result<ObjectPtr> target = Top();
+        if (!target.ok()) return target.status();
+        // Tensors ignore their state; dicts and objects keep it for walking.
+        if ((*target)->kind != Kind::kTensor) (*target)->state = *state;
+        return Status::Ok();
+      }
+      default:
+        break;
+    }
+    char hex[8];
+    std::snprintf(hex, sizeof(hex), "0x%02x", op);
+    if (std::strchr("FILPSVgpio", static_cast<int>(op)) != nullptr && op != 0) {
+      return Status::Unsupported(std::string("protocol 0/1 opcode '") + static_cast<char>(op) + "'");
+    }
+    return Status::Corrupt(std::string("unknown opcode ") + hex);
+  }
+
+  std::string_view data_;
+  const std::string& origin_;
+  size_t pos_ = 0;
+  bool done_ = false;
+  std::vector<ObjectPtr> stack_;
+  std::vector<size_t> marks_;
+  std::unordered_map<uint64_t, ObjectPtr> memo_;
+  std::unordered_map<std::string, ObjectPtr> storages_;
+};
+
+std::string KeyText(const ObjectPtr& key) {
+  switch (key->kind) {
+    case Kind::kString:
+    case Kind::kBytes:
+      return key->text;
+    case Kind::kInt:
+      return std::to_string(key->integer);
+    case Kind::kBool:
+      return key->boolean ? "True" : "False";
+    case Kind::kNone:
+      return "None";
+    default:
+      return "?";
+  }
+}
+
+}  // namespace
+
+Result<ObjectPtr> Unpickle(std::string_view data, const std::string& origin) {
+  return Machine(data, origin).Run();
+}
+
+Result<std::vector<TensorEntry>> FindTensors(const ObjectPtr& root, const std::string& origin) {
+  std::vector<TensorEntry> out;
+  std::unordered_set<const Object*> visited;
+  struct Frame {
+    ObjectPtr obj;
+    std::string path;
+    size_t depth;
+  };
+  std::vector<Frame> todo = {{root, "", 0}};
+  auto join = [](const std::string& a, const std::string& b) { return a.empty() ? b : a + "." + b; };
+  // Depth-first, children pushed in reverse so paths come out in order.
+  while (!todo.empty()) {
+    Frame f = std::move(todo.back());
+    todo.pop_back();
+    if (!f.obj || !visited.insert(f.obj.get()).second) continue;
+    if (f.depth > kMaxDepth) return Status::Corrupt(origin + ": objects nested too deeply");
+    const Object& o = *f.obj;
+    std::vector<Frame> children;
+    switch (o.kind) {
+      case Kind::kTensor:
+        out.push_back({f.path, f.obj});
+        break;
+      case Kind::kDict:
+        for (const auto& [k, v] : o.entries) children.push_back({v, join(f.path, KeyText(k)), f.depth + 1});
+        if (o.state) children.push_back({o.state, f.path, f.depth + 1});
+        break;
+      case Kind::kTuple:
+      case Kind::kList:
+      case Kind::kSet:
+        for (size_t i = 0; i < o.items.size(); ++i) {
+          children.push_back({o.items[i], join(f.path, std::to_string(i)), f.depth + 1});
+        }
+        break;
+      case Kind::kCall:
+        if (o.items.size() > 1) children.push_back({o.items[1], f.path, f.depth + 1});
+        if (o.state) children.push_back({o.state, f.path, f.depth + 1});
+        break;
+      default:
+        break;
+    }
+    for (auto it = children.rbegin(); it != children.rend(); ++it) todo.push_back(std::move(*it));
+  }
+  return out;
+}
+
+}  // namespace ckptfs::core::pickle

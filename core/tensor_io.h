@@ -1,0 +1,44 @@
+// Internal to core's tensor code: the per-format averaging steps and the
+// buffered output file they write through.
+#ifndef CKPTFS_CORE_TENSOR_IO_H_
+#define CKPTFS_CORE_TENSOR_IO_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/averaging.h"
+#include "core/status.h"
+
+namespace ckptfs::core {
+
+// An output file written through a buffer: Write never fails silently; the
+// first error is kept and returned by Finish, which fsyncs and closes.
+class OutputFile {
+ public:
+  explicit OutputFile(std::string path);
+  ~OutputFile();  // closes (and leaves the file) if Finish was not called
+  OutputFile(const OutputFile&) = delete;
+  OutputFile& operator=(const OutputFile&) = delete;
+
+  const Status& status() const { return status_; }
+  size_t Write(const void* data, size_t n);  // returns n, or 0 after an error
+  Status Finish();
+
+ private:
+  void Flush();
+  std::string path_;
+  int fd_ = -1;
+  std::vector<char> buf_;
+  size_t used_ = 0;
+  Status status_;
+};
+
+Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, OutputFile* out,
+                                      const ProgressFn& progress);
+Result<AverageResult> AverageSafetensors(const std::vector<std::string>& members, OutputFile* out,
+                                         const ProgressFn& progress);
+
+}  // namespace ckptfs::core
+
+#endif  // CKPTFS_CORE_TENSOR_IO_H_
