@@ -134,39 +134,50 @@ Status Load(const std::string& path, Member* m) {
   return Status::Ok();
 }
 
-// Members must agree with the newest on every storage and tensor.
-Status Compare(const Member& newest, const Member& m) {
+// Members must agree with the newest on every tensor: the same paths, shapes,
+// dtypes and layout in their storages, and the same storage sharing. Storage
+// keys may differ (they are numbered in pickling order); `key_map` receives,
+// for each storage key of the newest member, the member's key.
+Status Compare(const Member& newest, const Member& m, std::map<std::string, std::string>* key_map) {
   for (const auto& [path, t] : newest.tensors) {
-    auto it = m.tensors.find(path);
-    if (it == m.tensors.end()) {
+    if (m.tensors.count(path) == 0) {
       return Status::Corrupt(m.path + ": has no tensor '" + path + "' (the newest member " +
                              newest.path + " has)");
-    }
-    const TensorInfo& u = it->second;
-    if (u.size != t.size) {
-      return Status::Corrupt(m.path + ": tensor '" + path + "' has shape " + Shape(u.size) +
-                             ", the newest member has " + Shape(t.size));
-    }
-    if (u.key != t.key || u.offset != t.offset || u.stride != t.stride || u.dtype != t.dtype) {
-      return Status::Corrupt(m.path + ": tensor '" + path +
-                             "' is laid out differently in its storage than in the newest member");
-    }
-    const StorageInfo& a = newest.storages.at(t.key);
-    const StorageInfo& b = m.storages.at(u.key);
-    if (a.type_name != b.type_name) {
-      return Status::Corrupt(m.path + ": tensor '" + path + "' is " + b.type_name +
-                             ", the newest member has " + a.type_name);
-    }
-    if (a.numel != b.numel) {
-      return Status::Corrupt(m.path + ": storage of tensor '" + path + "' has " +
-                             std::to_string(b.numel) + " elements, the newest member " +
-                             std::to_string(a.numel));
     }
   }
   for (const auto& [path, t] : m.tensors) {
     if (newest.tensors.count(path) == 0) {
       return Status::Corrupt(m.path + ": has tensor '" + path + "' that the newest member " +
                              newest.path + " lacks");
+    }
+  }
+  for (const auto& [path, t] : newest.tensors) {
+    const TensorInfo& u = m.tensors.at(path);
+    const StorageInfo& a = newest.storages.at(t.key);
+    const StorageInfo& b = m.storages.at(u.key);
+    if (a.type_name != b.type_name || u.dtype != t.dtype) {
+      return Status::Corrupt(m.path + ": tensor '" + path + "' is " + b.type_name + u.dtype +
+                             ", the newest member has " + a.type_name + t.dtype);
+    }
+    if (u.size != t.size) {
+      return Status::Corrupt(m.path + ": tensor '" + path + "' has shape " + Shape(u.size) +
+                             ", the newest member has " + Shape(t.size));
+    }
+    if (u.offset != t.offset || u.stride != t.stride || a.numel != b.numel) {
+      return Status::Corrupt(m.path + ": tensor '" + path +
+                             "' is laid out differently in its storage than in the newest member");
+    }
+    auto [it, inserted] = key_map->emplace(t.key, u.key);
+    if (!inserted && it->second != u.key) {
+      return Status::Corrupt(m.path + ": tensor '" + path +
+                             "' shares storage differently than in the newest member");
+    }
+  }
+  std::set<std::string> used;
+  for (const auto& [from, to] : *key_map) {
+    if (!used.insert(to).second) {
+      return Status::Corrupt(m.path + ": storage " + to +
+                             " is shared by tensors that the newest member keeps apart");
     }
   }
   return Status::Ok();
@@ -177,10 +188,13 @@ Status Compare(const Member& newest, const Member& m) {
 Result<AverageResult> AverageTorchZip(const std::vector<std::string>& paths, OutputFile* out,
                                       const ProgressFn& progress) {
   std::vector<Member> members(paths.size());
+  std::vector<std::map<std::string, std::string>> key_maps(paths.size());
   for (size_t i = 0; i < paths.size(); ++i) {
     if (Status s = Load(paths[i], &members[i]); !s.ok()) return s;
-    if (i > 0) {
-      if (Status s = Compare(members[0], members[i]); !s.ok()) return s;
+    if (i == 0) {
+      for (const auto& [key, info] : members[0].storages) key_maps[0][key] = key;
+    } else if (Status s = Compare(members[0], members[i], &key_maps[i]); !s.ok()) {
+      return s;
     }
   }
   Member& newest = members[0];
@@ -206,7 +220,8 @@ Result<AverageResult> AverageTorchZip(const std::vector<std::string>& paths, Out
       const size_t readers = IsAveraged(info.dtype) ? members.size() : 1;
       Accumulator acc(info.dtype, static_cast<size_t>(info.numel));
       for (size_t i = 0; i < readers; ++i) {
-        Result<std::tuple<at::DataPtr, size_t>> r = ReadRecord(&members[i], record);
+        Result<std::tuple<at::DataPtr, size_t>> r =
+            ReadRecord(&members[i], "data/" + key_maps[i].at(key));
         if (!r.ok()) return r.status();
         if (static_cast<int64_t>(std::get<1>(*r)) != info.nbytes) {
           return Status::Corrupt(members[i].path + ": storage " + key + " of tensor '" +

@@ -59,8 +59,10 @@ int RunMount(const Options& opt) {
 
   // The watcher starts after the fork; until then nothing is watched.
   std::atomic<index::Watcher*> watcher_ptr{nullptr};
+  core::AverageCache averages(opt.avg_cache, opt.avg_cache_bytes);
   NodeTableOptions table_options;
   table_options.links = opt.links;
+  table_options.averages = &averages;
   table_options.is_watched = [&watcher_ptr](const std::string& dir) {
     index::Watcher* w = watcher_ptr.load();
     return w != nullptr && w->IsWatched(dir);

@@ -19,6 +19,7 @@ namespace {
 
 constexpr char kXattrRealPath[] = "user.ckptfs.real_path";
 constexpr char kXattrCheckpoint[] = "user.ckptfs.checkpoint";
+constexpr char kXattrMembers[] = "user.ckptfs.members";
 
 struct timespec Now() {
   struct timespec ts {};
@@ -148,7 +149,28 @@ Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name)
   node.content_size = r->content.size();
   node.as_link = options_.links && r->in_view &&
                  (r->type == NodeType::kRealDir || r->type == NodeType::kRealFile);
-  if (r->type == NodeType::kAverageFile) node.real_path.clear();  // computed, not real
+  if (r->type == NodeType::kAverageFile) {
+    // Computed on first lookup (stat and open need its size), then served
+    // from the cache like a real file; new members give a new cache file.
+    if (options_.averages == nullptr) {
+      return Status::Unsupported(node.vpath + ": averaging is disabled");
+    }
+    const std::vector<std::string> members = index::MemberFiles(*r);
+    for (const std::string& m : members) node.members += m + "\n";
+    Result<std::string> avg = options_.averages->Get(members, [&](const core::AverageProgress& p) {
+      if (std::string(p.stage) != "averaging" || p.total == 0) return;
+      core::Log(core::LogLevel::kDebug, "%s: %.0f%%", node.vpath.c_str(),
+                100.0 * static_cast<double>(p.done) / static_cast<double>(p.total));
+    });
+    if (!avg.ok()) {
+      // EIO for members that disagree or cannot be parsed; the log names them.
+      core::Log(core::LogLevel::kError, "%s: %s", node.vpath.c_str(), avg.status().message().c_str());
+      return avg.status().code() == StatusCode::kUnsupported ? avg.status()
+                                                             : Status::Corrupt(avg.status().message());
+    }
+    node.type = NodeType::kRealFile;
+    node.real_path = *avg;
+  }
 
   std::lock_guard<std::mutex> lock(mu_);
   const std::string key = KeyOf(node);
@@ -271,8 +293,8 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags) {
       f.content = std::move(r->content);
       return f;
     }
-    case NodeType::kAverageFile:
-      return Status::Unsupported(node->vpath + ": averaging is not available in this build yet");
+    case NodeType::kAverageFile:  // lookups turn these into cached real files
+      return Status::Unsupported(node->vpath + ": averaging is disabled");
     case NodeType::kRealDir:
     case NodeType::kVirtualDir:
       return Status::FromErrno(node->vpath, EISDIR);
@@ -298,6 +320,7 @@ Result<std::string> NodeTable::GetXattr(uint64_t ino, const std::string& name) {
   if (!node.ok()) return node.status();
   if (name == kXattrRealPath && !node->real_path.empty()) return node->real_path;
   if (name == kXattrCheckpoint && !node->checkpoint.empty()) return node->checkpoint;
+  if (name == kXattrMembers && !node->members.empty()) return node->members;
   return Status::FromErrno(node->vpath + ": " + name, ENODATA);
 }
 
@@ -307,6 +330,7 @@ std::vector<std::string> NodeTable::ListXattr(uint64_t ino) {
   if (!node.ok()) return names;
   if (!node->real_path.empty()) names.push_back(kXattrRealPath);
   if (!node->checkpoint.empty()) names.push_back(kXattrCheckpoint);
+  if (!node->members.empty()) names.push_back(kXattrMembers);
   return names;
 }
 

@@ -19,6 +19,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "core/average_cache.h"
 #include "core/status.h"
 #include "index/index.h"
 #include "index/resolver.h"
@@ -53,6 +54,8 @@ struct Invalidation {
 
 struct NodeTableOptions {
   bool links = false;  // --links: view entries are symbolic links to real paths
+  // Where avg/ files are computed and kept; nullptr: avg/ files are EOPNOTSUPP.
+  core::AverageCache* averages = nullptr;
   // Whether changes in a real directory are reported (long timeouts are then safe).
   std::function<bool(const std::string& dir)> is_watched;
 };
@@ -69,8 +72,9 @@ class NodeTable {
   // Read-only: any write access is kPermission (EROFS at the edge).
   core::Result<OpenedFile> Open(uint64_t ino, int flags);
   core::Result<std::string> ReadLink(uint64_t ino);
-  // user.ckptfs.real_path (the file or directory served) and
-  // user.ckptfs.checkpoint (the selected checkpoint), for view nodes.
+  // user.ckptfs.real_path (the file or directory served),
+  // user.ckptfs.checkpoint (the selected checkpoint) and user.ckptfs.members
+  // (an average's member files, newest first, one per line), for view nodes.
   core::Result<std::string> GetXattr(uint64_t ino, const std::string& name);
   std::vector<std::string> ListXattr(uint64_t ino);
 
@@ -92,6 +96,7 @@ class NodeTable {
     std::string real_path;
     std::string scope;
     std::string checkpoint;
+    std::string members;  // avg/ files: member files, newline-separated
     bool in_view = false;
     bool as_link = false;
     uint64_t nlookup = 0;
