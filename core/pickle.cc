@@ -11,13 +11,7 @@ namespace {
 constexpr size_t kMaxDepth = 10000;      // nesting of containers when walking
 constexpr size_t kMaxStack = 10000000;   // objects on the VM stack
 
-ObjectPtr Make(Kind kind) {
-  auto o = std::make_shared<Object>();
-  o->kind = kind;
-  return o;
-}
-
-bool IsGlobal(const ObjectPtr& o, const char* qualified) {
+bool IsGlobal(ObjectPtr o, const char* qualified) {
   return o && o->kind == Kind::kGlobal && o->text == qualified;
 }
 
@@ -25,7 +19,7 @@ class Machine {
  public:
   Machine(std::string_view data, const std::string& origin) : data_(data), origin_(origin) {}
 
-  Result<ObjectPtr> Run() {
+  Result<Unpickled> Run() {
     while (pos_ < data_.size()) {
       const size_t at = pos_;
       const auto op = static_cast<unsigned char>(data_[pos_++]);
@@ -36,13 +30,22 @@ class Machine {
       }
       if (done_) {
         if (stack_.size() != 1) return Status::Corrupt(origin_ + ": pickle STOP with a bad stack");
-        return stack_.back();
+        Unpickled out;
+        out.root = stack_.back();
+        out.arena = std::move(arena_);
+        return out;
       }
     }
     return Status::Corrupt(origin_ + ": pickle truncated (no STOP)");
   }
 
  private:
+  ObjectPtr Make(Kind kind) {
+    arena_.push_back(std::make_unique<Object>());
+    arena_.back()->kind = kind;
+    return arena_.back().get();
+  }
+
   Status Need(size_t n) {
     if (data_.size() - pos_ < n) return Status::Corrupt("truncated argument");
     return Status::Ok();
@@ -62,14 +65,14 @@ class Machine {
   }
   Status Push(ObjectPtr o) {
     if (stack_.size() >= kMaxStack) return Status::Corrupt("stack too deep");
-    stack_.push_back(std::move(o));
+    stack_.push_back(o);
     return Status::Ok();
   }
   Result<ObjectPtr> Pop() {
     if (stack_.empty() || (!marks_.empty() && stack_.size() <= marks_.back())) {
       return Status::Corrupt("pop from an empty stack");
     }
-    ObjectPtr o = std::move(stack_.back());
+    ObjectPtr o = stack_.back();
     stack_.pop_back();
     return o;
   }
@@ -83,8 +86,7 @@ class Machine {
     size_t m = marks_.back();
     marks_.pop_back();
     if (m > stack_.size()) return Status::Corrupt("MARK above the stack");
-    std::vector<ObjectPtr> items(std::make_move_iterator(stack_.begin() + static_cast<std::ptrdiff_t>(m)),
-                                 std::make_move_iterator(stack_.end()));
+    std::vector<ObjectPtr> items(stack_.begin() + static_cast<std::ptrdiff_t>(m), stack_.end());
     stack_.resize(m);
     return items;
   }
@@ -129,7 +131,7 @@ class Machine {
     stack_.resize(stack_.size() - n);
     return Tuple(std::move(items));
   }
-  Status SetItems(const ObjectPtr& dict, std::vector<ObjectPtr> kv) {
+  Status SetItems(ObjectPtr dict, std::vector<ObjectPtr> kv) {
     if (kv.size() % 2 != 0) return Status::Corrupt("odd number of dict items");
     if (dict->kind != Kind::kDict) {
       // Items set on an opaque object (a defaultdict, a custom mapping): keep them.
@@ -140,9 +142,9 @@ class Machine {
     for (size_t i = 0; i < kv.size(); i += 2) dict->entries.emplace_back(kv[i], kv[i + 1]);
     return Status::Ok();
   }
-  Status Append(const ObjectPtr& list, std::vector<ObjectPtr> items) {
+  Status Append(ObjectPtr list, std::vector<ObjectPtr> items) {
     if (list->kind == Kind::kList || list->kind == Kind::kSet) {
-      for (auto& i : items) list->items.push_back(std::move(i));
+      for (ObjectPtr i : items) list->items.push_back(i);
       return Status::Ok();
     }
     if (list->kind == Kind::kCall) {  // extend() on an opaque object
@@ -152,7 +154,7 @@ class Machine {
     return Status::Corrupt("APPEND on a non-list");
   }
 
-  Result<ObjectPtr> RebuildTensor(const ObjectPtr& fn, const ObjectPtr& args) {
+  Result<ObjectPtr> RebuildTensor(ObjectPtr fn, ObjectPtr args) {
     if (!args || args->kind != Kind::kTuple || args->items.size() < 4) {
       return Status::Corrupt(fn->text + " with bad arguments");
     }
@@ -163,9 +165,9 @@ class Machine {
     if (a[1]->kind != Kind::kInt || a[1]->big_integer) return Status::Corrupt("bad storage offset");
     t->offset = a[1]->integer;
     for (int which = 0; which < 2; ++which) {
-      const ObjectPtr& dims = a[2 + which];
+      ObjectPtr dims = a[2 + which];
       if (dims->kind != Kind::kTuple) return Status::Corrupt("tensor size/stride is not a tuple");
-      for (const ObjectPtr& d : dims->items) {
+      for (ObjectPtr d : dims->items) {
         if (d->kind != Kind::kInt || d->big_integer) return Status::Corrupt("bad tensor dimension");
         (which == 0 ? t->size : t->stride).push_back(d->integer);
       }
@@ -180,7 +182,7 @@ class Machine {
 
   // REDUCE: interprets tensor rebuilds and OrderedDict; anything else is an
   // opaque call node.
-  Result<ObjectPtr> Reduce(const ObjectPtr& fn, const ObjectPtr& args) {
+  Result<ObjectPtr> Reduce(ObjectPtr fn, ObjectPtr args) {
     if (IsGlobal(fn, "torch._utils._rebuild_tensor_v2") || IsGlobal(fn, "torch._utils._rebuild_tensor") ||
         IsGlobal(fn, "torch._utils._rebuild_tensor_v3")) {
       return RebuildTensor(fn, args);
@@ -210,7 +212,7 @@ class Machine {
     return call;
   }
 
-  Result<ObjectPtr> Storage(const ObjectPtr& pid) {
+  Result<ObjectPtr> Storage(ObjectPtr pid) {
     if (!pid || pid->kind != Kind::kTuple || pid->items.size() < 5 ||
         pid->items[0]->kind != Kind::kString || pid->items[0]->text != "storage" ||
         pid->items[1]->kind != Kind::kGlobal || pid->items[2]->kind != Kind::kString ||
@@ -447,7 +449,7 @@ class Machine {
       }
       case 0x81:  // NEWOBJ
       case 0x92: {  // NEWOBJ_EX
-        ObjectPtr kwargs;
+        ObjectPtr kwargs = nullptr;
         if (op == 0x92) {
           Result<ObjectPtr> k = Pop();
           if (!k.ok()) return k.status();
@@ -490,9 +492,10 @@ class Machine {
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, ObjectPtr> memo_;
   std::unordered_map<std::string, ObjectPtr> storages_;
+  std::vector<std::unique_ptr<Object>> arena_;
 };
 
-std::string KeyText(const ObjectPtr& key) {
+std::string KeyText(ObjectPtr key) {
   switch (key->kind) {
     case Kind::kString:
     case Kind::kBytes:
@@ -510,11 +513,11 @@ std::string KeyText(const ObjectPtr& key) {
 
 }  // namespace
 
-Result<ObjectPtr> Unpickle(std::string_view data, const std::string& origin) {
+Result<Unpickled> Unpickle(std::string_view data, const std::string& origin) {
   return Machine(data, origin).Run();
 }
 
-Result<std::vector<TensorEntry>> FindTensors(const ObjectPtr& root, const std::string& origin) {
+Result<std::vector<TensorEntry>> FindTensors(ObjectPtr root, const std::string& origin) {
   std::vector<TensorEntry> out;
   std::unordered_set<const Object*> visited;
   struct Frame {
@@ -528,7 +531,10 @@ Result<std::vector<TensorEntry>> FindTensors(const ObjectPtr& root, const std::s
   while (!todo.empty()) {
     Frame f = std::move(todo.back());
     todo.pop_back();
-    if (!f.obj || !visited.insert(f.obj.get()).second) continue;
+    if (!f.obj) continue;
+    // A tensor reached twice (tied weights) is listed under each path; a
+    // container reached twice is walked once, which also ends cycles.
+    if (f.obj->kind != Kind::kTensor && !visited.insert(f.obj).second) continue;
     if (f.depth > kMaxDepth) return Status::Corrupt(origin + ": objects nested too deeply");
     const Object& o = *f.obj;
     std::vector<Frame> children;

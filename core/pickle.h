@@ -34,7 +34,10 @@ enum class Kind {
 };
 
 struct Object;
-using ObjectPtr = std::shared_ptr<Object>;
+// Objects are owned by the arena of the Unpickled they came from; pointers
+// stay valid while it lives. (Pickles can build cycles, which shared
+// ownership would leak.)
+using ObjectPtr = Object*;
 
 struct Object {
   Kind kind = Kind::kNone;
@@ -45,30 +48,36 @@ struct Object {
   std::string text;                          // kString, kBytes; kGlobal: "module.name"
   std::vector<ObjectPtr> items;              // kTuple, kList, kSet; kCall: {callable, args}
   std::vector<std::pair<ObjectPtr, ObjectPtr>> entries;  // kDict
-  ObjectPtr state;                           // BUILD state (kCall, kDict)
+  ObjectPtr state = nullptr;                 // BUILD state (kCall, kDict)
   // kStorage
   std::string storage_type;  // "FloatStorage", "UntypedStorage", ...
   std::string storage_key;
   int64_t storage_numel = 0;  // elements of storage_type; bytes for UntypedStorage
   // kTensor
-  ObjectPtr storage;  // kStorage
+  ObjectPtr storage = nullptr;  // kStorage
   std::string tensor_dtype;  // set by _rebuild_tensor_v3 ("float8_e4m3fn", ...)
   int64_t offset = 0;
   std::vector<int64_t> size;
   std::vector<int64_t> stride;
 };
 
-// Parses a whole pickle. The result is the object STOP returned.
-Result<ObjectPtr> Unpickle(std::string_view data, const std::string& origin);
+struct Unpickled {
+  std::vector<std::unique_ptr<Object>> arena;
+  ObjectPtr root = nullptr;  // the object STOP returned
+};
+
+// Parses a whole pickle.
+Result<Unpickled> Unpickle(std::string_view data, const std::string& origin);
 
 // Every tensor reachable from root, with a dotted path naming it
 // ("state_dict.layer.0.weight", "optimizer_states.0.state.3.exp_avg").
-// A tensor reached twice (memo sharing) is listed once.
+// A tensor object reached by two paths (tied weights) is listed under both;
+// a shared container is walked once.
 struct TensorEntry {
   std::string path;
   ObjectPtr tensor;
 };
-Result<std::vector<TensorEntry>> FindTensors(const ObjectPtr& root, const std::string& origin);
+Result<std::vector<TensorEntry>> FindTensors(ObjectPtr root, const std::string& origin);
 
 }  // namespace ckptfs::core::pickle
 

@@ -87,9 +87,9 @@ Status Load(const std::string& path, Member* m) {
   if (!pkl.ok()) return pkl.status();
   m->pickle.assign(static_cast<const char*>(std::get<0>(*pkl).get()), std::get<1>(*pkl));
 
-  Result<pickle::ObjectPtr> root = pickle::Unpickle(m->pickle, path + ":data.pkl");
-  if (!root.ok()) return root.status();
-  Result<std::vector<pickle::TensorEntry>> tensors = pickle::FindTensors(*root, path);
+  Result<pickle::Unpickled> parsed = pickle::Unpickle(m->pickle, path + ":data.pkl");
+  if (!parsed.ok()) return parsed.status();
+  Result<std::vector<pickle::TensorEntry>> tensors = pickle::FindTensors(parsed->root, path);
   if (!tensors.ok()) return tensors.status();
   for (const pickle::TensorEntry& t : *tensors) {
     const pickle::Object& st = *t.tensor->storage;
