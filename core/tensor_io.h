@@ -34,8 +34,17 @@ class OutputFile {
   Status status_;
 };
 
+// PyTorch zip averaging lives in a plugin, libckptfs_torch.so, loaded on
+// first use: libtorch's start-up (operator registration, relocations) costs
+// about half a second, which every `ckptfs ls` would otherwise pay.
 Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, OutputFile* out,
                                       const ProgressFn& progress);
+
+// The plugin's entry point (extern "C" so dlsym finds it by this name).
+using AverageTorchZipFn = void (*)(const std::vector<std::string>* members, OutputFile* out,
+                                   const ProgressFn* progress, Result<AverageResult>* result);
+inline constexpr char kTorchPluginEntry[] = "ckptfs_average_torch_zip";
+inline constexpr char kTorchPluginName[] = "libckptfs_torch.so";
 Result<AverageResult> AverageSafetensors(const std::vector<std::string>& members, OutputFile* out,
                                          const ProgressFn& progress);
 

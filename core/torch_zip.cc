@@ -4,7 +4,13 @@
 #include <caffe2/serialize/inline_container.h>
 #include <c10/util/Exception.h>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <map>
 #include <memory>
 #include <set>
@@ -35,9 +41,22 @@ struct TensorInfo {
   std::string dtype;  // v3 dtype, if any
 };
 
+// The file mapped read-only: storages are read in place from the page cache,
+// no copy, and no anonymous memory per member.
+struct Mapping {
+  ~Mapping() {
+    if (data != nullptr) ::munmap(data, size);
+  }
+  void* data = nullptr;
+  size_t size = 0;
+};
+
 struct Member {
   std::string path;
   std::unique_ptr<PyTorchStreamReader> reader;
+  Mapping map;
+  std::map<std::string, uint64_t> offsets;  // record name -> data offset in the file
+  std::map<std::string, uint64_t> limits;   // record name -> where the next record starts
   std::string pickle;
   std::set<std::string> records;
   std::map<std::string, StorageInfo> storages;  // by key, sorted as torch 1.13 writes them
@@ -66,11 +85,56 @@ Result<std::tuple<at::DataPtr, size_t>> ReadRecord(Member* m, const std::string&
   }
 }
 
+// A storage record in place, checked to lie inside the file and before the
+// next record: a truncated or overlapping record is an error, never a read
+// past what the writer wrote.
+Result<const char*> View(const Member& m, const std::string& name, int64_t nbytes) {
+  auto off = m.offsets.find(name);
+  if (off == m.offsets.end()) return Status::Corrupt(m.path + ": no record " + name);
+  if (nbytes < 0 || off->second + static_cast<uint64_t>(nbytes) > m.limits.at(name)) {
+    return Status::Corrupt(m.path + ": record " + name + " is shorter than its " +
+                           std::to_string(nbytes) + " bytes (truncated or corrupt file)");
+  }
+  return static_cast<const char*>(m.map.data) + off->second;
+}
+
+Status Map(Member* m) {
+  int fd = ::open(m->path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::FromErrno(m->path, errno);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    int err = errno;
+    ::close(fd);
+    return Status::FromErrno(m->path, err);
+  }
+  m->map.size = static_cast<size_t>(st.st_size);
+  void* p = m->map.size == 0 ? MAP_FAILED : ::mmap(nullptr, m->map.size, PROT_READ, MAP_SHARED, fd, 0);
+  int err = errno;
+  ::close(fd);
+  if (p == MAP_FAILED) return Status::FromErrno(m->path + ": mmap", err);
+  m->map.data = p;
+  ::madvise(p, m->map.size, MADV_SEQUENTIAL);
+  // Each record ends before the next one's local header (30 bytes at least);
+  // the last before the end of central directory (22 bytes at least).
+  std::vector<std::pair<uint64_t, std::string>> sorted;
+  for (const auto& [name, off] : m->offsets) sorted.emplace_back(off, name);
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    const uint64_t end = i + 1 < sorted.size() ? sorted[i + 1].first - std::min<uint64_t>(30, sorted[i + 1].first)
+                                               : m->map.size - std::min<uint64_t>(22, m->map.size);
+    m->limits[sorted[i].second] = end;
+  }
+  return Status::Ok();
+}
+
 Status Load(const std::string& path, Member* m) {
   m->path = path;
   try {
     m->reader = std::make_unique<PyTorchStreamReader>(path);
-    for (const std::string& r : m->reader->getAllRecords()) m->records.insert(r);
+    for (const std::string& r : m->reader->getAllRecords()) {
+      m->records.insert(r);
+      m->offsets[r] = m->reader->getRecordOffset(r);
+    }
   } catch (const c10::Error& e) {
     return Status::Corrupt(path + ": not a readable PyTorch zip file: " + e.what_without_backtrace());
   } catch (const std::exception& e) {
@@ -131,7 +195,7 @@ Status Load(const std::string& path, Member* m) {
                              "' has no data record");
     }
   }
-  return Status::Ok();
+  return Map(m);
 }
 
 // Members must agree with the newest on every tensor: the same paths, shapes,
@@ -185,8 +249,10 @@ Status Compare(const Member& newest, const Member& m, std::map<std::string, std:
 
 }  // namespace
 
-Result<AverageResult> AverageTorchZip(const std::vector<std::string>& paths, OutputFile* out,
-                                      const ProgressFn& progress) {
+namespace {
+
+Result<AverageResult> AverageTorchZipImpl(const std::vector<std::string>& paths, OutputFile* out,
+                                          const ProgressFn& progress) {
   std::vector<Member> members(paths.size());
   std::vector<std::map<std::string, std::string>> key_maps(paths.size());
   for (size_t i = 0; i < paths.size(); ++i) {
@@ -216,24 +282,20 @@ Result<AverageResult> AverageTorchZip(const std::vector<std::string>& paths, Out
     std::vector<char> averaged;
     for (const auto& [key, info] : newest.storages) {
       const std::string record = "data/" + key;
-      // One member's storage in memory at a time, summed into the accumulator.
+      // Members are read in place (mapped) and summed into one accumulator.
       const size_t readers = IsAveraged(info.dtype) ? members.size() : 1;
       Accumulator acc(info.dtype, static_cast<size_t>(info.numel));
       for (size_t i = 0; i < readers; ++i) {
-        Result<std::tuple<at::DataPtr, size_t>> r =
-            ReadRecord(&members[i], "data/" + key_maps[i].at(key));
-        if (!r.ok()) return r.status();
-        if (static_cast<int64_t>(std::get<1>(*r)) != info.nbytes) {
-          return Status::Corrupt(members[i].path + ": storage " + key + " of tensor '" +
-                                 info.first_tensor + "' holds " + std::to_string(std::get<1>(*r)) +
-                                 " bytes, expected " + std::to_string(info.nbytes));
+        Result<const char*> data = View(members[i], "data/" + key_maps[i].at(key), info.nbytes);
+        if (!data.ok()) {
+          return Status::Corrupt(data.status().message() + " (tensor '" + info.first_tensor + "')");
         }
         if (readers == 1) {  // taken as it is from the newest member
-          writer.writeRecord(record, std::get<0>(*r).get(), static_cast<size_t>(info.nbytes));
+          writer.writeRecord(record, *data, static_cast<size_t>(info.nbytes));
           ++result.tensors_copied;
           break;
         }
-        acc.Add(std::get<0>(*r).get());
+        acc.Add(*data);
       }
       if (readers > 1) {
         averaged.resize(static_cast<size_t>(info.nbytes));
@@ -258,4 +320,16 @@ Result<AverageResult> AverageTorchZip(const std::vector<std::string>& paths, Out
   return result;
 }
 
+}  // namespace
 }  // namespace ckptfs::core
+
+extern "C" __attribute__((visibility("default"))) void ckptfs_average_torch_zip(
+    const std::vector<std::string>* members, ckptfs::core::OutputFile* out,
+    const ckptfs::core::ProgressFn* progress,
+    ckptfs::core::Result<ckptfs::core::AverageResult>* result) {
+  try {
+    *result = ckptfs::core::AverageTorchZipImpl(*members, out, *progress);
+  } catch (const std::exception& e) {
+    *result = ckptfs::core::Status::Corrupt(std::string("averaging failed: ") + e.what());
+  }
+}

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <limits.h>
+#include <sys/sendfile.h>
 #include <unistd.h>
 #include <sys/stat.h>
 
@@ -154,10 +155,24 @@ int RunResolve(const Options& opt) {
   return kExitFailure;
 }
 
-// Copies a file to stdout.
+// Copies a file to stdout: in the kernel when it can (sendfile), else
+// through a buffer (pipes to older kernels, terminals).
 Status CopyToStdout(const std::string& path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return Status::FromErrno(path, errno);
+  for (;;) {
+    ssize_t n = ::sendfile(STDOUT_FILENO, fd, nullptr, 1 << 30);
+    if (n > 0) continue;
+    if (n == 0) {
+      ::close(fd);
+      return Status::Ok();
+    }
+    if (errno == EINTR) continue;
+    if (errno == EINVAL || errno == ENOSYS) break;  // fall back to read/write
+    int err = errno;
+    ::close(fd);
+    return Status::FromErrno("stdout", err);
+  }
   std::vector<char> buf(1 << 20);
   Status status;
   for (;;) {
