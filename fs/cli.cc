@@ -21,6 +21,7 @@
 #include "core/log.h"
 #include "fs/options.h"
 #include "index/index.h"
+#include "index/pruner.h"
 #include "index/resolver.h"
 
 #ifndef CKPTFS_VERSION
@@ -48,6 +49,8 @@ const char kUsage[] =
     "  resolve [options] SOURCE VPATH      print the real path VPATH resolves to (for avg/\n"
     "                                      paths: the member files, newest first)\n"
     "  ls [options] SOURCE                 list checkpoints with their meta (--json: as JSON)\n"
+    "  prune [--dry-run] POLICY SOURCE     apply a retention policy once; --dry-run prints, for\n"
+    "                                      every checkpoint, keep or delete and the deciding rule\n"
     "  cat [options] SOURCE VPATH          write VPATH's content to stdout, computing an average\n"
     "                                      if needed (for machines without FUSE)\n"
     "  help                                show this text\n"
@@ -63,6 +66,16 @@ const char kUsage[] =
     "  --avg-cache-bytes SIZE  (cat, mount) bound of that cache, e.g. 20G (default 20G)\n"
     "  -h, --help       show this text\n"
     "  -V, --version    show the version\n"
+    "\n"
+    "policy (prune, mount; a checkpoint is deleted only if some rule ranks it and none keeps\n"
+    "it; the newest, pinned (a .keep file inside it), invalid and open ones are never deleted):\n"
+    "  --keep-last N            the N newest\n"
+    "  --keep-best min:KEY:N    the N with the lowest (max: highest) numeric KEY; repeatable\n"
+    "  --keep-every KEY:N       those whose KEY is a multiple of N (every 10th epoch); repeatable\n"
+    "  --keep-hourly N, --keep-daily N, --keep-weekly N\n"
+    "                           the newest of each of the last N hours / days / weeks\n"
+    "  --max-bytes SIZE         the newest that fit in SIZE (K, M, G, T)\n"
+    "  --policy FILE.json       rules from a file: {\"keep_last\": 3, \"keep_best\": [\"min:loss:2\"]}\n"
     "\n"
     "mount options:\n"
     "  -f               stay in the foreground, logs on stderr\n"
@@ -236,6 +249,22 @@ int RunCat(const Options& opt) {
   }
 }
 
+int RunPrune(const Options& opt) {
+  Result<std::unique_ptr<index::Index>> idx = OpenIndex(opt);
+  if (!idx.ok()) return Fail(idx.status());
+  Result<index::PruneReport> report = index::Prune(idx->get(), opt.policy, {}, opt.dry_run, nullptr);
+  if (!report.ok()) return Fail(report.status());
+  std::printf("%-40s %-8s %s\n", "CHECKPOINT", opt.dry_run ? "WOULD" : "DID", "RULE");
+  for (const index::PruneEntry& e : report->entries) {
+    const char* what = e.decision.keep ? "keep" : (opt.dry_run || e.deleted ? "delete" : "KEPT");
+    std::string why = e.error.empty() ? e.decision.why : e.error;
+    std::printf("%-40s %-8s %s\n", Relative(opt.source, e.checkpoint.path).c_str(), what, why.c_str());
+  }
+  std::printf("policy: %s; %zu checkpoint(s), %d deleted%s\n", opt.policy.ToString().c_str(),
+              report->entries.size(), report->deleted, opt.dry_run ? " (dry run: nothing changed)" : "");
+  return report->failed == 0 ? 0 : kExitFailure;
+}
+
 }  // namespace
 
 int RunCli(int argc, char** argv) {
@@ -254,6 +283,8 @@ int RunCli(int argc, char** argv) {
       return RunResolve(*opt);
     case Command::kCat:
       return RunCat(*opt);
+    case Command::kPrune:
+      return RunPrune(*opt);
     case Command::kMount:
       return RunMount(*opt);
   }

@@ -7,6 +7,8 @@
 #include <cctype>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 
 namespace ckptfs::fs {
 
@@ -39,29 +41,6 @@ void SplitCommas(const std::string& text, std::vector<std::string>* out) {
 
 }  // namespace
 
-Result<int64_t> ParseSize(const std::string& text) {
-  if (text.empty()) return Status::InvalidArgument("empty size");
-  size_t digits = 0;
-  while (digits < text.size() && std::isdigit(static_cast<unsigned char>(text[digits]))) ++digits;
-  if (digits == 0 || digits > 15) return Status::InvalidArgument("bad size '" + text + "'");
-  int64_t v = std::stoll(text.substr(0, digits));
-  std::string unit = text.substr(digits);
-  int shift = 0;
-  if (unit == "K" || unit == "k") {
-    shift = 10;
-  } else if (unit == "M") {
-    shift = 20;
-  } else if (unit == "G") {
-    shift = 30;
-  } else if (unit == "T") {
-    shift = 40;
-  } else if (!unit.empty()) {
-    return Status::InvalidArgument("bad size unit in '" + text + "' (use K, M, G or T)");
-  }
-  if (v > (INT64_MAX >> shift)) return Status::InvalidArgument("size '" + text + "' too large");
-  return v << shift;
-}
-
 Result<Options> ParseOptions(int argc, char** argv) {
   Options opt;
   if (argc < 2) return Status::InvalidArgument("no command given");
@@ -76,6 +55,8 @@ Result<Options> ParseOptions(int argc, char** argv) {
     opt.command = Command::kLs, want = 1;
   } else if (cmd == "resolve") {
     opt.command = Command::kResolve, want = 2;
+  } else if (cmd == "prune") {
+    opt.command = Command::kPrune, want = 1;
   } else if (cmd == "cat") {
     opt.command = Command::kCat, want = 2;
   } else if (cmd == "mount") {
@@ -110,9 +91,36 @@ Result<Options> ParseOptions(int argc, char** argv) {
                (opt.command == Command::kCat || opt.command == Command::kMount)) {
       Result<std::string> v = value("--avg-cache-bytes");
       if (!v.ok()) return v.status();
-      Result<int64_t> bytes = ParseSize(*v);
+      Result<int64_t> bytes = core::ParseSize(*v);
       if (!bytes.ok()) return bytes.status();
       opt.avg_cache_bytes = *bytes;
+    } else if (core::IsPolicyOption(a) &&
+               (opt.command == Command::kPrune || opt.command == Command::kMount)) {
+      Result<std::string> v = value(a.c_str());
+      if (!v.ok()) return v.status();
+      if (Status s = core::AddPolicyOption(a, *v, &opt.policy); !s.ok()) return s;
+    } else if (a == "--policy" && (opt.command == Command::kPrune || opt.command == Command::kMount)) {
+      Result<std::string> v = value("--policy");
+      if (!v.ok()) return v.status();
+      std::ifstream in(*v);
+      if (!in) return Status::InvalidArgument("--policy " + *v + ": " + std::strerror(errno));
+      std::stringstream text;
+      text << in.rdbuf();
+      Result<core::RetentionPolicy> p = core::ParsePolicyJson(text.str(), *v);
+      if (!p.ok()) return p.status();
+      // Command-line rules add to the file's.
+      core::RetentionPolicy merged = *p;
+      const core::RetentionPolicy& cli = opt.policy;
+      if (cli.keep_last > 0) merged.keep_last = cli.keep_last;
+      merged.keep_best.insert(merged.keep_best.end(), cli.keep_best.begin(), cli.keep_best.end());
+      merged.keep_every.insert(merged.keep_every.end(), cli.keep_every.begin(), cli.keep_every.end());
+      if (cli.keep_hourly > 0) merged.keep_hourly = cli.keep_hourly;
+      if (cli.keep_daily > 0) merged.keep_daily = cli.keep_daily;
+      if (cli.keep_weekly > 0) merged.keep_weekly = cli.keep_weekly;
+      if (cli.max_bytes >= 0) merged.max_bytes = cli.max_bytes;
+      opt.policy = merged;
+    } else if (a == "--dry-run" && opt.command == Command::kPrune) {
+      opt.dry_run = true;
     } else if (a == "--json" && opt.command == Command::kLs) {
       opt.json = true;
     } else if (a == "-f" && opt.command == Command::kMount) {
@@ -130,6 +138,11 @@ Result<Options> ParseOptions(int argc, char** argv) {
     } else {
       return Status::InvalidArgument("unknown option '" + a + "' for " + cmd);
     }
+  }
+  if (opt.command == Command::kPrune && opt.policy.empty()) {
+    return Status::InvalidArgument(
+        "prune needs a policy (--keep-last, --keep-best, ..., or --policy FILE); "
+        "with none it would have nothing to decide by");
   }
   if (operands.size() != want) {
     return Status::InvalidArgument(cmd + " takes " + std::to_string(want) + " operand(s), got " +

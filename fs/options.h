@@ -8,12 +8,13 @@
 #include <vector>
 
 #include "core/average_cache.h"
+#include "core/retention.h"
 #include "core/status.h"
 #include "index/index.h"
 
 namespace ckptfs::fs {
 
-enum class Command { kHelp, kVersion, kLs, kResolve, kCat, kMount };
+enum class Command { kHelp, kVersion, kLs, kResolve, kCat, kPrune, kMount };
 
 struct Options {
   Command command = Command::kHelp;
@@ -27,6 +28,8 @@ struct Options {
   bool foreground = false; // mount -f
   bool debug = false;      // mount -d
   bool links = false;      // mount --links
+  bool dry_run = false;    // prune --dry-run
+  core::RetentionPolicy policy;  // prune and mount: --keep-*, --max-bytes, --policy FILE
   std::vector<std::string> fuse_options;  // mount -o, split on commas
 };
 
@@ -37,9 +40,6 @@ core::Result<Options> ParseOptions(int argc, char** argv);
 
 // Opens the index of opt.source and brings it up to date with one scan.
 core::Result<std::unique_ptr<index::Index>> OpenIndex(const Options& opt);
-
-// "20G", "512M", "1024" -> bytes (K, M, G, T are powers of 1024).
-core::Result<int64_t> ParseSize(const std::string& text);
 
 // `ckptfs mount`: defined in fs/daemon.cc.
 int RunMount(const Options& opt);

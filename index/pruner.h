@@ -1,0 +1,41 @@
+// Applies a retention policy to the experiments of an index: gathers each
+// experiment's checkpoints with their sizes, pins and open state, decides
+// with core::DecideRetention, deletes (unless a dry run) and rescans what it
+// deleted. Used by `ckptfs prune` and by the mount's pruning daemon.
+// Thread-safe if the Index is; runs of Prune on one source must not overlap
+// (the daemon serialises them on its watcher thread).
+#ifndef CKPTFS_INDEX_PRUNER_H_
+#define CKPTFS_INDEX_PRUNER_H_
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/retention.h"
+#include "core/status.h"
+#include "index/index.h"
+
+namespace ckptfs::index {
+
+struct PruneEntry {
+  core::Checkpoint checkpoint;
+  core::RetentionDecision decision;
+  bool deleted = false;
+  std::string error;  // why a decided deletion did not happen
+};
+
+struct PruneReport {
+  std::vector<PruneEntry> entries;  // by experiment, newest first
+  int deleted = 0;
+  int failed = 0;
+};
+
+// experiments: the directories to prune; empty means every experiment under
+// the source. is_open: whether a checkpoint (by real path) has a file open.
+core::Result<PruneReport> Prune(Index* index, const core::RetentionPolicy& policy,
+                                const std::vector<std::string>& experiments, bool dry_run,
+                                const std::function<bool(const std::string&)>& is_open);
+
+}  // namespace ckptfs::index
+
+#endif  // CKPTFS_INDEX_PRUNER_H_
