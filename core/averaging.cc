@@ -2,8 +2,10 @@
 
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <mutex>
@@ -11,6 +13,7 @@
 #include <cstring>
 #include <random>
 
+#include "core/safetensors.h"
 #include "core/tensor_io.h"
 
 namespace ckptfs::core {
@@ -168,6 +171,52 @@ Result<TensorFormat> DetectFormat(const std::string& path) {
   }
   if (n == 9 && head[8] == '{') return TensorFormat::kSafetensors;
   return TensorFormat::kUnknown;
+}
+
+Status CheckTensorFileComplete(const std::string& path) {
+  Result<TensorFormat> format = DetectFormat(path);
+  if (!format.ok()) return format.status();
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::FromErrno(path, errno);
+  struct stat st {};
+  ::fstat(fd, &st);
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  Status result;
+  if (*format == TensorFormat::kTorchZip) {
+    // The end-of-central-directory record sits in the last 64 KiB + 22 bytes.
+    const size_t tail = static_cast<size_t>(std::min<uint64_t>(size, 65557));
+    std::vector<char> buf(tail);
+    if (::pread(fd, buf.data(), tail, static_cast<off_t>(size - tail)) != static_cast<ssize_t>(tail)) {
+      result = Status::FromErrno(path, errno);
+    } else {
+      bool found = false;
+      for (size_t i = tail >= 22 ? tail - 22 + 1 : 0; i-- > 0;) {
+        if (std::memcmp(buf.data() + i, "PK\x05\x06", 4) == 0) {
+          found = true;
+          break;
+        }
+      }
+      if (!found) result = Status::Corrupt(path + ": zip file ends before its central directory (incomplete)");
+    }
+  } else if (*format == TensorFormat::kSafetensors) {
+    unsigned char len[8];
+    if (::pread(fd, len, 8, 0) != 8) {
+      result = Status::Corrupt(path + ": incomplete safetensors header");
+    } else {
+      uint64_t n = 0;
+      for (int b = 7; b >= 0; --b) n = (n << 8) | len[b];
+      std::string json(static_cast<size_t>(std::min<uint64_t>(n, kMaxSafetensorsHeader)), '\0');
+      if (n > kMaxSafetensorsHeader || 8 + n > size ||
+          ::pread(fd, json.data(), json.size(), 8) != static_cast<ssize_t>(json.size())) {
+        result = Status::Corrupt(path + ": incomplete safetensors header");
+      } else {
+        Result<SafetensorsHeader> h = ParseSafetensorsHeader(json, n, size, path);
+        if (!h.ok()) result = h.status();
+      }
+    }
+  }
+  ::close(fd);
+  return result;
 }
 
 Result<AverageResult> AverageFiles(const std::vector<std::string>& members,

@@ -34,6 +34,11 @@ const char* TensorFormatName(TensorFormat f);
 // From the first bytes of the file (and ".index.json" for shard indexes).
 Result<TensorFormat> DetectFormat(const std::string& path);
 
+// Whether a tensor file was written to its end: a PyTorch zip file has its
+// end-of-central-directory record, a safetensors file its full data section.
+// kCorrupt names the file and what is missing; other files are Ok.
+Status CheckTensorFileComplete(const std::string& path);
+
 struct AverageProgress {
   const char* stage;  // "reading", "averaging", "writing", "done"
   int64_t done = 0;   // bytes of output produced so far

@@ -9,13 +9,19 @@
 #include <cstdio>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "core/log.h"
+#include "core/retention.h"
+#include "fs/committer.h"
 #include "fs/fuse_ops.h"
 #include "fs/node_table.h"
 #include "fs/options.h"
+#include "index/pruner.h"
+#include "index/resolver.h"
 #include "index/watcher.h"
 
 namespace ckptfs::fs {
@@ -60,6 +66,19 @@ int RunMount(const Options& opt) {
   // The watcher starts after the fork; until then nothing is watched.
   std::atomic<index::Watcher*> watcher_ptr{nullptr};
   core::AverageCache averages(opt.avg_cache, opt.avg_cache_bytes);
+  // What a killed daemon left half-written in new/ is never committed.
+  {
+    auto all = (*idx)->List(opt.source);
+    std::set<std::string> experiments = {opt.source};
+    if (all.ok()) {
+      for (const core::Checkpoint& c : *all) experiments.insert(c.experiment);
+    }
+    for (const std::string& e : experiments) {
+      Committer::RecoverStaging(e);
+      core::RemoveTrash(e);
+    }
+  }
+  std::unique_ptr<Committer> committer;
   NodeTableOptions table_options;
   table_options.links = opt.links;
   table_options.averages = &averages;
@@ -67,7 +86,49 @@ int RunMount(const Options& opt) {
     index::Watcher* w = watcher_ptr.load();
     return w != nullptr && w->IsWatched(dir);
   };
+  Committer::Settings commit_settings;
+  commit_settings.quiet = std::chrono::milliseconds(static_cast<int64_t>(opt.commit_quiet * 1000));
+  commit_settings.explicit_only = opt.explicit_commit;
+  // The committer's callback needs the session, made below.
+  struct fuse_session* session = nullptr;
+  std::mutex prune_mu;  // one retention run at a time
+  NodeTable* table_ptr = nullptr;
+  auto prune = [&](const std::vector<std::string>& experiments) {
+    if (opt.policy.empty() || experiments.empty()) return;
+    std::lock_guard<std::mutex> lock(prune_mu);
+    auto report = index::Prune(idx->get(), opt.policy, experiments, false,
+                               [&](const std::string& path) { return table_ptr->IsOpen(path); });
+    if (!report.ok()) {
+      core::Log(LogLevel::kError, "retention: %s", report.status().message().c_str());
+      return;
+    }
+    if (report->deleted > 0 && session != nullptr) {
+      Notify(session, table_ptr->ViewsChanged(experiments));
+      for (const index::PruneEntry& e : report->entries) {
+        if (e.deleted) Notify(session, table_ptr->PathChanged(e.checkpoint.experiment, e.checkpoint.name));
+      }
+    }
+  };
+  committer = std::make_unique<Committer>(
+      commit_settings, [&](const std::string& experiment, const std::string& name) {
+        if (session != nullptr) {
+          Notify(session, table_ptr->PathChanged(index::StagingDir(experiment), name));
+        }
+        auto stats = (*idx)->ScanChanges({{experiment, name}});
+        if (!stats.ok()) {
+          core::Log(LogLevel::kError, "indexing %s/%s: %s", experiment.c_str(), name.c_str(),
+                    stats.status().message().c_str());
+          return;
+        }
+        if (session != nullptr) {
+          Notify(session, table_ptr->ViewsChanged({experiment}));
+          Notify(session, table_ptr->PathChanged(experiment, name));
+        }
+        prune({experiment});
+      });
+  table_options.committer = committer.get();
   NodeTable table(idx->get(), table_options);
+  table_ptr = &table;
 
   std::vector<std::string> argv_storage = {"ckptfs"};
   std::string mount_opts = "fsname=ckptfs:" + opt.source + ",subtype=ckptfs,default_permissions";
@@ -80,6 +141,7 @@ int RunMount(const Options& opt) {
   struct fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
 
   struct fuse_session* se = fuse_session_new(&args, &FuseOps(), sizeof(FuseOps()), &table);
+  session = se;
   fuse_opt_free_args(&args);
   if (se == nullptr) {
     core::Log(LogLevel::kError, "cannot start a FUSE session (options: %s)", mount_opts.c_str());
@@ -110,8 +172,18 @@ int RunMount(const Options& opt) {
   callbacks.on_path_changed = [se, &table](const std::string& dir, const std::string& name) {
     Notify(se, table.PathChanged(dir, name));
   };
-  callbacks.on_scanned = [se, &table](const index::ScanStats& stats) {
+  callbacks.on_scanned = [se, &table, &prune](const index::ScanStats& stats) {
     Notify(se, table.ViewsChanged(stats.changed_experiments));
+    prune(stats.changed_experiments);  // checkpoints written straight into the source
+  };
+  callbacks.on_periodic = [&]() {
+    // Deletions deferred because a file was open are retried here.
+    if (opt.policy.empty()) return;
+    auto all = (*idx)->List(opt.source);
+    if (!all.ok()) return;
+    std::set<std::string> experiments;
+    for (const core::Checkpoint& c : *all) experiments.insert(c.experiment);
+    prune(std::vector<std::string>(experiments.begin(), experiments.end()));
   };
   auto watcher = index::Watcher::Start(idx->get(), callbacks, index::Watcher::Settings{});
   if (!watcher.ok()) {
@@ -121,6 +193,17 @@ int RunMount(const Options& opt) {
     watcher_ptr = watcher->get();
   }
 
+  committer->Start();
+  if (!opt.policy.empty()) {
+    core::Log(LogLevel::kInfo, "retention policy: %s", opt.policy.ToString().c_str());
+    auto all = (*idx)->List(opt.source);
+    std::set<std::string> experiments;
+    if (all.ok()) {
+      for (const core::Checkpoint& c : *all) experiments.insert(c.experiment);
+    }
+    prune(std::vector<std::string>(experiments.begin(), experiments.end()));
+  }
+
   struct fuse_loop_config* loop = fuse_loop_cfg_create();
   fuse_loop_cfg_set_clone_fd(loop, 0);
   fuse_loop_cfg_set_idle_threads(loop, 8);
@@ -128,6 +211,7 @@ int RunMount(const Options& opt) {
   rc = fuse_session_loop_mt(se, loop);
   fuse_loop_cfg_destroy(loop);
 
+  committer.reset();  // what is still staged stays staged, reported at the next start
   watcher_ptr = nullptr;
   if (watcher.ok()) watcher->reset();
   fuse_session_unmount(se);

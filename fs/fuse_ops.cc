@@ -39,8 +39,7 @@ struct OpenDir {
 };
 
 struct OpenFileHandle {
-  int fd = -1;
-  std::string content;
+  OpenedFile file;
 };
 
 void ReplyEntry(fuse_req_t req, const NodeAttr& a) {
@@ -147,49 +146,150 @@ void ReleaseDir(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_file_info* fi) {
   fuse_reply_err(req, 0);
 }
 
+// Hands an opened file to the kernel; on failure undoes the open.
+void ReplyOpen(fuse_req_t req, struct fuse_file_info* fi, OpenedFile f) {
+  auto* h = new (std::nothrow) OpenFileHandle{std::move(f)};
+  if (h == nullptr) {
+    Table(req)->Released(f);
+    if (f.fd >= 0) ::close(f.fd);
+    fuse_reply_err(req, ENOMEM);
+    return;
+  }
+  fi->fh = reinterpret_cast<uint64_t>(h);
+  fi->keep_cache = h->file.keep_cache;
+  fi->direct_io = h->file.generated;  // generated content may differ from the size in getattr
+  fi->noflush = h->file.writer ? 0 : 1;
+  if (fuse_reply_open(req, fi) != 0) {
+    Table(req)->Released(h->file);
+    if (h->file.fd >= 0) ::close(h->file.fd);
+    delete h;
+  }
+}
+
 void Open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
   auto f = Table(req)->Open(ino, fi->flags);
   if (!f.ok()) {
     fuse_reply_err(req, Errno(f.status()));
     return;
   }
-  auto* h = new (std::nothrow) OpenFileHandle{f->fd, std::move(f->content)};
-  if (h == nullptr) {
-    if (f->fd >= 0) ::close(f->fd);
-    fuse_reply_err(req, ENOMEM);
-    return;
-  }
-  fi->fh = reinterpret_cast<uint64_t>(h);
-  fi->keep_cache = f->keep_cache;
-  fi->direct_io = f->generated;  // generated content may differ from the size in getattr
-  fi->noflush = 1;
-  if (fuse_reply_open(req, fi) != 0) {
-    if (h->fd >= 0) ::close(h->fd);
-    delete h;
-  }
+  ReplyOpen(req, fi, std::move(*f));
 }
 
 void Read(fuse_req_t req, fuse_ino_t /*ino*/, size_t size, off_t off, struct fuse_file_info* fi) {
   auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
-  if (h->fd < 0) {
-    const size_t len = h->content.size();
+  if (h->file.fd < 0) {
+    const std::string& content = h->file.content;
+    const size_t len = content.size();
     const size_t start = static_cast<size_t>(off) < len ? static_cast<size_t>(off) : len;
     const size_t n = std::min(size, len - start);
-    fuse_reply_buf(req, h->content.data() + start, n);
+    fuse_reply_buf(req, content.data() + start, n);
     return;
   }
   struct fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
   buf.buf[0].flags = static_cast<enum fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
-  buf.buf[0].fd = h->fd;
+  buf.buf[0].fd = h->file.fd;
   buf.buf[0].pos = off;
   fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
 }
 
 void Release(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_file_info* fi) {
   auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
-  if (h->fd >= 0) ::close(h->fd);
+  if (h->file.fd >= 0) ::close(h->file.fd);
+  Table(req)->Released(h->file);
   delete h;
   fuse_reply_err(req, 0);
+}
+
+// Writes land in the staging file (new/ only: other opens are read-only).
+void WriteBuf(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_bufvec* in, off_t off,
+              struct fuse_file_info* fi) {
+  auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
+  if (!h->file.writer) {
+    fuse_reply_err(req, EBADF);
+    return;
+  }
+  struct fuse_bufvec out = FUSE_BUFVEC_INIT(fuse_buf_size(in));
+  out.buf[0].flags = static_cast<enum fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
+  out.buf[0].fd = h->file.fd;
+  out.buf[0].pos = off;
+  ssize_t n = fuse_buf_copy(&out, in, FUSE_BUF_SPLICE_NONBLOCK);
+  if (n < 0) {
+    fuse_reply_err(req, static_cast<int>(-n));
+    return;
+  }
+  Table(req)->Wrote(h->file);
+  fuse_reply_write(req, static_cast<size_t>(n));
+}
+
+void Fsync(fuse_req_t req, fuse_ino_t /*ino*/, int datasync, struct fuse_file_info* fi) {
+  auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
+  if (h->file.fd < 0) {
+    fuse_reply_err(req, 0);
+    return;
+  }
+  int rc = datasync ? ::fdatasync(h->file.fd) : ::fsync(h->file.fd);
+  fuse_reply_err(req, rc == 0 ? 0 : errno);
+}
+
+void Flush(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_file_info* /*fi*/) { fuse_reply_err(req, 0); }
+
+void Mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
+  auto a = Table(req)->Mkdir(parent, name, mode);
+  if (!a.ok()) {
+    fuse_reply_err(req, Errno(a.status()));
+    return;
+  }
+  ReplyEntry(req, *a);
+}
+
+void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+            struct fuse_file_info* fi) {
+  auto r = Table(req)->Create(parent, name, mode, fi->flags);
+  if (!r.ok()) {
+    fuse_reply_err(req, Errno(r.status()));
+    return;
+  }
+  auto* h = new (std::nothrow) OpenFileHandle{std::move(r->second)};
+  if (h == nullptr) {
+    fuse_reply_err(req, ENOMEM);
+    return;
+  }
+  fi->fh = reinterpret_cast<uint64_t>(h);
+  fi->keep_cache = 0;
+  fi->direct_io = 0;
+  struct fuse_entry_param e {};
+  e.ino = r->first.st.st_ino;
+  e.attr = r->first.st;
+  e.attr_timeout = r->first.timeout;
+  e.entry_timeout = r->first.timeout;
+  if (fuse_reply_create(req, &e, fi) != 0) {
+    ::close(h->file.fd);
+    Table(req)->Released(h->file);
+    delete h;
+  }
+}
+
+void Unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  fuse_reply_err(req, ToErrno(Table(req)->Unlink(parent, name, false)));
+}
+
+void Rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  fuse_reply_err(req, ToErrno(Table(req)->Unlink(parent, name, true)));
+}
+
+void Rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t new_parent,
+            const char* new_name, unsigned int flags) {
+  fuse_reply_err(req, ToErrno(Table(req)->Rename(parent, name, new_parent, new_name, flags)));
+}
+
+void SetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, struct fuse_file_info* fi) {
+  const int fd = fi != nullptr ? reinterpret_cast<OpenFileHandle*>(fi->fh)->file.fd : -1;
+  auto a = Table(req)->SetAttr(ino, *attr, to_set, fd);
+  if (!a.ok()) {
+    fuse_reply_err(req, Errno(a.status()));
+    return;
+  }
+  fuse_reply_attr(req, &a->st, a->timeout);
 }
 
 void StatFs(fuse_req_t req, fuse_ino_t /*ino*/) {
@@ -226,20 +326,16 @@ void ListXattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
   ReplyXattr(req, names, size);
 }
 
-// Everything that would change the source outside new/ is refused.
-void RofsMkdir(fuse_req_t req, fuse_ino_t, const char*, mode_t) { fuse_reply_err(req, EROFS); }
-void RofsMknod(fuse_req_t req, fuse_ino_t, const char*, mode_t, dev_t) { fuse_reply_err(req, EROFS); }
-void RofsUnlink(fuse_req_t req, fuse_ino_t, const char*) { fuse_reply_err(req, EROFS); }
-void RofsSymlink(fuse_req_t req, const char*, fuse_ino_t, const char*) { fuse_reply_err(req, EROFS); }
-void RofsRename(fuse_req_t req, fuse_ino_t, const char*, fuse_ino_t, const char*, unsigned int) {
-  fuse_reply_err(req, EROFS);
+// Links and special files are never part of a checkpoint, and xattrs of the
+// source are not ours to change: refused everywhere.
+void Mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t, dev_t) {
+  fuse_reply_err(req, Errno(Table(req)->RefuseSpecial(parent, name, "device node or fifo")));
 }
-void RofsLink(fuse_req_t req, fuse_ino_t, fuse_ino_t, const char*) { fuse_reply_err(req, EROFS); }
-void RofsSetAttr(fuse_req_t req, fuse_ino_t, struct stat*, int, struct fuse_file_info*) {
-  fuse_reply_err(req, EROFS);
+void Symlink(fuse_req_t req, const char*, fuse_ino_t parent, const char* name) {
+  fuse_reply_err(req, Errno(Table(req)->RefuseSpecial(parent, name, "symbolic link")));
 }
-void RofsCreate(fuse_req_t req, fuse_ino_t, const char*, mode_t, struct fuse_file_info*) {
-  fuse_reply_err(req, EROFS);
+void Link(fuse_req_t req, fuse_ino_t, fuse_ino_t parent, const char* name) {
+  fuse_reply_err(req, Errno(Table(req)->RefuseSpecial(parent, name, "hard link")));
 }
 void RofsSetXattr(fuse_req_t req, fuse_ino_t, const char*, const char*, size_t, int) {
   fuse_reply_err(req, EROFS);
@@ -263,15 +359,18 @@ struct fuse_lowlevel_ops MakeOps() {
   ops.statfs = StatFs;
   ops.getxattr = GetXattr;
   ops.listxattr = ListXattr;
-  ops.mkdir = RofsMkdir;
-  ops.mknod = RofsMknod;
-  ops.unlink = RofsUnlink;
-  ops.rmdir = RofsUnlink;
-  ops.symlink = RofsSymlink;
-  ops.rename = RofsRename;
-  ops.link = RofsLink;
-  ops.setattr = RofsSetAttr;
-  ops.create = RofsCreate;
+  ops.write_buf = WriteBuf;
+  ops.fsync = Fsync;
+  ops.flush = Flush;
+  ops.mkdir = Mkdir;
+  ops.create = Create;
+  ops.unlink = Unlink;
+  ops.rmdir = Rmdir;
+  ops.rename = Rename;
+  ops.setattr = SetAttr;
+  ops.mknod = Mknod;
+  ops.symlink = Symlink;
+  ops.link = Link;
   ops.setxattr = RofsSetXattr;
   ops.removexattr = RofsRemoveXattr;
   return ops;

@@ -7,6 +7,7 @@
 #include <ctime>
 
 #include "core/log.h"
+#include "fs/committer.h"
 
 namespace ckptfs::fs {
 
@@ -97,10 +98,13 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
     st.st_atim = st.st_mtim = st.st_ctim = mount_time_;
     st.st_uid = ::getuid();
     st.st_gid = ::getgid();
+  } else if (node.staged && node.type == NodeType::kVirtualDir &&
+             ::lstat(node.real_path.c_str(), &st) == 0) {
+    // new/ after its staging directory was created.
   } else if (node.type == NodeType::kVirtualDir || node.type == NodeType::kIndexJson ||
              node.type == NodeType::kAverageFile) {
     const bool dir = node.type == NodeType::kVirtualDir;
-    st.st_mode = dir ? (S_IFDIR | 0555) : (S_IFREG | 0444);
+    st.st_mode = dir ? (S_IFDIR | (node.staged ? 0755 : 0555)) : (S_IFREG | 0444);
     st.st_nlink = dir ? 2 : 1;
     st.st_size = static_cast<off_t>(node.content_size);
     st.st_atim = st.st_mtim = st.st_ctim = mount_time_;
@@ -116,7 +120,7 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
       }
       return Status::FromErrno(node.real_path, err);
     }
-    st.st_mode &= ~static_cast<mode_t>(0222);  // read-only outside new/
+    if (!node.staged) st.st_mode &= ~static_cast<mode_t>(0222);  // read-only outside new/
   }
   st.st_ino = ino;
   st.st_blksize = 1 << 20;  // readers size their reads from this
@@ -125,7 +129,7 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
   const bool watched = !real || node.as_link || !options_.is_watched ||
                        options_.is_watched(DirOf(node.real_path)) ||
                        (node.type == NodeType::kRealDir && options_.is_watched(node.real_path));
-  a.timeout = watched ? kLongTimeout : kShortTimeout;
+  a.timeout = node.staged ? 0 : watched ? kLongTimeout : kShortTimeout;  // writers change new/
   return a;
 }
 
@@ -145,6 +149,7 @@ Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name)
   node.real_path = r->real_path;
   node.scope = r->scope;
   node.in_view = r->in_view;
+  node.staged = r->staged;
   if (r->checkpoint) node.checkpoint = r->checkpoint->path;
   node.content_size = r->content.size();
   node.as_link = options_.links && r->in_view &&
@@ -260,13 +265,17 @@ Result<std::vector<index::DirEntry>> NodeTable::ReadDir(uint64_t ino) {
 Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags) {
   Result<Node> node = Snapshot(ino);
   if (!node.ok()) return node.status();
-  if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC) != 0) {
+  const bool writing = (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC) != 0;
+  if (writing && (!node->staged || options_.committer == nullptr)) {
     return Status::Permission(node->vpath + ": read-only (write checkpoints through new/)");
   }
   OpenedFile f;
+  f.real_path = node->real_path;
+  f.writer = writing;
   switch (node->type) {
     case NodeType::kRealFile: {
-      f.fd = ::open(node->real_path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+      const int open_flags = writing ? (flags & (O_ACCMODE | O_TRUNC | O_APPEND)) : O_RDONLY;
+      f.fd = ::open(node->real_path.c_str(), open_flags | O_CLOEXEC | O_NOFOLLOW);
       if (f.fd < 0) return Status::FromErrno(node->real_path, errno);
       struct stat st {};
       if (::fstat(f.fd, &st) != 0) {
@@ -284,6 +293,9 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags) {
         n.opened = true, n.dev = st.st_dev, n.real_ino = st.st_ino, n.size = st.st_size,
         n.mtime_ns = mtime_ns;
       }
+      if (writing || node->staged) f.keep_cache = false;
+      open_.insert(f.real_path);
+      if (writing) options_.committer->OpenedForWrite(f.real_path);
       return f;
     }
     case NodeType::kIndexJson: {

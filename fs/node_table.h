@@ -1,6 +1,7 @@
 // The mount's inode table: what every inode the kernel knows stands for, and
 // the testable logic behind each FUSE callback (lookup, getattr, readdir,
-// open, readlink, xattrs) and behind cache invalidation. No libfuse here.
+// open, readlink, xattrs, and the writes under new/) and behind cache
+// invalidation. No libfuse in this header.
 //
 // An inode is a (mount path, real path) pair: when a view such as latest/
 // moves, the same name resolves to a new inode, so the kernel never mixes the
@@ -14,6 +15,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <set>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -25,6 +27,8 @@
 #include "index/resolver.h"
 
 namespace ckptfs::fs {
+
+class Committer;
 
 inline constexpr uint64_t kRootIno = 1;
 // Entries and attributes the kernel may cache until told otherwise (views
@@ -43,6 +47,8 @@ struct OpenedFile {
   std::string content;      // generated file (index.json)
   bool generated = false;
   bool keep_cache = false;  // same real file, size and mtime as at the last open
+  std::string real_path;    // what Released must be told
+  bool writer = false;      // opened for writing (under new/)
 };
 
 struct Invalidation {
@@ -56,6 +62,8 @@ struct NodeTableOptions {
   bool links = false;  // --links: view entries are symbolic links to real paths
   // Where avg/ files are computed and kept; nullptr: avg/ files are EOPNOTSUPP.
   core::AverageCache* averages = nullptr;
+  // Told about writes under new/; nullptr: new/ is read-only.
+  Committer* committer = nullptr;
   // Whether changes in a real directory are reported (long timeouts are then safe).
   std::function<bool(const std::string& dir)> is_watched;
 };
@@ -69,8 +77,28 @@ class NodeTable {
   core::Result<NodeAttr> GetAttr(uint64_t ino);
   void Forget(uint64_t ino, uint64_t nlookup);
   core::Result<std::vector<index::DirEntry>> ReadDir(uint64_t ino);
-  // Read-only: any write access is kPermission (EROFS at the edge).
+  // Read-only outside new/: any write access there is kPermission (EROFS).
   core::Result<OpenedFile> Open(uint64_t ino, int flags);
+  // Every Open that succeeded is matched by one Released.
+  void Released(const OpenedFile& file);
+  // Whether a file at or below `path` is open through the mount.
+  bool IsOpen(const std::string& path) const;
+
+  // Writing under new/ (the staging area); anywhere else kPermission. Each
+  // returns the new entry's attributes, counted as a lookup.
+  core::Result<NodeAttr> Mkdir(uint64_t parent, const std::string& name, mode_t mode);
+  core::Result<std::pair<NodeAttr, OpenedFile>> Create(uint64_t parent, const std::string& name,
+                                                       mode_t mode, int flags);
+  core::Status Unlink(uint64_t parent, const std::string& name, bool directory);
+  core::Status Rename(uint64_t parent, const std::string& name, uint64_t new_parent,
+                      const std::string& new_name, unsigned int flags);
+  // to_set: FUSE_SET_ATTR_* bits; fd: the open file when the kernel gave one.
+  core::Result<NodeAttr> SetAttr(uint64_t ino, const struct stat& attr, int to_set, int fd);
+  // After data was written to an open file under new/.
+  void Wrote(const OpenedFile& file);
+  // Symbolic links, hard links and device nodes are never part of a
+  // checkpoint: kInvalidArgument under new/ (EPERM), kPermission elsewhere.
+  core::Status RefuseSpecial(uint64_t parent, const std::string& name, const char* what);
   core::Result<std::string> ReadLink(uint64_t ino);
   // user.ckptfs.real_path (the file or directory served),
   // user.ckptfs.checkpoint (the selected checkpoint) and user.ckptfs.members
@@ -98,6 +126,7 @@ class NodeTable {
     std::string checkpoint;
     std::string members;  // avg/ files: member files, newline-separated
     bool in_view = false;
+    bool staged = false;  // under new/: a writable real path in the staging area
     bool as_link = false;
     uint64_t nlookup = 0;
     size_t content_size = 0;
@@ -114,6 +143,8 @@ class NodeTable {
   };
 
   core::Result<Node> Snapshot(uint64_t ino) const;
+  // The staging directory a new entry named `name` in `parent` goes to.
+  core::Result<std::string> StagedDir(uint64_t parent, const std::string& name, bool creating);
   core::Result<NodeAttr> AttrOf(uint64_t ino, const Node& node) const;
   void RememberAttr(uint64_t ino, const struct stat& st);  // caller holds mu_
   std::string VpathOf(const Node& parent, const std::string& name) const;
@@ -129,6 +160,7 @@ class NodeTable {
   std::unordered_map<uint64_t, Node> nodes_;
   std::unordered_map<std::string, uint64_t> by_key_;  // KeyOf(node) -> ino
   std::unordered_multimap<std::string, uint64_t> by_real_;
+  std::multiset<std::string> open_;  // real paths of files open through the mount
 };
 
 // The errno a Status becomes at the FUSE edge.

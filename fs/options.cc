@@ -119,6 +119,16 @@ Result<Options> ParseOptions(int argc, char** argv) {
       if (cli.keep_weekly > 0) merged.keep_weekly = cli.keep_weekly;
       if (cli.max_bytes >= 0) merged.max_bytes = cli.max_bytes;
       opt.policy = merged;
+    } else if (a == "--commit-quiet" && opt.command == Command::kMount) {
+      Result<std::string> v = value("--commit-quiet");
+      if (!v.ok()) return v.status();
+      char* end = nullptr;
+      opt.commit_quiet = std::strtod(v->c_str(), &end);
+      if (end == v->c_str() || *end != '\0' || !(opt.commit_quiet >= 0) || opt.commit_quiet > 3600) {
+        return Status::InvalidArgument("--commit-quiet: expected seconds from 0 to 3600, got '" + *v + "'");
+      }
+    } else if (a == "--explicit-commit" && opt.command == Command::kMount) {
+      opt.explicit_commit = true;
     } else if (a == "--dry-run" && opt.command == Command::kPrune) {
       opt.dry_run = true;
     } else if (a == "--json" && opt.command == Command::kLs) {

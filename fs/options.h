@@ -29,6 +29,8 @@ struct Options {
   bool debug = false;      // mount -d
   bool links = false;      // mount --links
   bool dry_run = false;    // prune --dry-run
+  double commit_quiet = 1.0;   // mount --commit-quiet SECONDS
+  bool explicit_commit = false;  // mount --explicit-commit
   core::RetentionPolicy policy;  // prune and mount: --keep-*, --max-bytes, --policy FILE
   std::vector<std::string> fuse_options;  // mount -o, split on commas
 };

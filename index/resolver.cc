@@ -11,6 +11,8 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "core/retention.h"
+
 namespace ckptfs::index {
 
 using core::Checkpoint;
@@ -60,6 +62,12 @@ nlohmann::ordered_json MetaToJson(const core::Meta& meta) {
 
 }  // namespace
 
+std::string StagingDir(const std::string& experiment) { return experiment + "/" + kStagingDir; }
+
+bool IsHiddenName(const std::string& name) {
+  return name == kStagingDir || name == core::kTrashDir || name == kAbandonedDir;
+}
+
 bool Resolver::HasNamespace(const std::string& dir) const {
   return dir == index_->source() || index_->IsExperiment(dir);
 }
@@ -71,6 +79,7 @@ Result<Resolution> Resolver::Resolve(std::string_view vpath) const {
   r.real_path = index_->source();
   for (size_t i = 0; i < segments->size(); ++i) {
     const std::string& seg = (*segments)[i];
+    if (IsHiddenName(seg)) return Status::NotFound(r.real_path + "/" + seg + ": no such file or directory");
     std::string next = r.real_path + "/" + seg;
     struct stat st {};
     if (::lstat(next.c_str(), &st) == 0) {
@@ -153,8 +162,32 @@ Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
       r.real_path = q->rest[0];
       return r;
     }
-    case QueryNode::kNew:
-      return Status::Unsupported(where + ": writing through new/ is not available yet");
+    case QueryNode::kNew: {
+      if (!q->where.empty()) return Status::InvalidArgument(where + ": new/ takes no where/ predicates");
+      r.in_view = false;
+      r.staged = true;
+      r.real_path = StagingDir(scope);
+      r.type = NodeType::kRealDir;
+      for (size_t i = 0; i < q->rest.size(); ++i) {
+        if (IsHiddenName(q->rest[i])) return Status::NotFound(where + ": no such entry");
+        if (r.type != NodeType::kRealDir) return Status::NotFound(r.real_path + ": not a directory");
+        r.real_path += "/" + q->rest[i];
+        struct stat st {};
+        if (::lstat(r.real_path.c_str(), &st) != 0) {
+          if (i == 0 && errno == ENOENT && q->rest.size() == 1) {
+            return Status::NotFound(where + ": no such entry");
+          }
+          return Status::FromErrno(r.real_path, errno);
+        }
+        r.type = TypeOf(st);
+      }
+      if (q->rest.empty()) {
+        // new/ itself exists before the first write: a directory, created on demand.
+        struct stat st {};
+        if (::lstat(r.real_path.c_str(), &st) != 0) r.type = NodeType::kVirtualDir;
+      }
+      return r;
+    }
     case QueryNode::kIndexJson: {
       Result<std::vector<Checkpoint>> all =
           q->where.empty()
@@ -232,12 +265,13 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir) const {
         is_dir = ::fstatat(::dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
                  S_ISDIR(st.st_mode);
       }
+      if (IsHiddenName(name)) continue;
       real.insert(name);
       out.push_back({std::move(name), is_dir});
     }
-    if (!dir.in_view && HasNamespace(dir.real_path)) {
+    if (!dir.in_view && !dir.staged && HasNamespace(dir.real_path)) {
       for (const std::string& name : core::VirtualRootNames()) {
-        if (name == "new" || real.count(name) != 0) continue;  // new/: not yet
+        if (real.count(name) != 0) continue;
         out.push_back({name, name != "index.json"});
       }
     }
@@ -248,8 +282,10 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir) const {
   switch (q.node) {
     case QueryNode::kRoot:
       for (const std::string& name : core::VirtualRootNames()) {
-        if (name != "new") out.push_back({name, name != "index.json"});
+        if (name != "new") out.push_back({name, name != "index.json"});  // new/ is not under where/
       }
+      break;
+    case QueryNode::kNew:  // nothing staged yet
       break;
     case QueryNode::kBest:
     case QueryNode::kTopK:

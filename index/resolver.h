@@ -32,11 +32,25 @@ enum class NodeType {
   kAverageFile,  // avg/…/<file>: members hold the checkpoints, newest first
 };
 
+// Where checkpoints written through new/ are staged: a hidden directory of
+// the experiment, on its filesystem, so a commit is one rename. Neither the
+// index nor the mount's listings show it.
+inline constexpr char kStagingDir[] = ".ckptfs-staging";
+// Where a restarted daemon moves what an interrupted run left in staging.
+inline constexpr char kAbandonedDir[] = ".ckptfs-abandoned";
+
+// The staging directory for checkpoints committed into `experiment`.
+std::string StagingDir(const std::string& experiment);
+
+// Names the mount hides in real directories (staging, trash).
+bool IsHiddenName(const std::string& name);
+
 struct Resolution {
   NodeType type = NodeType::kRealDir;
   std::string real_path;  // real nodes; for kAverageFile the file name inside members
   std::string scope;      // directory whose virtual namespace the path entered
   bool in_view = false;   // reached through the query namespace (read-only view)
+  bool staged = false;    // new/ or below it: real_path is in the staging area, writable
   core::Query query;      // meaningful when in_view
   std::optional<core::Checkpoint> checkpoint;  // the selected checkpoint
   std::vector<core::Checkpoint> members;       // avg/: newest first

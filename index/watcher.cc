@@ -175,6 +175,7 @@ class Watcher::Impl {
         Rescan(/*full=*/false);
       } else if (!pending_ && now >= next_periodic) {
         Rescan(/*full=*/true);
+        if (callbacks_.on_periodic) callbacks_.on_periodic();
         next_periodic = Clock::now() + settings_.periodic;
       }
     }

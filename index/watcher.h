@@ -26,6 +26,8 @@ class Watcher {
     std::function<void(const std::string& dir, const std::string& name)> on_path_changed;
     // A scan changed the index; stats.changed_experiments says where.
     std::function<void(const ScanStats& stats)> on_scanned;
+    // After each periodic full scan, changed or not.
+    std::function<void()> on_periodic;
   };
 
   struct Settings {

@@ -1,0 +1,88 @@
+// Commits checkpoints written through new/ (DESIGN.md §4).
+//
+// A checkpoint written to new/NAME lands in EXPERIMENT/.ckptfs-staging/NAME
+// (same filesystem, hidden from the index and the mount). It is committed
+// once complete: explicitly, when the writer creates new/NAME/.commit (or
+// new/NAME.commit for a single file); or, unless explicit-only, when no file
+// of it is open for writing and it has been quiet for the quiet period.
+// Before committing it must be recognisable as a checkpoint (its layout's
+// meta file, or a checkpoint file name), hold no symbolic links or special
+// files, and every tensor file must be complete; otherwise it waits in
+// staging and the reason is logged once. A commit fsyncs every file and
+// directory, then renames NAME into the experiment (one rename: atomic) and
+// fsyncs the experiment directory; on_committed then runs (index, retention).
+// A name already taken in the experiment is refused and left in staging.
+//
+// Thread-safe: the FUSE threads report activity; one internal thread commits.
+// on_committed runs on that thread. Lock: mu_ only, never held while
+// committing or calling back.
+#ifndef CKPTFS_FS_COMMITTER_H_
+#define CKPTFS_FS_COMMITTER_H_
+
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/status.h"
+
+namespace ckptfs::fs {
+
+inline constexpr char kCommitMarker[] = ".commit";
+
+class Committer {
+ public:
+  struct Settings {
+    std::chrono::milliseconds quiet{1000};
+    bool explicit_only = false;
+  };
+  using OnCommitted = std::function<void(const std::string& experiment, const std::string& name)>;
+
+  Committer(Settings settings, OnCommitted on_committed);
+  ~Committer();  // stops the thread; what is staged stays staged
+
+  void Start();
+
+  // Activity on a real path inside a staging directory.
+  void Touched(const std::string& path);
+  void OpenedForWrite(const std::string& path);
+  void ClosedForWrite(const std::string& path);
+
+  // Commits every staged checkpoint that is ready now; returns how many.
+  int CommitReady();
+
+  // On start: moves what an earlier run left in EXPERIMENT/.ckptfs-staging to
+  // EXPERIMENT/.ckptfs-abandoned/ (never committing it: its writer is gone)
+  // and logs each entry. Returns the entries moved.
+  static std::vector<std::string> RecoverStaging(const std::string& experiment);
+
+  // Whether the staged entry `top` (a path directly in a staging directory)
+  // is a complete checkpoint; the reason if not.
+  static core::Status CheckReady(const std::string& top);
+
+ private:
+  struct Staged {
+    int writers = 0;
+    std::chrono::steady_clock::time_point last;
+    std::string reported;  // the last reason logged for not committing
+  };
+  static bool Split(const std::string& path, std::string* experiment, std::string* name);
+  core::Status Commit(const std::string& experiment, const std::string& name);
+  void Loop();
+
+  const Settings settings_;
+  const OnCommitted on_committed_;
+  std::mutex mu_;  // guards staged_, stop_
+  std::condition_variable wake_;
+  std::map<std::pair<std::string, std::string>, Staged> staged_;  // (experiment, name)
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace ckptfs::fs
+
+#endif  // CKPTFS_FS_COMMITTER_H_

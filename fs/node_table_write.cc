@@ -1,0 +1,168 @@
+#define FUSE_USE_VERSION 314
+// NodeTable's write side: new/ and the staging area behind it, and the
+// bookkeeping of open files that retention and the committer rely on.
+#include <fcntl.h>
+#include <fuse_lowlevel.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "fs/committer.h"
+#include "fs/node_table.h"
+
+namespace ckptfs::fs {
+
+using core::Result;
+using core::Status;
+using index::NodeType;
+
+void NodeTable::Released(const OpenedFile& file) {
+  if (file.fd < 0) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = open_.find(file.real_path);
+    if (it != open_.end()) open_.erase(it);
+  }
+  if (file.writer && options_.committer != nullptr) options_.committer->ClosedForWrite(file.real_path);
+}
+
+bool NodeTable::IsOpen(const std::string& path) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = open_.lower_bound(path);
+  return it != open_.end() && (*it == path || it->rfind(path + "/", 0) == 0);
+}
+
+void NodeTable::Wrote(const OpenedFile& file) {
+  if (options_.committer != nullptr) options_.committer->Touched(file.real_path);
+}
+
+Result<std::string> NodeTable::StagedDir(uint64_t parent, const std::string& name, bool creating) {
+  Result<Node> p = Snapshot(parent);
+  if (!p.ok()) return p.status();
+  if (!p->staged || options_.committer == nullptr) {
+    return Status::Permission(p->vpath + ": read-only (write checkpoints through new/)");
+  }
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
+      index::IsHiddenName(name)) {
+    return Status::InvalidArgument(p->vpath + "/" + name + ": not a valid name");
+  }
+  // new/ itself: the staging directory, made on first use; a new checkpoint
+  // may not take a name the experiment already has.
+  if (p->real_path == index::StagingDir(p->scope)) {
+    if (::mkdir(p->real_path.c_str(), 0755) != 0 && errno != EEXIST) {
+      return Status::FromErrno("cannot create staging directory " + p->real_path, errno);
+    }
+    struct stat st {};
+    if (creating && ::lstat((p->scope + "/" + name).c_str(), &st) == 0) {
+      return Status::Exists(p->scope + "/" + name + " already exists in the experiment");
+    }
+  }
+  return p->real_path;
+}
+
+Status NodeTable::RefuseSpecial(uint64_t parent, const std::string& name, const char* what) {
+  Result<Node> p = Snapshot(parent);
+  if (!p.ok()) return p.status();
+  if (!p->staged) return Status::Permission(p->vpath + ": read-only (write checkpoints through new/)");
+  return Status::FromErrno(p->vpath + "/" + name + ": a " + what + " cannot be part of a checkpoint", EPERM);
+}
+
+Result<NodeAttr> NodeTable::Mkdir(uint64_t parent, const std::string& name, mode_t mode) {
+  Result<std::string> dir = StagedDir(parent, name, true);
+  if (!dir.ok()) return dir.status();
+  const std::string path = *dir + "/" + name;
+  if (::mkdir(path.c_str(), mode & 07777) != 0) return Status::FromErrno(path, errno);
+  options_.committer->Touched(path);
+  return Lookup(parent, name);
+}
+
+Result<std::pair<NodeAttr, OpenedFile>> NodeTable::Create(uint64_t parent, const std::string& name,
+                                                          mode_t mode, int flags) {
+  Result<std::string> dir = StagedDir(parent, name, true);
+  if (!dir.ok()) return dir.status();
+  OpenedFile f;
+  f.real_path = *dir + "/" + name;
+  f.writer = true;
+  const int open_flags = (flags & (O_ACCMODE | O_TRUNC | O_APPEND | O_EXCL)) | O_CREAT;
+  f.fd = ::open(f.real_path.c_str(), open_flags | O_CLOEXEC | O_NOFOLLOW, mode & 07777);
+  if (f.fd < 0) return Status::FromErrno(f.real_path, errno);
+  options_.committer->OpenedForWrite(f.real_path);
+  Result<NodeAttr> attr = Lookup(parent, name);
+  if (!attr.ok()) {
+    options_.committer->ClosedForWrite(f.real_path);
+    ::close(f.fd);
+    return attr.status();
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    open_.insert(f.real_path);
+  }
+  return std::make_pair(*attr, f);
+}
+
+Status NodeTable::Unlink(uint64_t parent, const std::string& name, bool directory) {
+  Result<std::string> dir = StagedDir(parent, name, false);
+  if (!dir.ok()) return dir.status();
+  const std::string path = *dir + "/" + name;
+  if ((directory ? ::rmdir(path.c_str()) : ::unlink(path.c_str())) != 0) {
+    return Status::FromErrno(path, errno);
+  }
+  options_.committer->Touched(path);
+  return Status::Ok();
+}
+
+Status NodeTable::Rename(uint64_t parent, const std::string& name, uint64_t new_parent,
+                         const std::string& new_name, unsigned int flags) {
+  Result<std::string> from = StagedDir(parent, name, false);
+  if (!from.ok()) return from.status();
+  Result<std::string> to = StagedDir(new_parent, new_name, true);
+  if (!to.ok()) return to.status();
+  // Only within one staging area: a commit is the committer's rename.
+  const std::string marker = std::string("/") + index::kStagingDir;
+  if (from->substr(0, from->find(marker)) != to->substr(0, to->find(marker))) {
+    return Status::FromErrno(*from + "/" + name + " -> " + *to + "/" + new_name, EXDEV);
+  }
+  const std::string a = *from + "/" + name, b = *to + "/" + new_name;
+  if (flags & RENAME_NOREPLACE) {
+    struct stat st {};
+    if (::lstat(b.c_str(), &st) == 0) return Status::FromErrno(b, EEXIST);
+  } else if (flags != 0) {
+    return Status::FromErrno(a, EINVAL);
+  }
+  if (::rename(a.c_str(), b.c_str()) != 0) return Status::FromErrno(a + " -> " + b, errno);
+  options_.committer->Touched(a);
+  options_.committer->Touched(b);
+  return Status::Ok();
+}
+
+Result<NodeAttr> NodeTable::SetAttr(uint64_t ino, const struct stat& attr, int to_set, int fd) {
+  Result<Node> node = Snapshot(ino);
+  if (!node.ok()) return node.status();
+  if (!node->staged || options_.committer == nullptr || node->type == NodeType::kVirtualDir) {
+    return Status::Permission(node->vpath + ": read-only (write checkpoints through new/)");
+  }
+  const std::string& path = node->real_path;
+  if (to_set & FUSE_SET_ATTR_SIZE) {
+    int rc = fd >= 0 ? ::ftruncate(fd, attr.st_size) : ::truncate(path.c_str(), attr.st_size);
+    if (rc != 0) return Status::FromErrno(path, errno);
+  }
+  if (to_set & FUSE_SET_ATTR_MODE) {
+    if (::chmod(path.c_str(), attr.st_mode & 07777) != 0) return Status::FromErrno(path, errno);
+  }
+  if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) {
+    struct timespec ts[2];
+    ts[0].tv_nsec = ts[1].tv_nsec = UTIME_OMIT;
+    if (to_set & FUSE_SET_ATTR_ATIME) ts[0] = attr.st_atim;
+    if (to_set & FUSE_SET_ATTR_ATIME_NOW) ts[0].tv_nsec = UTIME_NOW;
+    if (to_set & FUSE_SET_ATTR_MTIME) ts[1] = attr.st_mtim;
+    if (to_set & FUSE_SET_ATTR_MTIME_NOW) ts[1].tv_nsec = UTIME_NOW;
+    if (::utimensat(AT_FDCWD, path.c_str(), ts, AT_SYMLINK_NOFOLLOW) != 0) {
+      return Status::FromErrno(path, errno);
+    }
+  }
+  options_.committer->Touched(path);
+  return GetAttr(ino);
+}
+
+}  // namespace ckptfs::fs

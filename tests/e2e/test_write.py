@@ -1,0 +1,271 @@
+"""End-to-end tests of writing checkpoints through new/ and of retention
+(DESIGN.md §4, §5): real mounts, real torch.save writers, real torch.load
+readers, and a daemon killed with SIGKILL at many points."""
+import errno
+import os
+import random
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+import unittest
+
+import torch
+import yaml
+
+import experiments
+from mount_util import CKPTFS, mounted, unmount, wait_for
+
+
+def sb_save(new_dir, name, meta, seed, size=1000):
+    """What SpeechBrain's Checkpointer.save_checkpoint does: mkdir CKPT+...,
+    write CKPT.yaml first, then one torch.save per recoverable."""
+    d = os.path.join(new_dir, "CKPT+" + name)
+    os.mkdir(d)
+    with open(os.path.join(d, "CKPT.yaml"), "w") as f:
+        f.write("# yamllint disable\n" + yaml.dump(meta))
+    torch.manual_seed(seed)
+    torch.save({"w": torch.randn(size), "b": torch.randn(4)}, os.path.join(d, "model.ckpt"))
+    torch.save({"step": torch.tensor(seed)}, os.path.join(d, "counter.ckpt"))
+    return d
+
+
+def checkpoint_of(path):
+    try:
+        return os.getxattr(path, "user.ckptfs.checkpoint").decode()
+    except OSError:
+        return None
+
+
+class WriteTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="ckptfs-e2e-write-")
+        self.src = os.path.join(self.tmp, "src")
+        self.exp = os.path.join(self.src, "exp")
+        experiments.speechbrain(self.exp, [("1", {"unixtime": 100, "loss": 0.9, "epoch": 1})])
+
+    def tearDown(self):
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def test_speechbrain_writer_commits_atomically(self):
+        with mounted(self.src, "--commit-quiet", "0.5") as (mnt, _, _):
+            new = os.path.join(mnt, "exp", "new")
+            sb_save(new, "2", {"unixtime": 200, "loss": 0.5, "epoch": 2}, seed=2)
+            # Not visible to queries until committed...
+            self.assertEqual(checkpoint_of(os.path.join(mnt, "exp", "latest")), os.path.join(self.exp, "CKPT+1"))
+            self.assertIn("CKPT+2", os.listdir(new))
+            # ...then moved into the experiment and indexed.
+            self.assertTrue(wait_for(lambda: checkpoint_of(os.path.join(mnt, "exp", "latest"))
+                                     == os.path.join(self.exp, "CKPT+2"), timeout=5))
+            self.assertEqual(os.listdir(new), [])
+            loaded = torch.load(os.path.join(mnt, "exp", "latest", "model.ckpt"))
+            torch.manual_seed(2)
+            self.assertTrue(torch.equal(loaded["w"], torch.randn(1000)))
+            self.assertFalse(os.path.exists(os.path.join(self.exp, ".ckptfs-staging", "CKPT+2")))
+            self.assertNotIn(".ckptfs-staging", os.listdir(os.path.join(mnt, "exp")))
+
+    def test_cp_r_single_file_and_native_layouts(self):
+        other = os.path.join(self.tmp, "elsewhere")
+        experiments.speechbrain(other, [("copied", {"unixtime": 300, "loss": 0.1})])
+        with mounted(self.src, "--commit-quiet", "0.3") as (mnt, _, _):
+            new = os.path.join(mnt, "exp", "new")
+            subprocess.run(["cp", "-r", os.path.join(other, "CKPT+copied"), new], check=True)
+            torch.save({"w": torch.ones(2)}, os.path.join(new, "epoch=3-step=30-val_loss=0.25.ckpt"))
+            os.mkdir(os.path.join(new, "run9"))
+            torch.save({"w": torch.zeros(2)}, os.path.join(new, "run9", "model.pt"))
+            with open(os.path.join(new, "run9", "meta.json"), "w") as f:
+                f.write('{"loss": 0.05, "unixtime": 50}')
+            best = os.path.join(mnt, "exp", "best", "min", "loss")
+            self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, "run9")), timeout=5))
+            self.assertTrue(wait_for(lambda: checkpoint_of(best) == os.path.join(self.exp, "run9"), timeout=5))
+            self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, "CKPT+copied")), timeout=5))
+            self.assertTrue(wait_for(lambda: os.path.exists(
+                os.path.join(mnt, "exp", "best", "min", "val_loss", "checkpoint.ckpt")), timeout=5))
+            self.assertEqual(torch.load(os.path.join(mnt, "exp", "best", "min", "val_loss",
+                                                     "checkpoint.ckpt"))["w"].tolist(), [1.0, 1.0])
+
+    def test_errors_and_partial_files(self):
+        with mounted(self.src, "--commit-quiet", "0.3") as (mnt, _, log):
+            new = os.path.join(mnt, "exp", "new")
+
+            def err(fn):
+                try:
+                    fn()
+                except OSError as e:
+                    return e.errno
+                return 0
+            self.assertEqual(err(lambda: os.mkdir(os.path.join(new, "CKPT+1"))), errno.EEXIST)
+            self.assertEqual(err(lambda: os.symlink("/etc", os.path.join(new, "link"))), errno.EPERM)
+            self.assertEqual(err(lambda: os.mkfifo(os.path.join(new, "fifo"))), errno.EPERM)
+            self.assertEqual(err(lambda: os.mkdir(os.path.join(new, ".ckptfs-staging"))), errno.EINVAL)
+            self.assertEqual(err(lambda: os.rename(os.path.join(mnt, "exp", "CKPT+1"), os.path.join(new, "x"))),
+                             errno.EROFS)
+            # A writer that dies mid-file leaves a truncated zip: never committed.
+            d = os.path.join(new, "CKPT+partial")
+            os.mkdir(d)
+            with open(os.path.join(d, "CKPT.yaml"), "w") as f:
+                f.write("unixtime: 900\nloss: 0.0\n")
+            buf = os.path.join(self.tmp, "full.ckpt")
+            torch.save({"w": torch.randn(10000)}, buf)
+            with open(buf, "rb") as f:
+                data = f.read()
+            with open(os.path.join(d, "model.ckpt"), "wb") as f:
+                f.write(data[: len(data) // 2])
+            time.sleep(1.5)
+            self.assertFalse(os.path.exists(os.path.join(self.exp, "CKPT+partial")))
+            self.assertEqual(checkpoint_of(os.path.join(mnt, "exp", "latest")), os.path.join(self.exp, "CKPT+1"))
+            with open(log) as f:
+                self.assertIn("incomplete", f.read())
+            # Finishing the file lets it commit.
+            with open(os.path.join(d, "model.ckpt"), "wb") as f:
+                f.write(data)
+            self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, "CKPT+partial")), timeout=5))
+
+    def test_explicit_commit(self):
+        with mounted(self.src, "--explicit-commit") as (mnt, _, _):
+            new = os.path.join(mnt, "exp", "new")
+            sb_save(new, "x", {"unixtime": 500, "loss": 0.3}, seed=5)
+            time.sleep(1.5)
+            self.assertFalse(os.path.exists(os.path.join(self.exp, "CKPT+x")))
+            open(os.path.join(new, "CKPT+x", ".commit"), "w").close()
+            self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, "CKPT+x")), timeout=3))
+            self.assertFalse(os.path.exists(os.path.join(self.exp, "CKPT+x", ".commit")))
+            torch.save({"w": torch.ones(1)}, os.path.join(new, "checkpoint_7.pt"))
+            open(os.path.join(new, "checkpoint_7.pt.commit"), "w").close()
+            self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, "checkpoint_7.pt")), timeout=3))
+
+    def test_writer_with_readers_and_retention(self):
+        """A training loop saves through new/ while readers load latest/; keep
+        the 2 newest and the best by loss."""
+        losses = [0.9, 0.5, 0.7, 0.2, 0.6, 0.8, 0.4, 0.3]
+        with mounted(self.src, "--commit-quiet", "0.2", "--keep-last", "2", "--keep-best", "min:loss:1") as (mnt, _, _):
+            new = os.path.join(mnt, "exp", "new")
+            stop = threading.Event()
+            errors, loads = [], [0]
+
+            def reader():
+                while not stop.is_set():
+                    try:
+                        sd = torch.load(os.path.join(mnt, "exp", "latest", "model.ckpt"))
+                        assert set(sd) == {"w", "b"}, sd.keys()
+                        loads[0] += 1
+                    except Exception as e:  # noqa: BLE001 - every failure is a finding
+                        errors.append(repr(e))
+
+            readers = [threading.Thread(target=reader) for _ in range(3)]
+            experiments.speechbrain(self.exp, [])  # nothing; keeps the layout obvious
+            # Start from a checkpoint that has model.ckpt with w and b.
+            sb_save(new, "0", {"unixtime": 1000, "loss": 1.0, "epoch": 0}, seed=0)
+            self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, "CKPT+0")), timeout=5))
+            shutil.rmtree(os.path.join(self.exp, "CKPT+1"))
+            self.assertTrue(wait_for(lambda: checkpoint_of(os.path.join(mnt, "exp", "latest"))
+                                     == os.path.join(self.exp, "CKPT+0"), timeout=5))
+            for t in readers:
+                t.start()
+            for i, loss in enumerate(losses, start=1):
+                sb_save(new, str(i), {"unixtime": 1000 + i, "loss": loss, "epoch": i}, seed=i, size=100000)
+                self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, f"CKPT+{i}")), timeout=10))
+            self.assertTrue(wait_for(lambda: checkpoint_of(os.path.join(mnt, "exp", "latest"))
+                                     == os.path.join(self.exp, "CKPT+8"), timeout=5))
+            time.sleep(0.5)
+            stop.set()
+            for t in readers:
+                t.join(timeout=60)
+            self.assertEqual(errors, [])
+            self.assertGreater(loads[0], 0)
+            print(f"readers loaded latest/ {loads[0]} times while 8 checkpoints were written", flush=True)
+            # keep_last 2 -> 7, 8; best loss -> 4 (0.2).
+            left = sorted(n for n in os.listdir(self.exp) if n.startswith("CKPT+"))
+            self.assertEqual(left, ["CKPT+4", "CKPT+7", "CKPT+8"])
+            self.assertEqual(sorted(os.listdir(new)), [])
+
+    def test_prune_cli(self):
+        experiments.speechbrain(self.exp, [(str(i), {"unixtime": 100 + i, "loss": l, "epoch": i})
+                                           for i, l in [(2, 0.1), (3, 0.5), (4, 0.7)]])
+        open(os.path.join(self.exp, "CKPT+3", ".keep"), "w").close()
+        idx = os.path.join(self.tmp, "i.sqlite")
+        p = subprocess.run([CKPTFS, "prune", "--dry-run", "--keep-last", "1", "--keep-best", "min:loss:1",
+                            "--index", idx, self.src], capture_output=True, text=True, check=True)
+        self.assertIn("CKPT+1", p.stdout)
+        self.assertRegex(p.stdout, r"exp/CKPT\+1 +delete +ranked by keep_last=1")
+        self.assertRegex(p.stdout, r"exp/CKPT\+3 +keep +pinned")
+        self.assertRegex(p.stdout, r"exp/CKPT\+2 +keep +keep_best=min:loss:1")
+        self.assertEqual(len([n for n in os.listdir(self.exp) if n.startswith("CKPT+")]), 4)
+        p = subprocess.run([CKPTFS, "prune", "--keep-last", "1", "--keep-best", "min:loss:1", "--index", idx,
+                            self.src], capture_output=True, text=True)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(sorted(n for n in os.listdir(self.exp) if n.startswith("CKPT+")),
+                         ["CKPT+2", "CKPT+3", "CKPT+4"])
+        self.assertIn("retention: deleted", p.stderr)
+        p = subprocess.run([CKPTFS, "prune", self.src], capture_output=True, text=True)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("needs a policy", p.stderr)
+
+    def test_daemon_killed_at_many_points(self):
+        """SIGKILL the daemon while checkpoints are written through new/ (explicit
+        commits, so a checkpoint is complete by the writer's word): after a
+        restart no half checkpoint is visible and every committed one is whole."""
+        rng = random.Random(7)
+        index = os.path.join(self.tmp, "kill.sqlite")
+        committed_before = set()
+        for attempt in range(8):
+            mnt = tempfile.mkdtemp(prefix="ckptfs-kill-")
+            proc = subprocess.Popen([CKPTFS, "mount", "-f", "--index", index, "--explicit-commit",
+                                     self.src, mnt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                self.assertTrue(wait_for(lambda: os.path.ismount(mnt), timeout=30))
+                writer = subprocess.Popen(["/usr/bin/python3", "-c", WRITER, os.path.join(mnt, "exp", "new"),
+                                           str(attempt)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                time.sleep(rng.uniform(0.5, 2.5))
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                writer.kill()
+                writer.wait()
+            finally:
+                unmount(mnt)
+                wait_for(lambda: not os.path.ismount(mnt))
+                os.rmdir(mnt)
+            # Restart: recovery runs; whatever is in the experiment is whole.
+            with mounted(self.src, index=index) as (mnt2, _, log):
+                for name in os.listdir(self.exp):
+                    if not name.startswith(f"CKPT+"):
+                        continue
+                    d = os.path.join(self.exp, name)
+                    self.assertTrue(os.path.exists(os.path.join(d, "CKPT.yaml")), d)
+                    files = ("model.ckpt", "counter.ckpt") if "-" in name else ("mdl.ckpt",)
+                    for f in files:
+                        torch.load(os.path.join(d, f))  # complete, loadable
+                    self.assertFalse(os.path.exists(os.path.join(d, ".commit")))
+                    committed_before.add(name)
+                self.assertFalse(os.path.exists(os.path.join(self.exp, ".ckptfs-staging")))
+                self.assertEqual(os.listdir(os.path.join(mnt2, "exp", "new")), [])
+            # Nothing committed earlier was lost.
+            for name in committed_before:
+                self.assertTrue(os.path.exists(os.path.join(self.exp, name)), name)
+        # The kills did land mid-stream: commits happened, and half-written
+        # checkpoints were set aside (reported), not committed.
+        self.assertGreater(len(committed_before), 3)
+        abandoned = os.listdir(os.path.join(self.exp, ".ckptfs-abandoned"))
+        self.assertGreater(len(abandoned), 0)
+        print(f"8 kills: {len(committed_before)} whole checkpoints, {len(abandoned)} set aside", flush=True)
+
+
+WRITER = r"""
+import os, sys, time, torch, yaml
+new, attempt = sys.argv[1], int(sys.argv[2])
+for i in range(100):
+    d = os.path.join(new, f"CKPT+{attempt}-{i}")
+    os.mkdir(d)
+    with open(os.path.join(d, "CKPT.yaml"), "w") as f:
+        f.write(yaml.dump({"unixtime": 2000 + attempt * 100 + i, "loss": 1.0 / (i + 1)}))
+    torch.save({"w": torch.randn(200000)}, os.path.join(d, "model.ckpt"))
+    torch.save({"step": torch.tensor(i)}, os.path.join(d, "counter.ckpt"))
+    open(os.path.join(d, ".commit"), "w").close()
+    time.sleep(0.05)
+"""
+
+
+if __name__ == "__main__":
+    unittest.main()
