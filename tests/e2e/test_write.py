@@ -260,10 +260,10 @@ for i in range(100):
     os.mkdir(d)
     with open(os.path.join(d, "CKPT.yaml"), "w") as f:
         f.write(yaml.dump({"unixtime": 2000 + attempt * 100 + i, "loss": 1.0 / (i + 1)}))
+    time.sleep(0.1)  # most of the time, a checkpoint is half written
     torch.save({"w": torch.randn(200000)}, os.path.join(d, "model.ckpt"))
     torch.save({"step": torch.tensor(i)}, os.path.join(d, "counter.ckpt"))
     open(os.path.join(d, ".commit"), "w").close()
-    time.sleep(0.05)
 """
 
 
