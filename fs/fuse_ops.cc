@@ -55,6 +55,8 @@ void Init(void* /*userdata*/, struct fuse_conn_info* conn) {
   // Data is spliced from the real file's descriptor into /dev/fuse.
   if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
   if (conn->capable & FUSE_CAP_SPLICE_MOVE) conn->want |= FUSE_CAP_SPLICE_MOVE;
+  // Writes under new/ are spliced from /dev/fuse into the staging file.
+  if (conn->capable & FUSE_CAP_SPLICE_READ) conn->want |= FUSE_CAP_SPLICE_READ;
   // Pages stay cached across opens unless keep_cache says otherwise, and a
   // changed mtime drops them.
   if (conn->capable & FUSE_CAP_AUTO_INVAL_DATA) conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
