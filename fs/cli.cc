@@ -139,11 +139,16 @@ int RunLs(const Options& opt) {
   return 0;
 }
 
-int RunResolve(const Options& opt) {
+// Brings the index up to date and resolves opt.vpath (the index is only
+// needed while resolving: a Resolution holds values, not references).
+Result<index::Resolution> OpenAndResolve(const Options& opt) {
   Result<std::unique_ptr<index::Index>> idx = OpenIndex(opt);
-  if (!idx.ok()) return Fail(idx.status());
-  index::Resolver resolver(idx->get());
-  Result<index::Resolution> r = resolver.Resolve(opt.vpath);
+  if (!idx.ok()) return idx.status();
+  return index::Resolver(idx->get()).Resolve(opt.vpath);
+}
+
+int RunResolve(const Options& opt) {
+  Result<index::Resolution> r = OpenAndResolve(opt);
   if (!r.ok()) return Fail(r.status());
   switch (r->type) {
     case index::NodeType::kRealDir:
@@ -230,10 +235,7 @@ core::ProgressFn ProgressBar() {
 }
 
 int RunCat(const Options& opt) {
-  Result<std::unique_ptr<index::Index>> idx = OpenIndex(opt);
-  if (!idx.ok()) return Fail(idx.status());
-  index::Resolver resolver(idx->get());
-  Result<index::Resolution> r = resolver.Resolve(opt.vpath);
+  Result<index::Resolution> r = OpenAndResolve(opt);
   if (!r.ok()) return Fail(r.status());
   switch (r->type) {
     case index::NodeType::kRealFile:
