@@ -10,6 +10,7 @@
 #include <chrono>
 #include <ctime>
 
+#include "core/file_util.h"
 #include "core/log.h"
 #include "core/meta.h"
 
@@ -19,25 +20,6 @@ namespace {
 // Bumped when the averaging output changes, so old results are not reused.
 constexpr char kVersion[] = "ckptfs-average-v1";
 constexpr int64_t kStaleTmpSeconds = 3600;
-
-uint64_t Fnv1a(const std::string& s, uint64_t h) {
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 1099511628211ULL;
-  }
-  return h;
-}
-
-Status MakeDirs(const std::string& dir) {
-  for (size_t pos = 1; pos != std::string::npos;) {
-    pos = dir.find('/', pos + 1);
-    std::string part = dir.substr(0, pos);
-    if (::mkdir(part.c_str(), 0700) != 0 && errno != EEXIST) {
-      return Status::FromErrno("cannot create " + part, errno);
-    }
-  }
-  return Status::Ok();
-}
 
 }  // namespace
 

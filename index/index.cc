@@ -9,6 +9,7 @@
 #include <map>
 #include <set>
 
+#include "core/file_util.h"
 #include "index/scanner.h"
 #include "index/sqlite.h"
 
@@ -50,18 +51,6 @@ const char kCheckpointColumns[] =
     " c.stamp, c.skipped";
 
 const char kNewestFirst[] = "c.recency DESC, c.step DESC, c.name_key DESC";
-
-Status MakeParentDirs(const std::string& file) {
-  std::string dir;
-  size_t pos = 0;
-  while ((pos = file.find('/', pos + 1)) != std::string::npos) {
-    dir = file.substr(0, pos);
-    if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST) {
-      return Status::FromErrno("cannot create index directory " + dir, errno);
-    }
-  }
-  return Status::Ok();
-}
 
 void RemoveDbFiles(const std::string& path) {
   for (const char* suffix : {"", "-wal", "-shm", "-journal"}) ::unlink((path + suffix).c_str());
@@ -211,15 +200,6 @@ Checkpoint RowToCheckpoint(const Stmt& st) {
   return c;
 }
 
-uint64_t Fnv1a(const std::string& s) {
-  uint64_t h = 1469598103934665603ULL;
-  for (unsigned char ch : s) {
-    h ^= ch;
-    h *= 1099511628211ULL;
-  }
-  return h;
-}
-
 }  // namespace
 
 std::string DefaultIndexPath(const std::string& source) {
@@ -233,7 +213,7 @@ std::string DefaultIndexPath(const std::string& source) {
   }
   char name[64];
   std::snprintf(name, sizeof(name), "/ckptfs/index-%016llx.sqlite",
-                static_cast<unsigned long long>(Fnv1a(source)));
+                static_cast<unsigned long long>(core::Fnv1a(source)));
   return base + name;
 }
 
@@ -243,7 +223,7 @@ Index::Index(std::string source, std::unique_ptr<Db> db, std::unique_ptr<Db> sca
 Index::~Index() = default;
 
 Result<std::unique_ptr<Index>> Index::Open(const std::string& source, const std::string& db_path) {
-  if (Status s = MakeParentDirs(db_path); !s.ok()) return s;
+  if (Status s = core::MakeDirs(db_path.substr(0, db_path.rfind('/'))); !s.ok()) return s;
   Result<std::unique_ptr<Db>> db = OpenChecked(source, db_path);
   if (!db.ok()) {
     // The index is only a cache: start over from the disk.

@@ -18,6 +18,15 @@ def wait_for(predicate, timeout=5.0, interval=0.02):
         time.sleep(interval)
 
 
+def errno_of(fn):
+    """The errno fn() fails with, or 0 when it succeeds."""
+    try:
+        fn()
+    except OSError as e:
+        return e.errno
+    return 0
+
+
 def unmount(mnt):
     if subprocess.run(["fusermount3", "-u", mnt], capture_output=True).returncode != 0:
         subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)

@@ -13,7 +13,7 @@ import unittest
 import torch
 
 import tensor_fixtures as tf
-from mount_util import CKPTFS, mounted
+from mount_util import CKPTFS, errno_of, mounted
 
 
 def reference_average(members, newest):
@@ -234,7 +234,7 @@ class AverageTest(unittest.TestCase):
             bad = tf.state_dict(5)
             bad["lin.weight"] = torch.zeros(1)
             torch.save(bad, paths[1])
-            self.assertTrue(mount_util.wait_for(lambda: _errno(lambda: _read(path)) == errno.EIO, timeout=3))
+            self.assertTrue(mount_util.wait_for(lambda: errno_of(lambda: _read(path)) == errno.EIO, timeout=3))
             with open(log) as f:
                 self.assertIn("lin.weight", f.read())
             # Other views keep working.
@@ -244,14 +244,6 @@ class AverageTest(unittest.TestCase):
 def _read(path):
     with open(path, "rb") as f:
         return f.read()
-
-
-def _errno(fn):
-    try:
-        fn()
-    except OSError as e:
-        return e.errno
-    return 0
 
 
 if __name__ == "__main__":

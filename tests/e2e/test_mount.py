@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import experiments
-from mount_util import CKPTFS, mounted, unmount, wait_for
+from mount_util import CKPTFS, errno_of, mounted, unmount, wait_for
 
 BASE = 1_700_000_000
 
@@ -110,12 +110,7 @@ class MountTest(unittest.TestCase):
 
     def test_errors(self):
         with mounted(self.src) as (mnt, _, _):
-            def err(fn):
-                try:
-                    fn()
-                except OSError as e:
-                    return e.errno
-                return 0
+            err = errno_of
             self.assertEqual(err(lambda: os.stat(os.path.join(mnt, "sb/best/min/nokey"))), errno.ENOENT)
             self.assertEqual(err(lambda: os.stat(os.path.join(mnt, "sb/nothing"))), errno.ENOENT)
             self.assertEqual(err(lambda: os.stat(os.path.join(mnt, "sb/best/middle/loss"))), errno.EINVAL)

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 import experiments
-from mount_util import CKPTFS, mounted, unmount, wait_for
+from mount_util import CKPTFS, errno_of, mounted, unmount, wait_for
 
 
 def sb_save(new_dir, name, meta, seed, size=1000):
@@ -90,12 +90,7 @@ class WriteTest(unittest.TestCase):
         with mounted(self.src, "--commit-quiet", "0.3") as (mnt, _, log):
             new = os.path.join(mnt, "exp", "new")
 
-            def err(fn):
-                try:
-                    fn()
-                except OSError as e:
-                    return e.errno
-                return 0
+            err = errno_of
             self.assertEqual(err(lambda: os.mkdir(os.path.join(new, "CKPT+1"))), errno.EEXIST)
             self.assertEqual(err(lambda: os.symlink("/etc", os.path.join(new, "link"))), errno.EPERM)
             self.assertEqual(err(lambda: os.mkfifo(os.path.join(new, "fifo"))), errno.EPERM)
