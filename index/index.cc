@@ -149,9 +149,6 @@ std::vector<Bound> ScopeBinds(const std::string& scope) {
 
 const char kScopeSql[] = " AND (c.experiment = ? OR (c.experiment > ? AND c.experiment < ?))";
 
-Result<std::vector<int64_t>> CollectIds(Db* db, const std::string& sql,
-                                        const std::vector<Bound>& binds);
-
 void BindAll(Stmt* st, const std::vector<Bound>& binds) {
   int i = 1;
   for (const Bound& b : binds) {
@@ -163,19 +160,31 @@ void BindAll(Stmt* st, const std::vector<Bound>& binds) {
   }
 }
 
-Result<std::vector<int64_t>> CollectIds(Db* db, const std::string& sql,
-                                        const std::vector<Bound>& binds) {
+// The first column of every row of a query, read by `column`.
+template <typename T>
+Result<std::vector<T>> Collect(Db* db, const std::string& sql, const std::vector<Bound>& binds,
+                               T (*column)(const Stmt&)) {
   Result<Stmt> st = db->Prepare(sql);
   if (!st.ok()) return st.status();
   BindAll(&*st, binds);
-  std::vector<int64_t> ids;
+  std::vector<T> out;
   for (;;) {
     Result<bool> r = st->Next();
     if (!r.ok()) return r.status();
     if (!*r) break;
-    ids.push_back(st->Int(0));
+    out.push_back(column(*st));
   }
-  return ids;
+  return out;
+}
+
+Result<std::vector<int64_t>> CollectIds(Db* db, const std::string& sql,
+                                        const std::vector<Bound>& binds) {
+  return Collect<int64_t>(db, sql, binds, [](const Stmt& st) { return st.Int(0); });
+}
+
+Result<std::vector<std::string>> CollectTexts(Db* db, const std::string& sql,
+                                              const std::vector<Bound>& binds) {
+  return Collect<std::string>(db, sql, binds, [](const Stmt& st) { return st.Text(0); });
 }
 
 Checkpoint RowToCheckpoint(const Stmt& st) {
@@ -273,16 +282,7 @@ Result<ScanStats> Index::ScanChanges(
 
 Result<std::vector<std::string>> Index::Dirs() {
   std::lock_guard<std::mutex> lock(mu_);
-  Result<Stmt> st = db_->Prepare("SELECT path FROM dirs");
-  if (!st.ok()) return st.status();
-  std::vector<std::string> out;
-  for (;;) {
-    Result<bool> r = st->Next();
-    if (!r.ok()) return r.status();
-    if (!*r) break;
-    out.push_back(st->Text(0));
-  }
-  return out;
+  return CollectTexts(db_.get(), "SELECT path FROM dirs", {});
 }
 
 Result<Checkpoint> Index::LoadRow(int64_t id) {
@@ -388,17 +388,7 @@ Result<std::vector<std::string>> Index::NumericKeys(const std::string& scope,
   binds = ScopeBinds(scope);
   AddWhere(where, &sql, &binds);
   sql += " ORDER BY m.key";
-  Result<Stmt> st = db_->Prepare(sql);
-  if (!st.ok()) return st.status();
-  BindAll(&*st, binds);
-  std::vector<std::string> keys;
-  for (;;) {
-    Result<bool> r = st->Next();
-    if (!r.ok()) return r.status();
-    if (!*r) break;
-    keys.push_back(st->Text(0));
-  }
-  return keys;
+  return CollectTexts(db_.get(), sql, binds);
 }
 
 bool Index::IsExperiment(const std::string& dir) {
