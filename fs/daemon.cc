@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -12,6 +13,7 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/log.h"
@@ -43,6 +45,62 @@ void Notify(struct fuse_session* se, const std::vector<Invalidation>& invals) {
     }
   }
 }
+
+// Invalidations that a request handler asks for go out from this thread:
+// libfuse forbids notifying from inside a handler.
+class LaterNotifier {
+ public:
+  LaterNotifier() = default;
+  LaterNotifier(const LaterNotifier&) = delete;
+  LaterNotifier& operator=(const LaterNotifier&) = delete;
+  ~LaterNotifier() { Stop(); }
+
+  // After daemonising: a thread started before the fork would not survive it.
+  void Start(struct fuse_session* se) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      se_ = se;
+    }
+    thread_ = std::thread([this] { Run(); });
+  }
+  void Push(Invalidation inv) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (se_ == nullptr) return;
+    queue_.push_back(std::move(inv));
+    cv_.notify_one();
+  }
+  // Before the session is destroyed.
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      cv_.notify_one();
+    }
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  void Run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (true) {
+      cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+      if (stop_) return;
+      std::vector<Invalidation> batch;
+      batch.swap(queue_);
+      struct fuse_session* se = se_;
+      lock.unlock();
+      Notify(se, batch);
+      lock.lock();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Invalidation> queue_;
+  struct fuse_session* se_ = nullptr;
+  bool stop_ = false;
+  std::thread thread_;
+};
 
 }  // namespace
 
@@ -79,8 +137,10 @@ int RunMount(const Options& opt) {
     }
   }
   std::unique_ptr<Committer> committer;
+  LaterNotifier later;
   NodeTableOptions table_options;
   table_options.links = opt.links;
+  table_options.reinvalidate = [&later](Invalidation inv) { later.Push(std::move(inv)); };
   table_options.averages = &averages;
   table_options.is_watched = [&watcher_ptr](const std::string& dir) {
     index::Watcher* w = watcher_ptr.load();
@@ -167,6 +227,7 @@ int RunMount(const Options& opt) {
   // The parent returns to the shell only now that the mount exists.
   if (!opt.foreground) core::LogToSyslog(true);
   fuse_daemonize(opt.foreground ? 1 : 0);
+  later.Start(se);
 
   index::Watcher::Callbacks callbacks;
   callbacks.on_path_changed = [se, &table](const std::string& dir, const std::string& name) {
@@ -212,6 +273,7 @@ int RunMount(const Options& opt) {
   fuse_loop_cfg_destroy(loop);
 
   committer.reset();  // what is still staged stays staged, reported at the next start
+  later.Stop();
   watcher_ptr = nullptr;
   if (watcher.ok()) watcher->reset();
   fuse_session_unmount(se);

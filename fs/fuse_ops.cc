@@ -26,7 +26,7 @@ NodeTable* Table(fuse_req_t req) { return static_cast<NodeTable*>(fuse_req_userd
 // is the normal answer of lookups and is not logged above debug.
 int Errno(const core::Status& s) {
   int err = ToErrno(s);
-  if (err == ENOENT || err == ENODATA) {
+  if (err == ENOENT || err == ENODATA || err == ESTALE) {  // ESTALE: the kernel retries
     core::Log(LogLevel::kDebug, "%s", s.message().c_str());
   } else {
     core::Log(LogLevel::kWarning, "%s (%s)", s.message().c_str(), std::strerror(err));
@@ -65,12 +65,15 @@ void Init(void* /*userdata*/, struct fuse_conn_info* conn) {
 }
 
 void Lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
-  auto a = Table(req)->Lookup(parent, name);
+  NodeTable* table = Table(req);
+  const uint64_t generation = table->generation();
+  auto a = table->Lookup(parent, name);
   if (!a.ok()) {
     fuse_reply_err(req, Errno(a.status()));
     return;
   }
   ReplyEntry(req, *a);
+  table->AfterLookupReply(parent, name, generation);
 }
 
 void Forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {

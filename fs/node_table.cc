@@ -134,6 +134,26 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
 }
 
 Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name) {
+  // A view's checkpoint can be deleted between resolving and stat; resolving
+  // again skips it (the resolver never selects a checkpoint that is gone).
+  Result<NodeAttr> attr = LookupOnce(parent_ino, name);
+  for (int retry = 0; retry < 3 && !attr.ok() && attr.status().sys_errno() == ENOENT &&
+                      attr.status().code() == StatusCode::kIoError;
+       ++retry) {
+    attr = LookupOnce(parent_ino, name);
+  }
+  return attr;
+}
+
+void NodeTable::AfterLookupReply(uint64_t parent, const std::string& name, uint64_t generation) {
+  if (generation == generation_.load() || !options_.reinvalidate) return;
+  // The index changed while this lookup was answered: the kernel may have
+  // cached an entry resolved before the change, after that change's
+  // invalidation went out. Forget it once more.
+  options_.reinvalidate({true, parent, name, 0});
+}
+
+Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& name) {
   Result<Node> parent = Snapshot(parent_ino);
   if (!parent.ok()) return parent.status();
   if (parent->type != NodeType::kRealDir && parent->type != NodeType::kVirtualDir) {
@@ -276,6 +296,13 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags) {
     case NodeType::kRealFile: {
       const int open_flags = writing ? (flags & (O_ACCMODE | O_TRUNC | O_APPEND)) : O_RDONLY;
       f.fd = ::open(node->real_path.c_str(), open_flags | O_CLOEXEC | O_NOFOLLOW);
+      if (f.fd < 0 && errno == ENOENT && node->in_view) {
+        // The view's checkpoint went away after the kernel looked it up
+        // (pruned, or deleted on disk). ESTALE makes the kernel walk the
+        // path again, forcing fresh lookups, so the open lands on what the
+        // view selects now instead of failing.
+        return Status::FromErrno(node->real_path, ESTALE);
+      }
       if (f.fd < 0) return Status::FromErrno(node->real_path, errno);
       struct stat st {};
       if (::fstat(f.fd, &st) != 0) {
@@ -347,6 +374,7 @@ std::vector<std::string> NodeTable::ListXattr(uint64_t ino) {
 }
 
 std::vector<Invalidation> NodeTable::ViewsChanged(const std::vector<std::string>& experiments) {
+  generation_.fetch_add(1);
   std::vector<Invalidation> out;
   std::lock_guard<std::mutex> lock(mu_);
   for (const auto& [ino, n] : nodes_) {
@@ -361,6 +389,7 @@ std::vector<Invalidation> NodeTable::ViewsChanged(const std::vector<std::string>
 }
 
 std::vector<Invalidation> NodeTable::PathChanged(const std::string& dir, const std::string& name) {
+  generation_.fetch_add(1);
   std::vector<Invalidation> out;
   const std::string path = name.empty() ? dir : dir + "/" + name;
   std::lock_guard<std::mutex> lock(mu_);

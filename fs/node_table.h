@@ -13,10 +13,11 @@
 
 #include <sys/stat.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
-#include <set>
 #include <mutex>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -66,6 +67,8 @@ struct NodeTableOptions {
   Committer* committer = nullptr;
   // Whether changes in a real directory are reported (long timeouts are then safe).
   std::function<bool(const std::string& dir)> is_watched;
+  // Sends an invalidation later, from a thread that is not a request handler.
+  std::function<void(Invalidation)> reinvalidate;
 };
 
 class NodeTable {
@@ -74,6 +77,12 @@ class NodeTable {
 
   // Resolves name in parent; on success the inode's lookup count grows by one.
   core::Result<NodeAttr> Lookup(uint64_t parent, const std::string& name);
+  // Counts index changes (ViewsChanged, PathChanged). Read it before Lookup
+  // and pass it to AfterLookupReply once the reply is sent: a lookup that
+  // raced with a change is invalidated again (options.reinvalidate), so the
+  // kernel never keeps an entry resolved before the change.
+  uint64_t generation() const { return generation_.load(); }
+  void AfterLookupReply(uint64_t parent, const std::string& name, uint64_t generation);
   core::Result<NodeAttr> GetAttr(uint64_t ino);
   void Forget(uint64_t ino, uint64_t nlookup);
   core::Result<std::vector<index::DirEntry>> ReadDir(uint64_t ino);
@@ -142,6 +151,7 @@ class NodeTable {
     struct stat last {};
   };
 
+  core::Result<NodeAttr> LookupOnce(uint64_t parent, const std::string& name);
   core::Result<Node> Snapshot(uint64_t ino) const;
   // The staging directory a new entry named `name` in `parent` goes to.
   core::Result<std::string> StagedDir(uint64_t parent, const std::string& name, bool creating);
@@ -154,6 +164,8 @@ class NodeTable {
   index::Resolver resolver_;
   NodeTableOptions options_;
   const struct timespec mount_time_;
+
+  std::atomic<uint64_t> generation_{0};
 
   mutable std::mutex mu_;  // guards everything below
   uint64_t next_ino_ = kRootIno + 1;

@@ -150,6 +150,22 @@ class MountTest(unittest.TestCase):
             self.assertTrue(wait_for(lambda: not os.path.exists(os.path.join(mnt, "sb/CKPT+f")), timeout=1.0))
             self.assertLess(moved, 1.0)
 
+    def test_open_after_the_view_moved_lands_on_the_new_choice(self):
+        """The kernel holds latest/mdl.ckpt from a lookup; the checkpoint is
+        deleted before the open reaches the daemon: the open must land on the
+        checkpoint latest/ selects now, not fail with ENOENT."""
+        gone = os.path.join(self.tmp, "gone")
+        os.makedirs(gone)
+        with mounted(self.src) as (mnt, _, _):
+            path = os.path.join(mnt, "sb/latest/mdl.ckpt")
+            for name, after in [("d", "c"), ("c", "b"), ("b", "a")]:
+                os.stat(path)  # the kernel now caches the entry for CKPT+name
+                os.rename(self.real(f"CKPT+{name}"), os.path.join(gone, name))
+                with open(path, "rb") as f:  # before the watcher reacts
+                    data = f.read()
+                with open(self.real(f"CKPT+{after}", "mdl.ckpt"), "rb") as f:
+                    self.assertEqual(data, f.read(), f"after CKPT+{name} went away")
+
     def test_open_file_stays_bound(self):
         with mounted(self.src) as (mnt, _, _):
             with open(self.real("CKPT+d", "mdl.ckpt"), "rb") as f:

@@ -27,12 +27,14 @@ class NodeTableTest : public ::testing::Test {
 
   void Reopen(bool links) {
     table_.reset();
+    reinvalidated_.clear();
     auto idx = index::Index::Open(src_, dir_.path() + "/i.sqlite");
     ASSERT_TRUE(idx.ok());
     index_ = std::move(*idx);
     ASSERT_TRUE(index_->Scan().ok());
     NodeTableOptions options;
     options.links = links;
+    options.reinvalidate = [this](Invalidation inv) { reinvalidated_.push_back(inv); };
     table_ = std::make_unique<NodeTable>(index_.get(), options);
   }
 
@@ -52,6 +54,7 @@ class NodeTableTest : public ::testing::Test {
   std::string src_;
   std::unique_ptr<index::Index> index_;
   std::unique_ptr<NodeTable> table_;
+  std::vector<Invalidation> reinvalidated_;
 };
 
 TEST_F(NodeTableTest, ViewFilesAreReadOnlyRealFiles) {
@@ -107,6 +110,39 @@ TEST_F(NodeTableTest, SameNameNewSelectionIsANewInode) {
   invals = table_->ViewsChanged({src_ + "/exp"});
   EXPECT_FALSE(std::any_of(invals.begin(), invals.end(),
                            [&](const Invalidation& i) { return !i.entry && i.ino == real; }));
+}
+
+TEST_F(NodeTableTest, LookupThatRacedAChangeIsInvalidatedAgain) {
+  uint64_t exp = Walk({"exp"});
+  // No change while answering: nothing more to send.
+  uint64_t g = table_->generation();
+  ASSERT_TRUE(table_->Lookup(exp, "latest").ok());
+  table_->AfterLookupReply(exp, "latest", g);
+  EXPECT_TRUE(reinvalidated_.empty());
+  // The index changed between resolving and replying: the entry the kernel
+  // just cached may predate the change, so it is invalidated once more.
+  g = table_->generation();
+  ASSERT_TRUE(table_->Lookup(exp, "latest").ok());
+  table_->ViewsChanged({src_ + "/exp"});
+  table_->AfterLookupReply(exp, "latest", g);
+  ASSERT_EQ(reinvalidated_.size(), 1u);
+  EXPECT_TRUE(reinvalidated_[0].entry);
+  EXPECT_EQ(reinvalidated_[0].parent, exp);
+  EXPECT_EQ(reinvalidated_[0].name, "latest");
+}
+
+TEST_F(NodeTableTest, OpenOfAViewWhoseCheckpointVanishedIsStale) {
+  uint64_t ino = Walk({"exp", "latest", "mdl.ckpt"});
+  ASSERT_EQ(::rename((src_ + "/exp/CKPT+2").c_str(), (dir_.path() + "/gone").c_str()), 0);
+  // ESTALE, not ENOENT: the kernel then walks the path again.
+  EXPECT_EQ(ToErrno(table_->Open(ino, O_RDONLY).status()), ESTALE);
+  // A fresh lookup skips the vanished checkpoint.
+  auto f = table_->Open(Walk({"exp", "latest", "mdl.ckpt"}), O_RDONLY);
+  ASSERT_TRUE(f.ok()) << f.status().message();
+  char buf[8] = {};
+  EXPECT_EQ(::pread(f->fd, buf, sizeof(buf), 0), 3);
+  EXPECT_STREQ(buf, "one");
+  ::close(f->fd);
 }
 
 TEST_F(NodeTableTest, PathChangeInvalidatesEveryNodeOfThatPath) {
