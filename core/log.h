@@ -1,5 +1,7 @@
 // Logging: one line per event, "ckptfs[pid]: LEVEL message", to stderr (the
 // foreground and systemd/journald) or to syslog once the daemon detached.
+// When stderr is the journal (systemd's JOURNAL_STREAM), lines carry their
+// syslog priority as a "<N>" prefix, so `journalctl -p warning` filters them.
 // Thread-safe; a line is written with one call so lines never interleave.
 #ifndef CKPTFS_CORE_LOG_H_
 #define CKPTFS_CORE_LOG_H_
@@ -11,6 +13,11 @@ enum class LogLevel { kDebug = 0, kInfo = 1, kWarning = 2, kError = 3 };
 void SetLogLevel(LogLevel level);
 void LogToSyslog(bool enable);
 void Log(LogLevel level, const char* format, ...) __attribute__((format(printf, 2, 3)));
+
+// Called with every error line that is logged (after the level filter), on
+// the logging thread; for status reports. nullptr: none.
+using LogObserver = void (*)(void* context, const char* message);
+void SetErrorObserver(LogObserver observer, void* context);
 
 }  // namespace ckptfs::core
 

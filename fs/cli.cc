@@ -12,13 +12,17 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <fstream>
 #include <iostream>
 #include <memory>
+#include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
 #include "core/average_cache.h"
 #include "core/log.h"
+#include "fs/mount_status.h"
 #include "fs/options.h"
 #include "index/index.h"
 #include "index/pruner.h"
@@ -53,6 +57,8 @@ const char kUsage[] =
     "                                      every checkpoint, keep or delete and the deciding rule\n"
     "  cat [options] SOURCE VPATH          write VPATH's content to stdout, computing an average\n"
     "                                      if needed (for machines without FUSE)\n"
+    "  status [--json] MOUNTPOINT          what a running mount holds and did: index size, last\n"
+    "                                      commits, deletions, averages and errors\n"
     "  help                                show this text\n"
     "\n"
     "VPATH is a path inside the mount, relative to SOURCE, such as /best/min/loss/mdl.ckpt,\n"
@@ -64,6 +70,14 @@ const char kUsage[] =
     "  --json           (ls) print JSON instead of a table\n"
     "  --avg-cache DIR  (cat, mount) where averages are cached (default: the index path + .avg)\n"
     "  --avg-cache-bytes SIZE  (cat, mount) bound of that cache, e.g. 20G (default 20G)\n"
+    "  --name NAME      take SOURCE, MOUNTPOINT and the options of mount NAME from the\n"
+    "                   configuration file; what the command line gives wins, and a policy\n"
+    "                   given there replaces the configured one\n"
+    "  --config FILE    the configuration file (default /etc/ckptfs/ckptfs.json):\n"
+    "                   {\"mounts\": {\"NAME\": {\"source\": DIR, \"mountpoint\": DIR,\n"
+    "                   \"policy\": {...}, \"fuse_options\": [...], OPTION: VALUE, ...}}}\n"
+    "                   where OPTION is a long option below without --, '-' as '_'\n"
+    "  --log-level L    (mount, prune) error, warning, info (default) or debug\n"
     "  -h, --help       show this text\n"
     "  -V, --version    show the version\n"
     "\n"
@@ -80,7 +94,9 @@ const char kUsage[] =
     "mount options:\n"
     "  -f               stay in the foreground, logs on stderr\n"
     "  --links          selector entries are symbolic links to the real files\n"
-    "  -o OPT[,OPT]     FUSE mount options (allow_other, ...)\n"
+    "  -o OPT[,OPT]     mount options: any long option as KEY or KEY=VALUE (keep_last=3,\n"
+    "                   keep_best=min:loss:2, links, commit_quiet=2, config=F, name=N); the\n"
+    "                   rest go to FUSE (allow_other, ro, ...)\n"
     "  --commit-quiet S a checkpoint written to new/ is committed once no file of it is open\n"
     "                   for writing and it has been quiet S seconds (default 1)\n"
     "  --explicit-commit  commit only when the writer creates new/NAME/.commit (or\n"
@@ -88,8 +104,13 @@ const char kUsage[] =
     "  POLICY           retention rules (above): run after every commit and new checkpoint\n"
     "  -d               FUSE debug output (implies -f)\n"
     "\n"
+    "Under systemd (ckptfs@NAME.service runs `ckptfs mount -f --name NAME`), readiness is\n"
+    "reported with sd_notify and logs go to the journal with their levels.\n"
+    "`mount -t fuse.ckptfs SOURCE MOUNTPOINT -o OPTS` and fstab lines of type fuse.ckptfs\n"
+    "run `ckptfs SOURCE MOUNTPOINT -o OPTS`, the same as `ckptfs mount`.\n"
+    "\n"
     "Exit status: 0 success, 1 failure (the message names the file and the reason),\n"
-    "2 usage error. Unmount with: fusermount3 -u MOUNTPOINT\n";
+    "2 usage error. Unmount with: fusermount3 -u MOUNTPOINT (or umount as root)\n";
 
 int Usage(const std::string& why) {
   std::fprintf(stderr, "ckptfs: %s\nTry 'ckptfs --help'.\n", why.c_str());
@@ -272,11 +293,71 @@ int RunPrune(const Options& opt) {
   return report->failed == 0 ? 0 : kExitFailure;
 }
 
+std::string HumanBytes(double bytes) {
+  const char* units[] = {"B", "KB", "MB", "GB", "TB"};
+  int u = 0;
+  while (bytes >= 1000 && u < 4) bytes /= 1000, ++u;
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), u == 0 ? "%.0f %s" : "%.1f %s", bytes, units[u]);
+  return buf;
+}
+
+int RunStatus(const Options& opt) {
+  const std::string path = opt.mountpoint + "/" + kStatusFile;
+  std::ifstream in(path);
+  if (!in) {
+    const int err = errno;
+    return Fail(Status::FromErrno(
+        opt.mountpoint + (err == ENOTCONN ? " (its daemon is gone; unmount with fusermount3 -u)"
+                                          : " (not a ckptfs mount?)"),
+        err));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  if (opt.json) {
+    std::fputs(text.str().c_str(), stdout);
+    return 0;
+  }
+  nlohmann::json j = nlohmann::json::parse(text.str(), nullptr, false);
+  if (j.is_discarded() || !j.is_object()) return Fail(Status::Corrupt(path + ": not a status object"));
+  const nlohmann::json& idx = j.value("index", nlohmann::json::object());
+  const nlohmann::json& totals = j.value("totals", nlohmann::json::object());
+  const double up = j.value("uptime_s", 0.0);
+  std::printf("%s%s -> %s (pid %lld, up %dh%02dm)\n",
+              j.contains("name") ? ("mount " + j.value("name", "") + ": ").c_str() : "",
+              j.value("source", "?").c_str(), j.value("mountpoint", "?").c_str(),
+              static_cast<long long>(j.value("pid", 0)), static_cast<int>(up / 3600),
+              static_cast<int>(up / 60) % 60);
+  std::printf("index:  %s (%s): %lld checkpoint(s), %lld invalid, %lld experiment(s), %s in %lld file(s)\n",
+              idx.value("path", "?").c_str(), HumanBytes(idx.value("file_bytes", 0.0)).c_str(),
+              static_cast<long long>(idx.value("checkpoints", 0)), static_cast<long long>(idx.value("invalid", 0)),
+              static_cast<long long>(idx.value("experiments", 0)),
+              HumanBytes(idx.value("checkpoint_bytes", 0.0)).c_str(),
+              static_cast<long long>(idx.value("files", 0)));
+  const std::string policy = j.value("policy", "");
+  std::printf("policy: %s\n", policy.empty() ? "none (nothing is pruned)" : policy.c_str());
+  std::printf("totals: %lld commit(s), %lld deletion(s), %lld average(s) served, %lld error(s)\n",
+              static_cast<long long>(totals.value("commits", 0)),
+              static_cast<long long>(totals.value("deletions", 0)),
+              static_cast<long long>(totals.value("averages", 0)),
+              static_cast<long long>(totals.value("errors", 0)));
+  for (const char* kind : {"commits", "deletions", "averages", "errors"}) {
+    const nlohmann::json& list = j.value(std::string("last_") + kind, nlohmann::json::array());
+    if (list.empty()) continue;
+    std::printf("last %s:\n", kind);
+    for (const auto& e : list) {
+      std::printf("  %s  %s\n", FormatTime(e.value("time", 0.0)).c_str(), e.value("what", "").c_str());
+    }
+  }
+  return 0;
+}
+
 }  // namespace
 
 int RunCli(int argc, char** argv) {
   Result<Options> opt = ParseOptions(argc, argv);
   if (!opt.ok()) return Usage(opt.status().message());
+  core::SetLogLevel(opt->log_level);
   switch (opt->command) {
     case Command::kHelp:
       std::fputs(kUsage, stdout);
@@ -294,6 +375,8 @@ int RunCli(int argc, char** argv) {
       return RunPrune(*opt);
     case Command::kMount:
       return RunMount(*opt);
+    case Command::kStatus:
+      return RunStatus(*opt);
   }
   return kExitUsage;
 }

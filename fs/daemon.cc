@@ -2,6 +2,11 @@
 // ready, then serves until unmounted, keeping views in line with the disk.
 #define FUSE_USE_VERSION 314
 #include <fuse_lowlevel.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -20,6 +25,7 @@
 #include "core/retention.h"
 #include "fs/committer.h"
 #include "fs/fuse_ops.h"
+#include "fs/mount_status.h"
 #include "fs/node_table.h"
 #include "fs/options.h"
 #include "index/pruner.h"
@@ -102,10 +108,39 @@ class LaterNotifier {
   std::thread thread_;
 };
 
+// A daemon that died (SIGKILL, OOM) leaves its mount behind, answering
+// ENOTCONN; a restart (systemd's Restart=on-failure) must be able to mount
+// again, so such a mount is detached first. Anything else is left alone.
+void DetachDeadMount(const std::string& mountpoint) {
+  struct stat st {};
+  if (::stat(mountpoint.c_str(), &st) == 0 || errno != ENOTCONN) return;
+  core::Log(LogLevel::kWarning, "%s: a mount whose daemon died is still there; detaching it",
+            mountpoint.c_str());
+  if (::geteuid() == 0) {
+    if (::umount2(mountpoint.c_str(), MNT_DETACH) != 0) {
+      core::Log(LogLevel::kError, "%s: cannot detach: %s", mountpoint.c_str(), std::strerror(errno));
+    }
+    return;
+  }
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execlp("fusermount3", "fusermount3", "-u", "-z", mountpoint.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  int status = 0;
+  if (pid < 0 || ::waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+    core::Log(LogLevel::kError, "%s: fusermount3 -u -z failed", mountpoint.c_str());
+  }
+}
+
+void RecordError(void* status, const char* message) {
+  static_cast<MountStatus*>(status)->Record(EventKind::kError, message);
+}
+
 }  // namespace
 
 int RunMount(const Options& opt) {
-  core::SetLogLevel(opt.debug ? LogLevel::kDebug : LogLevel::kInfo);
+  core::SetLogLevel(opt.log_level);
   auto start = std::chrono::steady_clock::now();
   auto idx = index::Index::Open(opt.source, opt.index_path);
   if (!idx.ok()) {
@@ -121,6 +156,9 @@ int RunMount(const Options& opt) {
             opt.source.c_str(), scan->checkpoints_loaded, scan->dirs_visited, scan->seconds * 1e3,
             opt.index_path.c_str());
 
+  MountStatus status({opt.name, opt.source, opt.mountpoint, opt.index_path,
+                      opt.policy.empty() ? "" : opt.policy.ToString()});
+  core::SetErrorObserver(RecordError, &status);
   // The watcher starts after the fork; until then nothing is watched.
   std::atomic<index::Watcher*> watcher_ptr{nullptr};
   core::AverageCache averages(opt.avg_cache, opt.avg_cache_bytes);
@@ -141,6 +179,7 @@ int RunMount(const Options& opt) {
   NodeTableOptions table_options;
   table_options.links = opt.links;
   table_options.reinvalidate = [&later](Invalidation inv) { later.Push(std::move(inv)); };
+  table_options.status = &status;
   table_options.averages = &averages;
   table_options.is_watched = [&watcher_ptr](const std::string& dir) {
     index::Watcher* w = watcher_ptr.load();
@@ -162,6 +201,9 @@ int RunMount(const Options& opt) {
       core::Log(LogLevel::kError, "retention: %s", report.status().message().c_str());
       return;
     }
+    for (const index::PruneEntry& e : report->entries) {
+      if (e.deleted) status.Record(EventKind::kDeletion, e.checkpoint.path + " (" + e.decision.why + ")");
+    }
     if (report->deleted > 0 && session != nullptr) {
       Notify(session, table_ptr->ViewsChanged(experiments));
       for (const index::PruneEntry& e : report->entries) {
@@ -180,6 +222,7 @@ int RunMount(const Options& opt) {
                     stats.status().message().c_str());
           return;
         }
+        status.Record(EventKind::kCommit, experiment + "/" + name);
         if (session != nullptr) {
           Notify(session, table_ptr->ViewsChanged({experiment}));
           Notify(session, table_ptr->PathChanged(experiment, name));
@@ -212,6 +255,7 @@ int RunMount(const Options& opt) {
     fuse_session_destroy(se);
     return 1;
   }
+  DetachDeadMount(opt.mountpoint);
   if (fuse_session_mount(se, opt.mountpoint.c_str()) != 0) {
     core::Log(LogLevel::kError, "cannot mount %s at %s (is /dev/fuse available, fusermount3 "
               "installed, the mountpoint empty and not mounted?)",
@@ -265,12 +309,16 @@ int RunMount(const Options& opt) {
     prune(std::vector<std::string>(experiments.begin(), experiments.end()));
   }
 
+  // systemd (Type=notify): the mount answers and the policy has run once.
+  sd_notifyf(0, "READY=1\nSTATUS=serving %s at %s\nMAINPID=%d", opt.source.c_str(),
+             opt.mountpoint.c_str(), static_cast<int>(::getpid()));
   struct fuse_loop_config* loop = fuse_loop_cfg_create();
   fuse_loop_cfg_set_clone_fd(loop, 0);
   fuse_loop_cfg_set_idle_threads(loop, 8);
   fuse_loop_cfg_set_max_threads(loop, 16);
   rc = fuse_session_loop_mt(se, loop);
   fuse_loop_cfg_destroy(loop);
+  sd_notify(0, "STOPPING=1");
 
   committer.reset();  // what is still staged stays staged, reported at the next start
   later.Stop();
@@ -279,6 +327,7 @@ int RunMount(const Options& opt) {
   fuse_session_unmount(se);
   fuse_remove_signal_handlers(se);
   fuse_session_destroy(se);
+  core::SetErrorObserver(nullptr, nullptr);
   core::Log(LogLevel::kInfo, "unmounted %s", opt.mountpoint.c_str());
   return rc == 0 ? 0 : 1;
 }

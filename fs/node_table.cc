@@ -101,6 +101,16 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
   } else if (node.staged && node.type == NodeType::kVirtualDir &&
              ::lstat(node.real_path.c_str(), &st) == 0) {
     // new/ after its staging directory was created.
+  } else if (IsStatusFile(node)) {
+    st.st_mode = S_IFREG | 0444;
+    st.st_nlink = 1;
+    st.st_size = static_cast<off_t>(options_.status->ToJson(index_).size());
+    st.st_atim = st.st_mtim = st.st_ctim = Now();
+    st.st_uid = ::getuid();
+    st.st_gid = ::getgid();
+    st.st_ino = ino;
+    a.timeout = 0;  // it changes with every event
+    return a;
   } else if (node.type == NodeType::kVirtualDir || node.type == NodeType::kIndexJson ||
              node.type == NodeType::kAverageFile) {
     const bool dir = node.type == NodeType::kVirtualDir;
@@ -163,6 +173,10 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
   node.parent = parent_ino;
   node.name = name;
   node.vpath = VpathOf(*parent, name);
+  if (IsStatusFile(node)) {
+    node.type = NodeType::kIndexJson;
+    return Remember(std::move(node));
+  }
   Result<index::Resolution> r = resolver_.Resolve(node.vpath);
   if (!r.ok()) return r.status();
   node.type = r->type;
@@ -195,8 +209,16 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
     }
     node.type = NodeType::kRealFile;
     node.real_path = *avg;
+    if (options_.status != nullptr) {
+      options_.status->Record(EventKind::kAverage, node.vpath + " (" + std::to_string(members.size()) +
+                                                       " members) -> " + *avg);
+    }
   }
+  return Remember(std::move(node));
+}
 
+// Counts a lookup of `node`: the existing inode of the same identity, or a new one.
+Result<NodeAttr> NodeTable::Remember(Node node) {
   std::lock_guard<std::mutex> lock(mu_);
   const std::string key = KeyOf(node);
   uint64_t ino;
@@ -326,6 +348,11 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags) {
       return f;
     }
     case NodeType::kIndexJson: {
+      f.generated = true;
+      if (IsStatusFile(*node)) {
+        f.content = options_.status->ToJson(index_);
+        return f;
+      }
       Result<index::Resolution> r = resolver_.Resolve(node->vpath);
       if (!r.ok()) return r.status();
       f.generated = true;

@@ -24,6 +24,7 @@
 
 #include "core/average_cache.h"
 #include "core/status.h"
+#include "fs/mount_status.h"
 #include "index/index.h"
 #include "index/resolver.h"
 
@@ -69,6 +70,8 @@ struct NodeTableOptions {
   std::function<bool(const std::string& dir)> is_watched;
   // Sends an invalidation later, from a thread that is not a request handler.
   std::function<void(Invalidation)> reinvalidate;
+  // Serves /.ckptfs-status and is told of averages served; nullptr: no status file.
+  MountStatus* status = nullptr;
 };
 
 class NodeTable {
@@ -152,6 +155,10 @@ class NodeTable {
   };
 
   core::Result<NodeAttr> LookupOnce(uint64_t parent, const std::string& name);
+  core::Result<NodeAttr> Remember(Node node);
+  bool IsStatusFile(const Node& node) const {
+    return options_.status != nullptr && node.parent == kRootIno && node.name == kStatusFile;
+  }
   core::Result<Node> Snapshot(uint64_t ino) const;
   // The staging directory a new entry named `name` in `parent` goes to.
   core::Result<std::string> StagedDir(uint64_t parent, const std::string& name, bool creating);

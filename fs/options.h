@@ -8,36 +8,51 @@
 #include <vector>
 
 #include "core/average_cache.h"
+#include "core/log.h"
 #include "core/retention.h"
 #include "core/status.h"
 #include "index/index.h"
 
 namespace ckptfs::fs {
 
-enum class Command { kHelp, kVersion, kLs, kResolve, kCat, kPrune, kMount };
+enum class Command { kHelp, kVersion, kLs, kResolve, kCat, kPrune, kMount, kStatus };
+
+// Where --name looks for its mount when no --config is given.
+inline constexpr char kDefaultConfigPath[] = "/etc/ckptfs/ckptfs.json";
 
 struct Options {
   Command command = Command::kHelp;
   std::string source;      // realpath of SOURCE
   std::string vpath;       // resolve
-  std::string mountpoint;  // mount: realpath of MOUNTPOINT
+  std::string mountpoint;  // mount, status: realpath of MOUNTPOINT
+  std::string name;        // --name: the configured mount these options came from
   std::string index_path;  // --index, else DefaultIndexPath(source)
   std::string avg_cache;   // --avg-cache, else index_path + ".avg"
   int64_t avg_cache_bytes = core::kDefaultAverageCacheBytes;  // --avg-cache-bytes
   bool json = false;       // ls --json
   bool foreground = false; // mount -f
   bool debug = false;      // mount -d
+  core::LogLevel log_level = core::LogLevel::kInfo;  // --log-level
   bool links = false;      // mount --links
   bool dry_run = false;    // prune --dry-run
   double commit_quiet = 1.0;   // mount --commit-quiet SECONDS
   bool explicit_commit = false;  // mount --explicit-commit
   core::RetentionPolicy policy;  // prune and mount: --keep-*, --max-bytes, --policy FILE
-  std::vector<std::string> fuse_options;  // mount -o, split on commas
+  std::vector<std::string> fuse_options;  // mount -o items that are not ckptfs options
 };
 
 // Parses argv. kInvalidArgument with a message for the user on bad usage
 // (unknown command or option, missing or extra operands, SOURCE not a
-// directory).
+// directory, a configuration file that cannot be read).
+//
+// Settings come from three places, later ones winning: the mount named by
+// --name in the configuration file (--config, default kDefaultConfigPath),
+// then `-o KEY=VALUE` items, then flags, in command-line order. A policy on
+// the command line replaces the configured one as a whole.
+//
+// `ckptfs SOURCE MOUNTPOINT -o OPTS` (what mount.fuse3 runs for
+// `mount -t fuse.ckptfs` and fstab lines) is `ckptfs mount`; so is the
+// program run as mount.fuse.ckptfs or mount.ckptfs (mount(8)'s helper form).
 core::Result<Options> ParseOptions(int argc, char** argv);
 
 // Opens the index of opt.source and brings it up to date with one scan.

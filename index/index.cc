@@ -409,4 +409,21 @@ Result<Checkpoint> Index::Find(const std::string& path) {
   return LoadRow(ids->front());
 }
 
+Result<IndexCounts> Index::Counts() {
+  std::lock_guard<std::mutex> lock(mu_);
+  Result<Stmt> st = db_->Prepare(
+      "SELECT (SELECT COUNT(*) FROM checkpoints), (SELECT COUNT(*) FROM checkpoints WHERE valid = 0),"
+      " (SELECT COUNT(DISTINCT experiment) FROM checkpoints), (SELECT COUNT(*) FROM files),"
+      " (SELECT COALESCE(SUM(size), 0) FROM files)");
+  if (!st.ok()) return st.status();
+  Result<bool> row = st->Next();
+  if (!row.ok()) return row.status();
+  IndexCounts c;
+  if (*row) {
+    c.checkpoints = st->Int(0), c.invalid = st->Int(1), c.experiments = st->Int(2);
+    c.files = st->Int(3), c.bytes = st->Int(4);
+  }
+  return c;
+}
+
 }  // namespace ckptfs::index

@@ -37,6 +37,15 @@ struct ScanStats {
   std::vector<std::string> new_dirs;
 };
 
+// What the index holds, for status reports.
+struct IndexCounts {
+  int64_t checkpoints = 0;
+  int64_t invalid = 0;
+  int64_t experiments = 0;
+  int64_t files = 0;
+  int64_t bytes = 0;  // sum of the checkpoints' file sizes
+};
+
 class Index {
  public:
   // Opens the index of `source` (an absolute, resolved directory) stored at
@@ -87,6 +96,9 @@ class Index {
 
   // The checkpoint whose real path is `path`, if indexed.
   core::Result<core::Checkpoint> Find(const std::string& path);
+
+  // Counts over the whole index (aggregates, no rows loaded).
+  core::Result<IndexCounts> Counts();
 
  private:
   Index(std::string source, std::unique_ptr<Db> db, std::unique_ptr<Db> scan_db);

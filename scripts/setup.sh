@@ -5,7 +5,7 @@ set -euo pipefail
 
 PACKAGES=(
   cmake g++ make pkg-config
-  libfuse3-dev fuse3
+  libfuse3-dev fuse3 libsystemd-dev systemd mount
   libsqlite3-dev nlohmann-json3-dev libyaml-cpp-dev libgtest-dev
   libtorch-dev python3-torch python3-yaml python3-numpy
   clang libclang-rt-14-dev
