@@ -4,6 +4,7 @@
 #include <fuse_lowlevel.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
@@ -12,6 +13,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -112,8 +114,9 @@ class LaterNotifier {
 // ENOTCONN; a restart (systemd's Restart=on-failure) must be able to mount
 // again, so such a mount is detached first. Anything else is left alone.
 void DetachDeadMount(const std::string& mountpoint) {
-  struct stat st {};
-  if (::stat(mountpoint.c_str(), &st) == 0 || errno != ENOTCONN) return;
+  // statfs always reaches the daemon; stat may be answered from the cache.
+  struct statfs st {};
+  if (::statfs(mountpoint.c_str(), &st) == 0 || errno != ENOTCONN) return;
   core::Log(LogLevel::kWarning, "%s: a mount whose daemon died is still there; detaching it",
             mountpoint.c_str());
   if (::geteuid() == 0) {
@@ -329,7 +332,9 @@ int RunMount(const Options& opt) {
   fuse_session_destroy(se);
   core::SetErrorObserver(nullptr, nullptr);
   core::Log(LogLevel::kInfo, "unmounted %s", opt.mountpoint.c_str());
-  return rc == 0 ? 0 : 1;
+  // SIGTERM (systemctl stop), SIGINT and SIGHUP end the loop with the signal
+  // number: a clean stop, like an unmount.
+  return rc == 0 || rc == SIGTERM || rc == SIGINT || rc == SIGHUP ? 0 : 1;
 }
 
 }  // namespace ckptfs::fs

@@ -3,6 +3,7 @@
 #include <limits.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -441,8 +442,8 @@ Result<Options> ParseOptions(int argc, char** argv) {
   opt.source = *source;
   if (opt.command == Command::kResolve || opt.command == Command::kCat) opt.vpath = operands[1];
   if (opt.command == Command::kMount) {
-    struct stat st {};
-    const bool dead = ::stat(operands[1].c_str(), &st) != 0 && errno == ENOTCONN;  // detached later
+    struct statfs st {};  // statfs always reaches a FUSE daemon, stat may not
+    const bool dead = ::statfs(operands[1].c_str(), &st) != 0 && errno == ENOTCONN;  // detached later
     Result<std::string> mp = dead ? DeadMountPath(operands[1]) : RealDirectory(operands[1], "MOUNTPOINT");
     if (!mp.ok()) return mp.status();
     opt.mountpoint = *mp;
