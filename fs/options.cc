@@ -193,8 +193,10 @@ Result<ConfiguredMount> LoadConfiguredMount(const std::string& path, const std::
       std::string flag = "--" + key;
       std::replace(flag.begin(), flag.end(), '_', '-');
       const FlagSpec* spec = FindFlag(flag);
-      if (spec == nullptr || flag == "--config" || flag == "--name" || flag == "--policy" ||
-          core::IsPolicyOption(flag)) {
+      if (core::IsPolicyOption(flag) || flag == "--policy") {
+        return Status::InvalidArgument(where + ": '" + key + "' is a retention rule: put it in \"policy\"");
+      }
+      if (spec == nullptr || flag == "--config" || flag == "--name") {
         return Status::InvalidArgument(where + ": unknown key '" + key + "'");
       }
       if (!spec->takes_value) {
@@ -330,7 +332,9 @@ Result<Options> ParseOptions(int argc, char** argv) {
   for (const auto& [name, command] : kCommands) {
     if (cmd == name) opt.command = command, known = true;
   }
-  if (!known && !cmd.empty() && cmd[0] != '-' && words.size() >= 3) {
+  struct stat source_st {};
+  if (!known && !cmd.empty() && cmd[0] != '-' && words.size() >= 3 &&
+      ::stat(cmd.c_str(), &source_st) == 0 && S_ISDIR(source_st.st_mode)) {
     // mount.fuse3 runs `ckptfs SOURCE MOUNTPOINT -o OPTS`.
     words.insert(words.begin(), "mount");
     opt.command = Command::kMount, known = true;
