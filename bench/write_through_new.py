@@ -3,8 +3,10 @@
 it directly (goal: at least 0.8x).
 
 Writes SIZE_MB (default 1024) with 1 MiB writes, then fsync, directly into the
-experiment and through MOUNT/exp/new/ in the same run (3 runs each, best),
-and torch.save of a 256 MiB state_dict both ways; prints throughputs and ratios.
+experiment and through MOUNT/exp/new/NAME/ in the same run (3 runs each,
+best), and torch.save of a 256 MiB state_dict both ways; once with the
+default new/ (data through the daemon) and once with --direct-new (new/NAME
+is a symbolic link into the staging area); prints throughputs and ratios.
 Usage: /usr/bin/python3 bench/write_through_new.py [--ckptfs build/fs/ckptfs] [--size-mb 1024]
 """
 import argparse
@@ -45,26 +47,27 @@ def main():
             f.write("unixtime: 1\n")
         sd = {f"l{i}": torch.randn(8 << 20) for i in range(8)}  # 256 MiB
         print(f"write {args.size_mb} MiB with 1 MiB writes + fsync, and torch.save of 256 MiB; best of 3")
-        with mount_util.mounted(os.path.join(tmp, "src"), "--explicit-commit") as (mnt, _, _):
-            new = os.path.join(mnt, "exp", "new")
-            rows = []
-            for label, fn in (("raw write", lambda d: write_file(os.path.join(d, "big.bin"), args.size_mb)),
-                              ("torch.save", lambda d: _timed_save(sd, os.path.join(d, "m.ckpt")))):
-                direct, mounted_t = [], []
-                for i in range(3):
-                    d = os.path.join(exp, f"direct{label[0]}{i}")
-                    os.makedirs(d)
-                    direct.append(fn(d))
-                    shutil.rmtree(d)
-                    v = os.path.join(new, f"via{label[0]}{i}")
-                    os.mkdir(v)
-                    mounted_t.append(fn(v))
-                    shutil.rmtree(v)
-                size = args.size_mb if label == "raw write" else 256
-                a, b = min(direct), min(mounted_t)
-                rows.append((label, size / 1024 / a, size / 1024 / b, a / b))
-            for label, d, m, r in rows:
-                print(f"  {label:10}  direct {d:6.2f} GiB/s   through new/ {m:6.2f} GiB/s   ratio {r:.2f}x")
+        rows = []
+        for mode, options in (("new/", ()), ("new/ --direct-new", ("--direct-new",))):
+            with mount_util.mounted(os.path.join(tmp, "src"), "--explicit-commit", *options) as (mnt, _, _):
+                new = os.path.join(mnt, "exp", "new")
+                for label, fn in (("raw write", lambda d: write_file(os.path.join(d, "big.bin"), args.size_mb)),
+                                  ("torch.save", lambda d: _timed_save(sd, os.path.join(d, "m.ckpt")))):
+                    direct, mounted_t = [], []
+                    for i in range(3):
+                        d = os.path.join(exp, f"direct{label[0]}{i}")
+                        os.makedirs(d)
+                        direct.append(fn(d))
+                        shutil.rmtree(d)
+                        v = os.path.join(new, f"via{label[0]}{i}")
+                        os.mkdir(v)
+                        mounted_t.append(fn(v))
+                        shutil.rmtree(os.path.realpath(v))  # --direct-new: v is a link to staging
+                    size = args.size_mb if label == "raw write" else 256
+                    a, b = min(direct), min(mounted_t)
+                    rows.append((label, mode, size / 1024 / a, size / 1024 / b, a / b))
+        for label, mode, d, m, r in rows:
+            print(f"  {label:10}  direct {d:6.2f} GiB/s   through {mode:18} {m:6.2f} GiB/s   ratio {r:.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

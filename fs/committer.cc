@@ -8,9 +8,11 @@
 #include <cerrno>
 #include <ctime>
 #include <filesystem>
+#include <fstream>
 
 #include "core/averaging.h"
 #include "core/checkpoint.h"
+#include "core/file_util.h"
 #include "core/log.h"
 #include "core/meta.h"
 #include "index/resolver.h"
@@ -33,11 +35,17 @@ Status FsyncPath(const std::string& path, bool directory) {
 }
 
 // Walks a staged tree: regular files and directories only; fsyncs each when
-// `sync`, checks tensor files are complete when `check`.
-Status Walk(const std::string& path, bool sync, bool check, int depth = 0) {
+// `sync`, checks tensor files are complete when `check`, and mixes every
+// entry's name, size and mtime into *fingerprint when given.
+Status Walk(const std::string& path, bool sync, bool check, int depth = 0, uint64_t* fingerprint = nullptr) {
   if (depth > 32) return Status::InvalidArgument(path + ": nested too deeply");
   struct stat st {};
   if (::lstat(path.c_str(), &st) != 0) return Status::FromErrno(path, errno);
+  if (fingerprint != nullptr) {
+    *fingerprint = core::Fnv1a(path + ':' + std::to_string(st.st_size) + ':' +
+                                   std::to_string(st.st_mtim.tv_sec) + '.' + std::to_string(st.st_mtim.tv_nsec),
+                               *fingerprint);
+  }
   if (S_ISREG(st.st_mode)) {
     if (check) {
       if (Status s = core::CheckTensorFileComplete(path); !s.ok()) return s;
@@ -56,7 +64,7 @@ Status Walk(const std::string& path, bool sync, bool check, int depth = 0) {
   }
   ::closedir(d);
   for (const std::string& n : names) {
-    if (Status s = Walk(path + "/" + n, sync, check, depth + 1); !s.ok()) return s;
+    if (Status s = Walk(path + "/" + n, sync, check, depth + 1, fingerprint); !s.ok()) return s;
   }
   return sync ? FsyncPath(path, true) : Status::Ok();
 }
@@ -64,6 +72,63 @@ Status Walk(const std::string& path, bool sync, bool check, int depth = 0) {
 bool Exists(const std::string& path) {
   struct stat st {};
   return ::lstat(path.c_str(), &st) == 0;
+}
+
+// What a staged tree looks like now (names, sizes, mtimes).
+uint64_t FingerprintOf(const std::string& top) {
+  uint64_t fp = core::Fnv1a("");
+  (void)Walk(top, false, false, 0, &fp);  // a tree that cannot be walked still changes its print
+  return fp;
+}
+
+bool IsDecimalName(const char* s) {
+  if (*s == '\0') return false;
+  for (; *s != '\0'; ++s) {
+    if (*s < '0' || *s > '9') return false;
+  }
+  return true;
+}
+
+// Whether another process has a file at or below `top` open for writing:
+// --direct-new writers write the staging area directly, unseen by the
+// daemon, so their descriptors are looked up in /proc (as fuser does).
+bool WriterOpenBelow(const std::string& top) {
+  DIR* proc = ::opendir("/proc");
+  if (proc == nullptr) return false;
+  const std::string self = std::to_string(::getpid());
+  bool found = false;
+  while (struct dirent* p = ::readdir(proc)) {
+    if (found) break;
+    if (!IsDecimalName(p->d_name) || self == p->d_name) continue;
+    const std::string fd_dir = std::string("/proc/") + p->d_name + "/fd";
+    DIR* fds = ::opendir(fd_dir.c_str());
+    if (fds == nullptr) continue;  // gone, or not ours to see
+    while (struct dirent* f = ::readdir(fds)) {
+      if (!IsDecimalName(f->d_name)) continue;
+      char target[4096];
+      const ssize_t n = ::readlink((fd_dir + "/" + f->d_name).c_str(), target, sizeof(target) - 1);
+      if (n <= 0) continue;
+      target[n] = '\0';
+      const std::string t(target, static_cast<size_t>(n));
+      if (t != top && t.compare(0, top.size() + 1, top + "/") != 0) continue;
+      std::ifstream info(std::string("/proc/") + p->d_name + "/fdinfo/" + f->d_name);
+      std::string key;
+      unsigned long flags = 0;
+      while (info >> key) {
+        if (key == "flags:") {
+          info >> std::oct >> flags;
+          break;
+        }
+      }
+      if ((flags & O_ACCMODE) != O_RDONLY) {
+        found = true;
+        break;
+      }
+    }
+    ::closedir(fds);
+  }
+  ::closedir(proc);
+  return found;
 }
 
 }  // namespace
@@ -164,6 +229,7 @@ Status Committer::Commit(const std::string& experiment, const std::string& name)
 
 int Committer::CommitReady() {
   std::vector<std::pair<std::string, std::string>> candidates;
+  std::vector<std::pair<std::pair<std::string, std::string>, uint64_t>> quiet_ones;  // with their print
   const auto now = Clock::now();
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -171,8 +237,31 @@ int Committer::CommitReady() {
       const std::string top = index::StagingDir(key.first) + "/" + key.second;
       const bool marked = Exists(top + "/" + kCommitMarker) || Exists(top + kCommitMarker);
       const bool quiet = !settings_.explicit_only && s.writers == 0 && now - s.last >= settings_.quiet;
-      if (marked || quiet) candidates.push_back(key);
+      if (marked) {
+        candidates.push_back(key);
+      } else if (quiet) {
+        quiet_ones.push_back({key, s.fingerprint});
+      }
     }
+  }
+  // Quiet as far as the daemon saw; with --direct-new the disk and /proc
+  // must agree: a tree that changed, or a file still open for writing,
+  // starts another quiet period.
+  for (const auto& [key, last_print] : quiet_ones) {
+    if (!settings_.direct) {
+      candidates.push_back(key);
+      continue;
+    }
+    const std::string top = index::StagingDir(key.first) + "/" + key.second;
+    const uint64_t print = FingerprintOf(top);
+    if (print == last_print && !WriterOpenBelow(top)) {
+      candidates.push_back(key);
+      continue;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    Staged& st = staged_[key];
+    st.fingerprint = print;
+    st.last = Clock::now();
   }
   int committed = 0;
   for (const auto& [exp, name] : candidates) {

@@ -39,6 +39,10 @@ class Committer {
   struct Settings {
     std::chrono::milliseconds quiet{1000};
     bool explicit_only = false;
+    // --direct-new: writers write the staging area directly (new/NAME is a
+    // symbolic link to it), so quiet also means an unchanged tree (names,
+    // sizes, mtimes) and no descriptor open for writing in /proc.
+    bool direct = false;
   };
   using OnCommitted = std::function<void(const std::string& experiment, const std::string& name)>;
 
@@ -69,6 +73,7 @@ class Committer {
     int writers = 0;
     std::chrono::steady_clock::time_point last;
     std::string reported;  // the last reason logged for not committing
+    uint64_t fingerprint = 0;  // --direct-new: the tree at the last look
   };
   static bool Split(const std::string& path, std::string* experiment, std::string* name);
   core::Status Commit(const std::string& experiment, const std::string& name);

@@ -181,6 +181,7 @@ int RunMount(const Options& opt) {
   LaterNotifier later;
   NodeTableOptions table_options;
   table_options.links = opt.links;
+  table_options.direct_new = opt.direct_new;
   table_options.reinvalidate = [&later](Invalidation inv) { later.Push(std::move(inv)); };
   table_options.status = &status;
   table_options.averages = &averages;
@@ -191,6 +192,7 @@ int RunMount(const Options& opt) {
   Committer::Settings commit_settings;
   commit_settings.quiet = std::chrono::milliseconds(static_cast<int64_t>(opt.commit_quiet * 1000));
   commit_settings.explicit_only = opt.explicit_commit;
+  commit_settings.direct = opt.direct_new;
   // The committer's callback needs the session, made below.
   struct fuse_session* session = nullptr;
   std::mutex prune_mu;  // one retention run at a time

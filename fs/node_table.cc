@@ -143,14 +143,14 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
   return a;
 }
 
-Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name) {
+Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name, bool redirect) {
   // A view's checkpoint can be deleted between resolving and stat; resolving
   // again skips it (the resolver never selects a checkpoint that is gone).
-  Result<NodeAttr> attr = LookupOnce(parent_ino, name);
+  Result<NodeAttr> attr = LookupOnce(parent_ino, name, redirect);
   for (int retry = 0; retry < 3 && !attr.ok() && attr.status().sys_errno() == ENOENT &&
                       attr.status().code() == StatusCode::kIoError;
        ++retry) {
-    attr = LookupOnce(parent_ino, name);
+    attr = LookupOnce(parent_ino, name, redirect);
   }
   return attr;
 }
@@ -163,7 +163,7 @@ void NodeTable::AfterLookupReply(uint64_t parent, const std::string& name, uint6
   options_.reinvalidate({true, parent, name, 0});
 }
 
-Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& name) {
+Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& name, bool redirect) {
   Result<Node> parent = Snapshot(parent_ino);
   if (!parent.ok()) return parent.status();
   if (parent->type != NodeType::kRealDir && parent->type != NodeType::kVirtualDir) {
@@ -188,6 +188,12 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
   node.content_size = r->content.size();
   node.as_link = options_.links && r->in_view &&
                  (r->type == NodeType::kRealDir || r->type == NodeType::kRealFile);
+  // --direct-new: a checkpoint directory in new/ is a symbolic link to its
+  // staging directory, so writers write the disk, not through the daemon.
+  if (options_.direct_new && redirect && r->staged && r->type == NodeType::kRealDir) {
+    const std::string staging = DirOf(r->real_path);
+    node.as_link = staging == index::StagingDir(DirOf(staging));  // new/NAME, not deeper
+  }
   if (r->type == NodeType::kAverageFile) {
     // Computed on first lookup (stat and open need its size), then served
     // from the cache like a real file; new members give a new cache file.

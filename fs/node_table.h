@@ -62,6 +62,8 @@ struct Invalidation {
 
 struct NodeTableOptions {
   bool links = false;  // --links: view entries are symbolic links to real paths
+  // --direct-new: new/NAME directories are symbolic links into the staging area.
+  bool direct_new = false;
   // Where avg/ files are computed and kept; nullptr: avg/ files are EOPNOTSUPP.
   core::AverageCache* averages = nullptr;
   // Told about writes under new/; nullptr: new/ is read-only.
@@ -79,7 +81,8 @@ class NodeTable {
   NodeTable(index::Index* index, NodeTableOptions options);
 
   // Resolves name in parent; on success the inode's lookup count grows by one.
-  core::Result<NodeAttr> Lookup(uint64_t parent, const std::string& name);
+  // redirect=false: never a --direct-new symbolic link (for mkdir's answer).
+  core::Result<NodeAttr> Lookup(uint64_t parent, const std::string& name, bool redirect = true);
   // Counts index changes (ViewsChanged, PathChanged). Read it before Lookup
   // and pass it to AfterLookupReply once the reply is sent: a lookup that
   // raced with a change is invalidated again (options.reinvalidate), so the
@@ -154,7 +157,7 @@ class NodeTable {
     struct stat last {};
   };
 
-  core::Result<NodeAttr> LookupOnce(uint64_t parent, const std::string& name);
+  core::Result<NodeAttr> LookupOnce(uint64_t parent, const std::string& name, bool redirect);
   core::Result<NodeAttr> Remember(Node node);
   bool IsStatusFile(const Node& node) const {
     return options_.status != nullptr && node.parent == kRootIno && node.name == kStatusFile;

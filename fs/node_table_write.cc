@@ -74,7 +74,7 @@ Result<NodeAttr> NodeTable::Mkdir(uint64_t parent, const std::string& name, mode
   const std::string path = *dir + "/" + name;
   if (::mkdir(path.c_str(), mode & 07777) != 0) return Status::FromErrno(path, errno);
   options_.committer->Touched(path);
-  return Lookup(parent, name);
+  return Lookup(parent, name, /*redirect=*/false);  // mkdir must answer with a directory
 }
 
 Result<std::pair<NodeAttr, OpenedFile>> NodeTable::Create(uint64_t parent, const std::string& name,

@@ -51,6 +51,7 @@ const FlagSpec kFlags[] = {
     {"--commit-quiet", true, kMount},
     {"--explicit-commit", false, kMount},
     {"--links", false, kMount},
+    {"--direct-new", false, kMount},
     {"--log-level", true, kMount | Bit(Command::kPrune)},
     {"-f", false, kMount},
     {"-d", false, kMount},
@@ -272,6 +273,8 @@ Status Apply(const Arg& a, Options* opt) {
     opt->explicit_commit = true;
   } else if (f == "--links") {
     opt->links = true;
+  } else if (f == "--direct-new") {
+    opt->direct_new = true;
   } else if (f == "-f") {
     opt->foreground = true;
   } else if (f == "-d") {

@@ -34,6 +34,7 @@ struct Options {
   bool debug = false;      // mount -d
   core::LogLevel log_level = core::LogLevel::kInfo;  // --log-level
   bool links = false;      // mount --links
+  bool direct_new = false; // mount --direct-new
   bool dry_run = false;    // prune --dry-run
   double commit_quiet = 1.0;   // mount --commit-quiet SECONDS
   bool explicit_commit = false;  // mount --explicit-commit

@@ -134,8 +134,47 @@ class WriteTest(unittest.TestCase):
     def test_writer_with_readers_and_retention(self):
         """A training loop saves through new/ while readers load latest/; keep
         the 2 newest and the best by loss."""
+        self.writer_with_readers_and_retention()
+
+    def test_writer_with_readers_and_retention_direct_new(self):
+        """The same with --direct-new: the writer writes the staging area."""
+        self.writer_with_readers_and_retention("--direct-new")
+
+    def test_direct_new_waits_for_writers_it_cannot_see(self):
+        with mounted(self.src, "--direct-new", "--commit-quiet", "0.3") as (mnt, _, log):
+            new = os.path.join(mnt, "exp", "new")
+            d = sb_save(new, "2", {"unixtime": 200, "loss": 0.5}, seed=2)
+            staging = os.path.join(self.exp, ".ckptfs-staging", "CKPT+2")
+            self.assertEqual(os.readlink(d), staging)  # a link once created: data skips the daemon
+            # A file held open for writing (no writes for > the quiet period) blocks the commit...
+            f = open(os.path.join(d, "optimizer.ckpt"), "wb")
+            torch.save({"lr": torch.tensor(0.1)}, f)
+            f.flush()
+            time.sleep(1.2)
+            self.assertFalse(os.path.exists(os.path.join(self.exp, "CKPT+2")))
+            # ...as does a file that keeps growing between opens.
+            f.close()
+            with open(os.path.join(d, "log.txt"), "w"):
+                pass
+            for i in range(8):
+                with open(os.path.join(d, "log.txt"), "a") as g:
+                    g.write(f"step {i}\n")
+                time.sleep(0.15)
+                self.assertFalse(os.path.exists(os.path.join(self.exp, "CKPT+2")), i)
+            self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, "CKPT+2")), timeout=5))
+            self.assertEqual(sorted(os.listdir(os.path.join(self.exp, "CKPT+2"))),
+                             ["CKPT.yaml", "counter.ckpt", "log.txt", "model.ckpt", "optimizer.ckpt"])
+            self.assertEqual(torch.load(os.path.join(mnt, "exp/latest/optimizer.ckpt"))["lr"].item(),
+                             torch.tensor(0.1).item())
+            # Single files are written through the daemon as before.
+            torch.save({"w": torch.ones(2)}, os.path.join(new, "epoch=3-step=30.ckpt"))
+            self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, "epoch=3-step=30.ckpt")),
+                                     timeout=5))
+
+    def writer_with_readers_and_retention(self, *options):
         losses = [0.9, 0.5, 0.7, 0.2, 0.6, 0.8, 0.4, 0.3]
-        with mounted(self.src, "--commit-quiet", "0.2", "--keep-last", "2", "--keep-best", "min:loss:1") as (mnt, _, _):
+        with mounted(self.src, "--commit-quiet", "0.2", "--keep-last", "2", "--keep-best", "min:loss:1",
+                     *options) as (mnt, _, _):
             new = os.path.join(mnt, "exp", "new")
             stop = threading.Event()
             errors, loads = [], [0]
