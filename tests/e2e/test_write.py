@@ -240,13 +240,15 @@ class WriteTest(unittest.TestCase):
     def test_daemon_killed_at_many_points(self):
         """SIGKILL the daemon while checkpoints are written through new/ (explicit
         commits, so a checkpoint is complete by the writer's word): after a
-        restart no half checkpoint is visible and every committed one is whole."""
+        restart no half checkpoint is visible and every committed one is whole.
+        Every other run uses --direct-new (the writer writes the staging area)."""
         rng = random.Random(7)
         index = os.path.join(self.tmp, "kill.sqlite")
         committed_before = set()
         for attempt in range(8):
             mnt = tempfile.mkdtemp(prefix="ckptfs-kill-")
-            proc = subprocess.Popen([CKPTFS, "mount", "-f", "--index", index, "--explicit-commit",
+            direct = ["--direct-new"] if attempt % 2 else []
+            proc = subprocess.Popen([CKPTFS, "mount", "-f", "--index", index, "--explicit-commit", *direct,
                                      self.src, mnt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 self.assertTrue(wait_for(lambda: os.path.ismount(mnt), timeout=30))
