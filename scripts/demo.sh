@@ -42,3 +42,6 @@ import sys, torch
 sd = torch.load(sys.argv[1])
 print(f"{type(sd).__name__} with {len(sd)} tensors: " + ", ".join(f"{k}{tuple(v.shape)}" for k, v in sd.items()))
 PY
+echo
+echo "\$ ckptfs status $mnt"
+"$CKPTFS" status "$mnt"
