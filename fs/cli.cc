@@ -312,6 +312,7 @@ int RunStatus(const Options& opt) {
     const int err = errno;
     return Fail(Status::FromErrno(
         opt.mountpoint + (err == ENOTCONN ? " (its daemon is gone; unmount with fusermount3 -u)"
+                          : err == EACCES ? " (mounted by another user without -o allow_other?)"
                                           : " (not a ckptfs mount?)"),
         err));
   }

@@ -144,15 +144,18 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
 }
 
 Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name, bool redirect) {
-  // A view's checkpoint can be deleted between resolving and stat; resolving
-  // again skips it (the resolver never selects a checkpoint that is gone).
-  Result<NodeAttr> attr = LookupOnce(parent_ino, name, redirect);
-  for (int retry = 0; retry < 3 && !attr.ok() && attr.status().sys_errno() == ENOENT &&
-                      attr.status().code() == StatusCode::kIoError;
-       ++retry) {
-    attr = LookupOnce(parent_ino, name, redirect);
+  // A view's checkpoint can be deleted between resolving and stat, or the
+  // index can change while the lookup reads it (a commit, a pruning):
+  // resolving again skips what is gone (the resolver never selects a
+  // checkpoint whose directory is missing) and sees the new index.
+  for (int attempt = 0;; ++attempt) {
+    const uint64_t generation = generation_.load();
+    Result<NodeAttr> attr = LookupOnce(parent_ino, name, redirect);
+    const bool vanished = !attr.ok() && attr.status().code() == StatusCode::kIoError &&
+                          attr.status().sys_errno() == ENOENT;
+    const bool raced = !attr.ok() && generation != generation_.load();
+    if (attr.ok() || attempt == 3 || !(vanished || raced)) return attr;
   }
-  return attr;
 }
 
 void NodeTable::AfterLookupReply(uint64_t parent, const std::string& name, uint64_t generation) {
