@@ -229,7 +229,8 @@ Status Committer::Commit(const std::string& experiment, const std::string& name)
 
 int Committer::CommitReady() {
   std::vector<std::pair<std::string, std::string>> candidates;
-  std::vector<std::pair<std::pair<std::string, std::string>, uint64_t>> quiet_ones;  // with their print
+  // With the print and whether a writer was open at the last look.
+  std::vector<std::pair<std::pair<std::string, std::string>, std::pair<uint64_t, bool>>> quiet_ones;
   const auto now = Clock::now();
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -240,27 +241,31 @@ int Committer::CommitReady() {
       if (marked) {
         candidates.push_back(key);
       } else if (quiet) {
-        quiet_ones.push_back({key, s.fingerprint});
+        quiet_ones.push_back({key, {s.fingerprint, s.writer_seen}});
       }
     }
   }
   // Quiet as far as the daemon saw; with --direct-new the disk and /proc
   // must agree: a tree that changed, or a file still open for writing,
   // starts another quiet period.
-  for (const auto& [key, last_print] : quiet_ones) {
+  for (const auto& [key, last] : quiet_ones) {
     if (!settings_.direct) {
       candidates.push_back(key);
       continue;
     }
     const std::string top = index::StagingDir(key.first) + "/" + key.second;
     const uint64_t print = FingerprintOf(top);
-    if (print == last_print && !WriterOpenBelow(top)) {
+    const bool writer = WriterOpenBelow(top);
+    // A writer seen at the last look has closed since: the quiet period
+    // starts now, as it does when the daemon sees a close.
+    if (print == last.first && !writer && !last.second) {
       candidates.push_back(key);
       continue;
     }
     std::lock_guard<std::mutex> lock(mu_);
     Staged& st = staged_[key];
     st.fingerprint = print;
+    st.writer_seen = writer;
     st.last = Clock::now();
   }
   int committed = 0;

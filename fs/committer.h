@@ -74,6 +74,7 @@ class Committer {
     std::chrono::steady_clock::time_point last;
     std::string reported;  // the last reason logged for not committing
     uint64_t fingerprint = 0;  // --direct-new: the tree at the last look
+    bool writer_seen = false;  // --direct-new: a writer was open at the last look
   };
   static bool Split(const std::string& path, std::string* experiment, std::string* name);
   core::Status Commit(const std::string& experiment, const std::string& name);

@@ -177,8 +177,9 @@ class ServiceTest(unittest.TestCase):
         sock.bind(sock_path)
         sock.settimeout(30)
         env = dict(os.environ, NOTIFY_SOCKET=sock_path)
+        log = open(os.path.join(self.tmp, "log"), "w+")
         proc = subprocess.Popen([CKPTFS, "mount", "-f", "--index", self.index, self.src, self.mnt], env=env,
-                                stderr=subprocess.DEVNULL)
+                                stderr=log)
         try:
             msg = sock.recv(4096).decode()
             self.assertIn("READY=1", msg)
@@ -188,12 +189,15 @@ class ServiceTest(unittest.TestCase):
             self.assertIn("latest", os.listdir(os.path.join(self.mnt, "exp")))
             proc.send_signal(signal.SIGTERM)  # what systemctl stop sends
             self.assertIn("STOPPING=1", sock.recv(4096).decode())
-            self.assertEqual(proc.wait(timeout=30), 0)
+            rc = proc.wait(timeout=30)
+            log.seek(0)
+            self.assertEqual(rc, 0, log.read())
             self.assertFalse(os.path.ismount(self.mnt))
         finally:
             if proc.poll() is None:
                 proc.kill()
             sock.close()
+            log.close()
 
     def test_restart_after_kill_detaches_the_dead_mount(self):
         log = os.path.join(self.tmp, "log")

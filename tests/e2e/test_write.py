@@ -173,7 +173,9 @@ class WriteTest(unittest.TestCase):
 
     def writer_with_readers_and_retention(self, *options):
         losses = [0.9, 0.5, 0.7, 0.2, 0.6, 0.8, 0.4, 0.3]
-        with mounted(self.src, "--commit-quiet", "0.2", "--keep-last", "2", "--keep-best", "min:loss:1",
+        # The default quiet period: a writer that pauses longer than it between
+        # two files of a checkpoint gets a commit without the second one.
+        with mounted(self.src, "--commit-quiet", "1", "--keep-last", "2", "--keep-best", "min:loss:1",
                      *options) as (mnt, _, _):
             new = os.path.join(mnt, "exp", "new")
             stop = threading.Event()
@@ -201,6 +203,8 @@ class WriteTest(unittest.TestCase):
             for i, loss in enumerate(losses, start=1):
                 sb_save(new, str(i), {"unixtime": 1000 + i, "loss": loss, "epoch": i}, seed=i, size=100000)
                 self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, f"CKPT+{i}")), timeout=10))
+                self.assertEqual(sorted(os.listdir(os.path.join(self.exp, f"CKPT+{i}"))),
+                                 ["CKPT.yaml", "counter.ckpt", "model.ckpt"])  # committed whole
             self.assertTrue(wait_for(lambda: checkpoint_of(os.path.join(mnt, "exp", "latest"))
                                      == os.path.join(self.exp, "CKPT+8"), timeout=5))
             time.sleep(0.5)
