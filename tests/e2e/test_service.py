@@ -141,7 +141,7 @@ class ServiceTest(unittest.TestCase):
         self.umount()
 
     def test_status_reports_commits_deletions_averages_errors(self):
-        with mounted(self.src, "--commit-quiet", "0.2", "--keep-last", "3") as (mnt, _, _):
+        with mounted(self.src, "--commit-quiet", "1", "--keep-last", "3") as (mnt, _, _):
             s = json.loads(subprocess.run([CKPTFS, "status", "--json", mnt], capture_output=True,
                                           text=True, check=True).stdout)
             self.assertEqual(s["source"], self.src)
