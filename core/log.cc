@@ -47,6 +47,7 @@ const char* Name(LogLevel level) {
 void SetLogLevel(LogLevel level) { g_level = static_cast<int>(level); }
 
 void SetErrorObserver(LogObserver observer, void* context) {
+  g_observer = nullptr;  // never an observer paired with another's context
   g_observer_context = context;
   g_observer = observer;
 }

@@ -12,15 +12,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
-#include <fstream>
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "core/average_cache.h"
+#include "core/file_util.h"
 #include "core/log.h"
 #include "fs/mount_status.h"
 #include "fs/options.h"
@@ -307,22 +306,20 @@ std::string HumanBytes(double bytes) {
 
 int RunStatus(const Options& opt) {
   const std::string path = opt.mountpoint + "/" + kStatusFile;
-  std::ifstream in(path);
-  if (!in) {
-    const int err = errno;
+  Result<std::string> text = core::ReadFile(path);
+  if (!text.ok()) {
+    const int err = text.status().sys_errno();
     return Fail(Status::FromErrno(
         opt.mountpoint + (err == ENOTCONN ? " (its daemon is gone; unmount with fusermount3 -u)"
                           : err == EACCES ? " (mounted by another user without -o allow_other?)"
                                           : " (not a ckptfs mount?)"),
         err));
   }
-  std::stringstream text;
-  text << in.rdbuf();
   if (opt.json) {
-    std::fputs(text.str().c_str(), stdout);
+    std::fputs(text->c_str(), stdout);
     return 0;
   }
-  nlohmann::json j = nlohmann::json::parse(text.str(), nullptr, false);
+  nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) return Fail(Status::Corrupt(path + ": not a status object"));
   const nlohmann::json& idx = j.value("index", nlohmann::json::object());
   const nlohmann::json& totals = j.value("totals", nlohmann::json::object());

@@ -238,21 +238,17 @@ int Committer::CommitReady() {
       const std::string top = index::StagingDir(key.first) + "/" + key.second;
       const bool marked = Exists(top + "/" + kCommitMarker) || Exists(top + kCommitMarker);
       const bool quiet = !settings_.explicit_only && s.writers == 0 && now - s.last >= settings_.quiet;
-      if (marked) {
+      if (marked || (quiet && !settings_.direct)) {
         candidates.push_back(key);
       } else if (quiet) {
         quiet_ones.push_back({key, {s.fingerprint, s.writer_seen}});
       }
     }
   }
-  // Quiet as far as the daemon saw; with --direct-new the disk and /proc
-  // must agree: a tree that changed, or a file still open for writing,
-  // starts another quiet period.
+  // --direct-new: quiet as far as the daemon saw; the disk and /proc must
+  // agree: a tree that changed, or a file still open for writing, starts
+  // another quiet period.
   for (const auto& [key, last] : quiet_ones) {
-    if (!settings_.direct) {
-      candidates.push_back(key);
-      continue;
-    }
     const std::string top = index::StagingDir(key.first) + "/" + key.second;
     const uint64_t print = FingerprintOf(top);
     const bool writer = WriterOpenBelow(top);

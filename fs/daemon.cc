@@ -162,6 +162,9 @@ int RunMount(const Options& opt) {
   MountStatus status({opt.name, opt.source, opt.mountpoint, opt.index_path,
                       opt.policy.empty() ? "" : opt.policy.ToString()});
   core::SetErrorObserver(RecordError, &status);
+  struct ObserverReset {  // on every return: status dies with this frame
+    ~ObserverReset() { core::SetErrorObserver(nullptr, nullptr); }
+  } observer_reset;
   // The watcher starts after the fork; until then nothing is watched.
   std::atomic<index::Watcher*> watcher_ptr{nullptr};
   core::AverageCache averages(opt.avg_cache, opt.avg_cache_bytes);
@@ -332,7 +335,6 @@ int RunMount(const Options& opt) {
   fuse_session_unmount(se);
   fuse_remove_signal_handlers(se);
   fuse_session_destroy(se);
-  core::SetErrorObserver(nullptr, nullptr);
   core::Log(LogLevel::kInfo, "unmounted %s", opt.mountpoint.c_str());
   // SIGTERM (systemctl stop), SIGINT and SIGHUP end the loop with the signal
   // number: a clean stop, like an unmount.

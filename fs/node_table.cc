@@ -101,23 +101,14 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
   } else if (node.staged && node.type == NodeType::kVirtualDir &&
              ::lstat(node.real_path.c_str(), &st) == 0) {
     // new/ after its staging directory was created.
-  } else if (IsStatusFile(node)) {
-    st.st_mode = S_IFREG | 0444;
-    st.st_nlink = 1;
-    st.st_size = static_cast<off_t>(options_.status->ToJson(index_).size());
-    st.st_atim = st.st_mtim = st.st_ctim = Now();
-    st.st_uid = ::getuid();
-    st.st_gid = ::getgid();
-    st.st_ino = ino;
-    a.timeout = 0;  // it changes with every event
-    return a;
   } else if (node.type == NodeType::kVirtualDir || node.type == NodeType::kIndexJson ||
              node.type == NodeType::kAverageFile) {
     const bool dir = node.type == NodeType::kVirtualDir;
+    const bool status = IsStatusFile(node);  // changes with every event
     st.st_mode = dir ? (S_IFDIR | (node.staged ? 0755 : 0555)) : (S_IFREG | 0444);
     st.st_nlink = dir ? 2 : 1;
-    st.st_size = static_cast<off_t>(node.content_size);
-    st.st_atim = st.st_mtim = st.st_ctim = mount_time_;
+    st.st_size = static_cast<off_t>(status ? options_.status->ToJson(index_).size() : node.content_size);
+    st.st_atim = st.st_mtim = st.st_ctim = status ? Now() : mount_time_;
     st.st_uid = ::getuid();
     st.st_gid = ::getgid();
   } else {
@@ -139,7 +130,8 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
   const bool watched = !real || node.as_link || !options_.is_watched ||
                        options_.is_watched(DirOf(node.real_path)) ||
                        (node.type == NodeType::kRealDir && options_.is_watched(node.real_path));
-  a.timeout = node.staged ? 0 : watched ? kLongTimeout : kShortTimeout;  // writers change new/
+  // Writers change new/; the status file changes with every event.
+  a.timeout = node.staged || IsStatusFile(node) ? 0 : watched ? kLongTimeout : kShortTimeout;
   return a;
 }
 
@@ -364,7 +356,6 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags) {
       }
       Result<index::Resolution> r = resolver_.Resolve(node->vpath);
       if (!r.ok()) return r.status();
-      f.generated = true;
       f.content = std::move(r->content);
       return f;
     }

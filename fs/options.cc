@@ -8,10 +8,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <optional>
-#include <sstream>
+
+#include "core/file_util.h"
 
 namespace ckptfs::fs {
 
@@ -144,12 +144,6 @@ Status ExpandMountOptions(const std::string& text, std::vector<Arg>* args,
   return Status::Ok();
 }
 
-std::string ReadWhole(std::ifstream& in) {
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
-
 struct ConfiguredMount {
   std::vector<Arg> args;
   std::string source, mountpoint;
@@ -159,9 +153,9 @@ struct ConfiguredMount {
 // The mount `name` of configuration file `path`:
 // {"mounts": {"NAME": {"source": ..., "mountpoint": ..., "policy": {...}, ...}}}.
 Result<ConfiguredMount> LoadConfiguredMount(const std::string& path, const std::string& name) {
-  std::ifstream in(path);
-  if (!in) return Status::InvalidArgument("config " + path + ": " + std::strerror(errno));
-  nlohmann::json doc = nlohmann::json::parse(ReadWhole(in), nullptr, /*allow_exceptions=*/false);
+  Result<std::string> text = core::ReadFile(path);
+  if (!text.ok()) return Status::InvalidArgument("config " + text.status().message());
+  nlohmann::json doc = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
   if (doc.is_discarded() || !doc.is_object() || !doc.contains("mounts") || !doc["mounts"].is_object()) {
     return Status::InvalidArgument("config " + path + ": expected a JSON object with a \"mounts\" object");
   }
@@ -217,9 +211,9 @@ Result<ConfiguredMount> LoadConfiguredMount(const std::string& path, const std::
 }
 
 Status ApplyPolicyFile(const std::string& path, core::RetentionPolicy* policy) {
-  std::ifstream in(path);
-  if (!in) return Status::InvalidArgument("--policy " + path + ": " + std::strerror(errno));
-  Result<core::RetentionPolicy> p = core::ParsePolicyJson(ReadWhole(in), path);
+  Result<std::string> text = core::ReadFile(path);
+  if (!text.ok()) return Status::InvalidArgument("--policy " + text.status().message());
+  Result<core::RetentionPolicy> p = core::ParsePolicyJson(*text, path);
   if (!p.ok()) return p.status();
   // Rules given before --policy add to the file's.
   core::RetentionPolicy merged = *p;

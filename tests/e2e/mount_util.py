@@ -27,6 +27,14 @@ def errno_of(fn):
     return 0
 
 
+def checkpoint_of(path):
+    """The checkpoint a view selected (its user.ckptfs.checkpoint xattr), or None."""
+    try:
+        return os.getxattr(path, "user.ckptfs.checkpoint").decode()
+    except OSError:
+        return None
+
+
 def unmount(mnt):
     if subprocess.run(["fusermount3", "-u", mnt], capture_output=True).returncode != 0:
         subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)

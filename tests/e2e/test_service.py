@@ -15,7 +15,7 @@ import unittest
 import torch
 
 import experiments
-from mount_util import CKPTFS, mounted, unmount, wait_for
+from mount_util import CKPTFS, checkpoint_of, mounted, unmount, wait_for
 
 
 def names(d):
@@ -41,8 +41,7 @@ class ServiceTest(unittest.TestCase):
     def check_mounted_with_policy(self):
         """keep_last=2 + keep_best=min:loss:1 applied at mount; views answer."""
         self.assertTrue(wait_for(lambda: os.path.ismount(self.mnt), timeout=10))
-        self.assertEqual(os.getxattr(os.path.join(self.mnt, "exp/best/min/loss"),
-                                     "user.ckptfs.checkpoint").decode(), os.path.join(self.exp, "CKPT+2"))
+        self.assertEqual(checkpoint_of(os.path.join(self.mnt, "exp/best/min/loss")), os.path.join(self.exp, "CKPT+2"))
         torch.load(os.path.join(self.mnt, "exp/latest/mdl.ckpt"))
         self.assertEqual(names(self.exp), ["CKPT+2", "CKPT+3", "CKPT+4"])
 
@@ -207,8 +206,7 @@ class ServiceTest(unittest.TestCase):
                                         stderr=f)
             # Not ismount(): the dead mount from before still looks mounted.
             self.assertTrue(wait_for(lambda: " mounted " in open(log).read(), timeout=30), open(log).read())
-            self.assertEqual(os.getxattr(os.path.join(self.mnt, "exp/best/min/loss"),
-                                         "user.ckptfs.checkpoint").decode(), os.path.join(self.exp, "CKPT+2"))
+            self.assertEqual(checkpoint_of(os.path.join(self.mnt, "exp/best/min/loss")), os.path.join(self.exp, "CKPT+2"))
             proc.kill()
             proc.wait()
             with self.assertRaises(OSError) as e:

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 import experiments
-from mount_util import CKPTFS, errno_of, mounted, unmount, wait_for
+from mount_util import CKPTFS, checkpoint_of, errno_of, mounted, unmount, wait_for
 
 
 def sb_save(new_dir, name, meta, seed, size=1000):
@@ -30,13 +30,6 @@ def sb_save(new_dir, name, meta, seed, size=1000):
     torch.save({"w": torch.randn(size), "b": torch.randn(4)}, os.path.join(d, "model.ckpt"))
     torch.save({"step": torch.tensor(seed)}, os.path.join(d, "counter.ckpt"))
     return d
-
-
-def checkpoint_of(path):
-    try:
-        return os.getxattr(path, "user.ckptfs.checkpoint").decode()
-    except OSError:
-        return None
 
 
 class WriteTest(unittest.TestCase):
