@@ -14,8 +14,8 @@ tail -c +9 tests/fixtures/tensors/small.safetensors | head -c "$(od -An -tu8 -N8
 printf '/where/a=1/best/min/loss/mdl.ckpt' > "$corpus/query_path/1"
 printf '/top/3/max/acc/2' > "$corpus/query_path/2"
 printf '/avg/best3/min/loss/m.pt' > "$corpus/query_path/3"
-cp ../shared/fixtures/wild/speechbrain-meta/*.yaml "$corpus/meta/" 2>/dev/null || true
-cp ../shared/fixtures/wild/hf-whisper-ja/checkpoint-1000/trainer_state.json "$corpus/meta/" 2>/dev/null || true
+cp tests/fixtures/wild/speechbrain-meta/*.yaml "$corpus/meta/" 2>/dev/null || true
+cp tests/fixtures/wild/hf-whisper-ja/checkpoint-1000/trainer_state.json "$corpus/meta/" 2>/dev/null || true
 for target in pickle safetensors query_path meta; do
   echo "fuzz: $target for ${seconds}s"
   (cd build-fuzz && "./tests/fuzz/${target}_fuzzer" -max_total_time="$seconds" -max_len=65536 \

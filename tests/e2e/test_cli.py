@@ -12,7 +12,7 @@ import torch
 import experiments
 
 CKPTFS = os.environ.get("CKPTFS_BIN", "ckptfs")
-WILD = os.environ.get("CKPTFS_WILD", os.path.join(os.path.dirname(__file__), "../../../shared/fixtures/wild"))
+WILD = os.environ.get("CKPTFS_WILD", os.path.join(os.path.dirname(__file__), "../fixtures/wild"))
 
 
 def run(*args, check=True):

@@ -250,7 +250,7 @@ TEST_F(IndexTest, TiesBreakByRecencyThenName) {
   EXPECT_EQ(Names(*best), std::vector<std::string>{"checkpoint-10000"});
 }
 
-// ../shared/fixtures/wild, as real training runs wrote them.
+// tests/fixtures/wild, as real training runs wrote them.
 TEST(WildFixturesTest, HuggingFaceWhisperRunAgreesWithTheTrainer) {
   TempDir dir;
   const std::string src = dir.path() + "/whisper";
