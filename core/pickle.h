@@ -7,12 +7,40 @@
 // else is opaque data; the averaged output reuses the input's pickle bytes,
 // so such objects survive unchanged and nothing in them ever runs.
 //
+// Budgets. data.pkl comes from files we do not trust, so the reader bounds
+// its work and memory explicitly; exceeding a budget is kCorrupt with a
+// message naming the origin, the byte offset and the budget. Nothing
+// recurses over the object graph: walks use explicit stacks. The values
+// leave a wide margin over real checkpoints: a Lightning checkpoint of a
+// 2,000-tensor model with Adam state creates about 100,000 objects (the
+// budget allows twenty times that) and nests about 10 deep.
+//   kMaxObjects       objects created. None, True, False, the ints 0..255 and
+//                     each distinct global name are shared and cost nothing,
+//                     so a flood of NONE/POP creates no objects at all. With
+//                     sizeof(Object) near 280 bytes the budget caps the
+//                     graph near 600 MB; a real 2,000-tensor checkpoint
+//                     needs about 30 MB.
+//   kMaxMemo          memo entries.
+//   kMaxStack         VM stack entries plus open MARKs.
+//   kMaxStringBytes   total bytes of strings, bytes and global names.
+//   kMaxGlobalNameBytes  one "module.name".
+//   kMaxDepth         nesting of containers walked by FindTensors, and of
+//                     _rebuild_from_type_v2 wrappers unwrapped by REDUCE.
+//   kMaxTensors, kMaxPathBytes, kMaxTotalPathBytes  FindTensors' output:
+//                     entries, bytes of one dotted path, bytes of all paths.
+// Sizes: a tensor's offset, sizes and strides are non-negative and its
+// extent (offset + sum((size - 1) * stride)) and element count fit in
+// int64; a storage's element count times the widest element (16 bytes)
+// fits in int64. So callers can do this arithmetic without overflow.
+//
 // Errors: kCorrupt naming the origin and the byte offset for malformed or
-// truncated input, kUnsupported for opcodes of protocols 0/1 text forms.
+// truncated input and exceeded budgets, kUnsupported for opcodes of
+// protocols 0/1 text forms and tensor kinds we do not handle.
 // Thread-compatible; values are immutable once returned.
 #ifndef CKPTFS_CORE_PICKLE_H_
 #define CKPTFS_CORE_PICKLE_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -24,7 +52,17 @@
 
 namespace ckptfs::core::pickle {
 
-enum class Kind {
+inline constexpr size_t kMaxObjects = size_t{1} << 20;
+inline constexpr size_t kMaxMemo = size_t{1} << 20;
+inline constexpr size_t kMaxStack = size_t{1} << 20;
+inline constexpr size_t kMaxStringBytes = size_t{512} << 20;
+inline constexpr size_t kMaxGlobalNameBytes = 4096;
+inline constexpr size_t kMaxDepth = 10000;
+inline constexpr size_t kMaxTensors = size_t{1} << 20;
+inline constexpr size_t kMaxPathBytes = size_t{64} << 10;
+inline constexpr size_t kMaxTotalPathBytes = size_t{64} << 20;
+
+enum class Kind : uint8_t {
   kNone, kBool, kInt, kFloat, kString, kBytes,
   kTuple, kList, kDict, kSet,
   kGlobal,   // module, name
@@ -36,19 +74,23 @@ enum class Kind {
 struct Object;
 // Objects are owned by the arena of the Unpickled they came from; pointers
 // stay valid while it lives. (Pickles can build cycles, which shared
-// ownership would leak.)
+// ownership would leak.) None, True, False, small ints and globals are
+// shared between the places that use them.
 using ObjectPtr = Object*;
 
 struct Object {
   Kind kind = Kind::kNone;
   bool boolean = false;
-  int64_t integer = 0;
   bool big_integer = false;  // LONG beyond 64 bits; integer is meaningless
+  int64_t integer = 0;
   double real = 0;
   std::string text;                          // kString, kBytes; kGlobal: "module.name"
-  std::vector<ObjectPtr> items;              // kTuple, kList, kSet; kCall: {callable, args}
-  std::vector<std::pair<ObjectPtr, ObjectPtr>> entries;  // kDict
-  ObjectPtr state = nullptr;                 // BUILD state (kCall, kDict)
+  // kTuple, kList, kSet: the elements. kCall: {callable, args, kwargs or
+  // nullptr}, then anything APPEND(S) added (a list subclass's items).
+  std::vector<ObjectPtr> items;
+  // kDict: the items. kCall: what SETITEM(S) added (a dict subclass's items).
+  std::vector<std::pair<ObjectPtr, ObjectPtr>> entries;
+  ObjectPtr state = nullptr;                 // BUILD state (kCall, kDict, kList, ...)
   // kStorage
   std::string storage_type;  // "FloatStorage", "UntypedStorage", ...
   std::string storage_key;
@@ -62,7 +104,9 @@ struct Object {
 };
 
 struct Unpickled {
-  std::vector<std::unique_ptr<Object>> arena;
+  // Chunks of objects; a chunk never moves, so pointers into it stay valid.
+  std::vector<std::unique_ptr<Object[]>> arena;
+  size_t objects = 0;        // objects created (the shared ones included)
   ObjectPtr root = nullptr;  // the object STOP returned
 };
 
@@ -72,7 +116,9 @@ Result<Unpickled> Unpickle(std::string_view data, const std::string& origin);
 // Every tensor reachable from root, with a dotted path naming it
 // ("state_dict.layer.0.weight", "optimizer_states.0.state.3.exp_avg").
 // A tensor object reached by two paths (tied weights) is listed under both;
-// a shared container is walked once.
+// a shared container is walked once. Paths are unique: a path met again
+// (a repeated key, or keys with no text form, which all read "?") gets
+// "#2", "#3", ... (the first of those not already taken).
 struct TensorEntry {
   std::string path;
   ObjectPtr tensor;
