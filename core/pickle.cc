@@ -12,8 +12,8 @@
 namespace ckptfs::core::pickle {
 namespace {
 
-constexpr size_t kArenaChunk = 1024;             // objects per arena allocation
-constexpr int64_t kMaxElementBytes = 16;         // complex128, the widest element
+constexpr size_t kArenaChunk = 1024;      // objects per arena allocation
+constexpr int64_t kMaxElementBytes = 16;  // complex128, the widest element
 constexpr int64_t kInt64Max = INT64_MAX;
 
 bool IsGlobal(ObjectPtr o, const char* qualified) {
@@ -21,13 +21,15 @@ bool IsGlobal(ObjectPtr o, const char* qualified) {
 }
 
 const char* KindName(Kind k) {
-  static const char* const kNames[] = {"None",  "bool", "int",    "float",   "str",    "bytes", "tuple",
-                                       "list",  "dict", "set",    "global",  "storage", "tensor", "call"};
+  static const char* const kNames[] = {"None",   "bool",    "int",    "float", "str",
+                                       "bytes",  "tuple",   "list",   "dict",  "set",
+                                       "global", "storage", "tensor", "call"};
   return kNames[static_cast<size_t>(k)];
 }
 
 Status OverBudget(const char* what, size_t limit) {
-  return Status::Corrupt(std::string(what) + " exceeds the reader's budget of " + std::to_string(limit));
+  return Status::Corrupt(std::string(what) + " exceeds the reader's budget of " +
+                         std::to_string(limit));
 }
 
 class Machine {
@@ -49,10 +51,12 @@ class Machine {
       const size_t at = pos_;
       const auto op = static_cast<unsigned char>(data_[pos_++]);
       // One step creates at most two objects, so checking here bounds the total.
-      Status s = objects_ >= kMaxObjects ? OverBudget("objects created (kMaxObjects)", kMaxObjects) : Step(op);
+      Status s = objects_ >= kMaxObjects ? OverBudget("objects created (kMaxObjects)", kMaxObjects)
+                                         : Step(op);
       if (!s.ok()) {
         std::string msg = origin_ + ": pickle offset " + std::to_string(at) + ": " + s.message();
-        return s.code() == StatusCode::kUnsupported ? Status::Unsupported(msg) : Status::Corrupt(msg);
+        return s.code() == StatusCode::kUnsupported ? Status::Unsupported(msg)
+                                                    : Status::Corrupt(msg);
       }
       if (done_) {
         if (stack_.size() != 1) return Status::Corrupt(origin_ + ": pickle STOP with a bad stack");
@@ -81,7 +85,8 @@ class Machine {
   }
   uint64_t ReadLE(size_t n) {
     uint64_t v = 0;
-    for (size_t i = 0; i < n; ++i) v |= static_cast<uint64_t>(static_cast<unsigned char>(data_[pos_ + i])) << (8 * i);
+    for (size_t i = 0; i < n; ++i)
+      v |= static_cast<uint64_t>(static_cast<unsigned char>(data_[pos_ + i])) << (8 * i);
     pos_ += n;
     return v;
   }
@@ -93,7 +98,8 @@ class Machine {
     return Status::Ok();
   }
   Status Push(ObjectPtr o) {
-    if (stack_.size() + marks_.size() >= kMaxStack) return OverBudget("stack (kMaxStack)", kMaxStack);
+    if (stack_.size() + marks_.size() >= kMaxStack)
+      return OverBudget("stack (kMaxStack)", kMaxStack);
     stack_.push_back(o);
     return Status::Ok();
   }
@@ -152,7 +158,8 @@ class Machine {
     return Push(o);
   }
   Status ChargeText(size_t n) {
-    if (n > kMaxStringBytes - string_bytes_) return OverBudget("string bytes (kMaxStringBytes)", kMaxStringBytes);
+    if (n > kMaxStringBytes - string_bytes_)
+      return OverBudget("string bytes (kMaxStringBytes)", kMaxStringBytes);
     string_bytes_ += n;
     return Status::Ok();
   }
@@ -226,10 +233,12 @@ class Machine {
         (which == 0 ? t->size : t->stride).push_back(d->integer);
       }
     }
-    if (t->size.size() != t->stride.size()) return Status::Corrupt("size and stride differ in rank");
+    if (t->size.size() != t->stride.size())
+      return Status::Corrupt("size and stride differ in rank");
     if (Status s = CheckExtent(*t); !s.ok()) return s;
     if (fn->text == "torch._utils._rebuild_tensor_v3") {
-      if (a.size() < 7 || a[6]->kind != Kind::kGlobal) return Status::Corrupt("v3 tensor without dtype");
+      if (a.size() < 7 || a[6]->kind != Kind::kGlobal)
+        return Status::Corrupt("v3 tensor without dtype");
       t->tensor_dtype = a[6]->text;
     }
     return t;
@@ -243,7 +252,8 @@ class Machine {
     int64_t extent = t.offset;
     int64_t numel = 1;
     for (size_t d = 0; d < t.size.size(); ++d) {
-      if (t.size[d] < 0 || t.stride[d] < 0) return Status::Corrupt("negative tensor size or stride");
+      if (t.size[d] < 0 || t.stride[d] < 0)
+        return Status::Corrupt("negative tensor size or stride");
       int64_t step = 0;
       if (__builtin_mul_overflow(t.size[d] - 1, t.stride[d], &step) ||
           __builtin_add_overflow(extent, step, &extent) ||
@@ -259,29 +269,35 @@ class Machine {
   // opaque call node. _rebuild_from_type_v2(func, type, args, state) wraps a
   // rebuild; its wrappers are unwrapped in a loop, bounded by kMaxDepth.
   Result<ObjectPtr> Reduce(ObjectPtr fn, ObjectPtr args) {
-    for (size_t depth = 0; IsGlobal(fn, "torch._tensor._rebuild_from_type_v2") && args->kind == Kind::kTuple &&
-                           args->items.size() >= 3 && args->items[0]->kind == Kind::kGlobal;
+    for (size_t depth = 0;
+         IsGlobal(fn, "torch._tensor._rebuild_from_type_v2") && args->kind == Kind::kTuple &&
+         args->items.size() >= 3 && args->items[0]->kind == Kind::kGlobal;
          ++depth) {
-      if (depth >= kMaxDepth) return OverBudget("_rebuild_from_type_v2 nesting (kMaxDepth)", kMaxDepth);
+      if (depth >= kMaxDepth)
+        return OverBudget("_rebuild_from_type_v2 nesting (kMaxDepth)", kMaxDepth);
       ObjectPtr inner = args->items[0];
       args = args->items[2];
       fn = inner;
     }
-    if (IsGlobal(fn, "torch._utils._rebuild_tensor_v2") || IsGlobal(fn, "torch._utils._rebuild_tensor") ||
+    if (IsGlobal(fn, "torch._utils._rebuild_tensor_v2") ||
+        IsGlobal(fn, "torch._utils._rebuild_tensor") ||
         IsGlobal(fn, "torch._utils._rebuild_tensor_v3")) {
       return RebuildTensor(fn, args);
     }
     if ((IsGlobal(fn, "torch._utils._rebuild_parameter") ||
          IsGlobal(fn, "torch._utils._rebuild_parameter_with_state")) &&
-        args->kind == Kind::kTuple && !args->items.empty() && args->items[0]->kind == Kind::kTensor) {
+        args->kind == Kind::kTuple && !args->items.empty() &&
+        args->items[0]->kind == Kind::kTensor) {
       return args->items[0];
     }
     if (fn->kind == Kind::kGlobal && (fn->text.find("_rebuild_qtensor") != std::string::npos ||
                                       fn->text.find("_rebuild_sparse") != std::string::npos ||
                                       fn->text.find("_rebuild_nested") != std::string::npos)) {
-      return Status::Unsupported(fn->text + ": quantized, sparse and nested tensors are not supported");
+      return Status::Unsupported(fn->text +
+                                 ": quantized, sparse and nested tensors are not supported");
     }
-    if (IsGlobal(fn, "collections.OrderedDict") && args->kind == Kind::kTuple && args->items.empty()) {
+    if (IsGlobal(fn, "collections.OrderedDict") && args->kind == Kind::kTuple &&
+        args->items.empty()) {
       return Make(Kind::kDict);
     }
     return Call(fn, args, nullptr);
@@ -305,7 +321,8 @@ class Machine {
     s->storage_key = pid->items[2]->text;
     s->storage_numel = pid->items[4]->integer;
     if (s->storage_numel < 0) return Status::Corrupt("negative storage size");
-    if (s->storage_numel > kInt64Max / kMaxElementBytes) return Status::Corrupt("storage size overflows int64");
+    if (s->storage_numel > kInt64Max / kMaxElementBytes)
+      return Status::Corrupt("storage size overflows int64");
     storages_.emplace(s->storage_key, s);
     return s;
   }
@@ -314,7 +331,8 @@ class Machine {
     switch (op) {
       case 0x80: {  // PROTO
         if (Status s = Need(1); !s.ok()) return s;
-        if (static_cast<unsigned char>(data_[pos_++]) > 5) return Status::Unsupported("pickle protocol > 5");
+        if (static_cast<unsigned char>(data_[pos_++]) > 5)
+          return Status::Unsupported("pickle protocol > 5");
         return Status::Ok();
       }
       case 0x95:  // FRAME
@@ -325,6 +343,8 @@ class Machine {
         done_ = true;
         return Status::Ok();
       case '(':  // MARK
+        if (stack_.size() + marks_.size() >= kMaxStack)
+          return OverBudget("stack (kMaxStack)", kMaxStack);
         marks_.push_back(stack_.size());
         return Status::Ok();
       case '0': {  // POP
@@ -375,7 +395,8 @@ class Machine {
       case 'G': {  // BINFLOAT, big-endian
         if (Status s = Need(8); !s.ok()) return s;
         uint64_t bits = 0;
-        for (int i = 0; i < 8; ++i) bits = (bits << 8) | static_cast<unsigned char>(data_[pos_ + i]);
+        for (int i = 0; i < 8; ++i)
+          bits = (bits << 8) | static_cast<unsigned char>(data_[pos_ + i]);
         pos_ += 8;
         ObjectPtr f = Make(Kind::kFloat);
         std::memcpy(&f->real, &bits, sizeof(bits));
@@ -521,7 +542,7 @@ class Machine {
         if (!r.ok()) return r.status();
         return Push(*r);
       }
-      case 0x81:  // NEWOBJ
+      case 0x81:    // NEWOBJ
       case 0x92: {  // NEWOBJ_EX
         ObjectPtr kwargs = nullptr;
         if (op == 0x92) {
@@ -562,7 +583,8 @@ class Machine {
     char hex[8];
     std::snprintf(hex, sizeof(hex), "0x%02x", op);
     if (std::strchr("FILPSVgpio", static_cast<int>(op)) != nullptr && op != 0) {
-      return Status::Unsupported(std::string("protocol 0/1 opcode '") + static_cast<char>(op) + "'");
+      return Status::Unsupported(std::string("protocol 0/1 opcode '") + static_cast<char>(op) +
+                                 "'");
     }
     return Status::Corrupt(std::string("unknown opcode ") + hex);
   }
@@ -701,7 +723,8 @@ Result<std::vector<TensorEntry>> FindTensors(ObjectPtr root, const std::string& 
     if (overlong > 0) return budget("tensor path bytes (kMaxPathBytes)", kMaxPathBytes);
     if (out.size() >= kMaxTensors) return budget("tensors (kMaxTensors)", kMaxTensors);
     path_bytes += path.size();
-    if (path_bytes > kMaxTotalPathBytes) return budget("bytes of all tensor paths (kMaxTotalPathBytes)", kMaxTotalPathBytes);
+    if (path_bytes > kMaxTotalPathBytes)
+      return budget("bytes of all tensor paths (kMaxTotalPathBytes)", kMaxTotalPathBytes);
     return Status::Ok();
   };
   if (root->kind == Kind::kTensor) {

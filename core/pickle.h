@@ -60,11 +60,19 @@ inline constexpr size_t kMaxGlobalNameBytes = 4096;
 inline constexpr size_t kMaxDepth = 10000;
 inline constexpr size_t kMaxTensors = size_t{1} << 20;
 inline constexpr size_t kMaxPathBytes = size_t{64} << 10;
-inline constexpr size_t kMaxTotalPathBytes = size_t{64} << 20;
+inline constexpr size_t kMaxTotalPathBytes = size_t{32} << 20;
 
 enum class Kind : uint8_t {
-  kNone, kBool, kInt, kFloat, kString, kBytes,
-  kTuple, kList, kDict, kSet,
+  kNone,
+  kBool,
+  kInt,
+  kFloat,
+  kString,
+  kBytes,
+  kTuple,
+  kList,
+  kDict,
+  kSet,
   kGlobal,   // module, name
   kStorage,  // a storage persistent id
   kTensor,   // a rebuilt tensor
@@ -84,20 +92,20 @@ struct Object {
   bool big_integer = false;  // LONG beyond 64 bits; integer is meaningless
   int64_t integer = 0;
   double real = 0;
-  std::string text;                          // kString, kBytes; kGlobal: "module.name"
+  std::string text;  // kString, kBytes; kGlobal: "module.name"
   // kTuple, kList, kSet: the elements. kCall: {callable, args, kwargs or
   // nullptr}, then anything APPEND(S) added (a list subclass's items).
   std::vector<ObjectPtr> items;
   // kDict: the items. kCall: what SETITEM(S) added (a dict subclass's items).
   std::vector<std::pair<ObjectPtr, ObjectPtr>> entries;
-  ObjectPtr state = nullptr;                 // BUILD state (kCall, kDict, kList, ...)
+  ObjectPtr state = nullptr;  // BUILD state (kCall, kDict, kList, ...)
   // kStorage
   std::string storage_type;  // "FloatStorage", "UntypedStorage", ...
   std::string storage_key;
   int64_t storage_numel = 0;  // elements of storage_type; bytes for UntypedStorage
   // kTensor
   ObjectPtr storage = nullptr;  // kStorage
-  std::string tensor_dtype;  // set by _rebuild_tensor_v3 ("float8_e4m3fn", ...)
+  std::string tensor_dtype;     // set by _rebuild_tensor_v3 ("float8_e4m3fn", ...)
   int64_t offset = 0;
   std::vector<int64_t> size;
   std::vector<int64_t> stride;
