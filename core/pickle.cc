@@ -12,7 +12,7 @@
 namespace ckptfs::core::pickle {
 namespace {
 
-constexpr size_t kArenaChunk = 1024;      // objects per arena allocation
+constexpr size_t kMaxArenaChunk = 4096;   // objects per arena allocation, at most
 constexpr int64_t kMaxElementBytes = 16;  // complex128, the widest element
 constexpr int64_t kInt64Max = INT64_MAX;
 
@@ -34,17 +34,7 @@ Status OverBudget(const char* what, size_t limit) {
 
 class Machine {
  public:
-  Machine(std::string_view data, const std::string& origin) : data_(data), origin_(origin) {
-    // Shared immutable values: a flood of NONE or small ints allocates nothing.
-    none_ = Make(Kind::kNone);
-    true_ = Make(Kind::kBool);
-    true_->boolean = true;
-    false_ = Make(Kind::kBool);
-    for (int64_t i = 0; i < 256; ++i) {
-      small_ints_[i] = Make(Kind::kInt);
-      small_ints_[i]->integer = i;
-    }
-  }
+  Machine(std::string_view data, const std::string& origin) : data_(data), origin_(origin) {}
 
   Result<Unpickled> Run() {
     while (pos_ < data_.size()) {
@@ -71,12 +61,27 @@ class Machine {
   }
 
  private:
+  // Chunks grow from 64 objects to kMaxArenaChunk, so a small pickle costs
+  // little and a large one few allocations.
   ObjectPtr Make(Kind kind) {
-    if (objects_ % kArenaChunk == 0) arena_.push_back(std::make_unique<Object[]>(kArenaChunk));
-    Object* o = &arena_.back()[objects_ % kArenaChunk];
+    if (chunk_used_ == chunk_size_) {
+      chunk_size_ = chunk_size_ == 0 ? 64 : std::min(chunk_size_ * 2, kMaxArenaChunk);
+      arena_.push_back(std::make_unique<Object[]>(chunk_size_));
+      chunk_used_ = 0;
+    }
+    Object* o = &arena_.back()[chunk_used_++];
     ++objects_;
     o->kind = kind;
     return o;
+  }
+  // None, True, False and the ints 0..255: made on first use, then shared.
+  ObjectPtr Shared(ObjectPtr* slot, Kind kind, int64_t value) {
+    if (!*slot) {
+      *slot = Make(kind);
+      (*slot)->integer = value;
+      (*slot)->boolean = value != 0;
+    }
+    return *slot;
   }
 
   Status Need(size_t n) {
@@ -142,7 +147,7 @@ class Machine {
     return Push(it->second);
   }
   Status PushInt(int64_t v) {
-    if (v >= 0 && v < 256) return Push(small_ints_[v]);
+    if (v >= 0 && v < 256) return Push(Shared(&small_ints_[v], Kind::kInt, v));
     ObjectPtr o = Make(Kind::kInt);
     o->integer = v;
     return Push(o);
@@ -362,11 +367,11 @@ class Machine {
         return Push(*top);
       }
       case 'N':
-        return Push(none_);
+        return Push(Shared(&none_, Kind::kNone, 0));
       case 0x88:  // NEWTRUE
-        return Push(true_);
+        return Push(Shared(&true_, Kind::kBool, 1));
       case 0x89:  // NEWFALSE
-        return Push(false_);
+        return Push(Shared(&false_, Kind::kBool, 0));
       case 'K':
         if (Status s = Need(1); !s.ok()) return s;
         return PushInt(static_cast<int64_t>(ReadLE(1)));
@@ -600,6 +605,8 @@ class Machine {
   std::unordered_map<std::string, ObjectPtr> globals_;
   std::vector<std::unique_ptr<Object[]>> arena_;
   size_t objects_ = 0;
+  size_t chunk_size_ = 0;  // objects in arena_.back()
+  size_t chunk_used_ = 0;
   size_t string_bytes_ = 0;
   ObjectPtr none_ = nullptr;
   ObjectPtr true_ = nullptr;
