@@ -1,18 +1,35 @@
 #include "core/pickle.h"
 
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <optional>
 #include <unordered_map>
 #include <unordered_set>
 
 namespace ckptfs::core::pickle {
 namespace {
 
-// Bounds that keep hostile input from asking for absurd work or memory.
-constexpr size_t kMaxDepth = 10000;      // nesting of containers when walking
-constexpr size_t kMaxStack = 10000000;   // objects on the VM stack
+constexpr size_t kMaxArenaChunk = 4096;   // objects per arena allocation, at most
+constexpr int64_t kMaxElementBytes = 16;  // complex128, the widest element
+constexpr int64_t kInt64Max = INT64_MAX;
 
 bool IsGlobal(ObjectPtr o, const char* qualified) {
   return o && o->kind == Kind::kGlobal && o->text == qualified;
+}
+
+const char* KindName(Kind k) {
+  static const char* const kNames[] = {"None",   "bool",    "int",    "float", "str",
+                                       "bytes",  "tuple",   "list",   "dict",  "set",
+                                       "global", "storage", "tensor", "call"};
+  return kNames[static_cast<size_t>(k)];
+}
+
+Status OverBudget(const char* what, size_t limit) {
+  return Status::Corrupt(std::string(what) + " exceeds the reader's budget of " +
+                         std::to_string(limit));
 }
 
 class Machine {
@@ -23,15 +40,19 @@ class Machine {
     while (pos_ < data_.size()) {
       const size_t at = pos_;
       const auto op = static_cast<unsigned char>(data_[pos_++]);
-      Status s = Step(op);
+      // One step creates at most two objects, so checking here bounds the total.
+      Status s = objects_ >= kMaxObjects ? OverBudget("objects created (kMaxObjects)", kMaxObjects)
+                                         : Step(op);
       if (!s.ok()) {
         std::string msg = origin_ + ": pickle offset " + std::to_string(at) + ": " + s.message();
-        return s.code() == StatusCode::kUnsupported ? Status::Unsupported(msg) : Status::Corrupt(msg);
+        return s.code() == StatusCode::kUnsupported ? Status::Unsupported(msg)
+                                                    : Status::Corrupt(msg);
       }
       if (done_) {
         if (stack_.size() != 1) return Status::Corrupt(origin_ + ": pickle STOP with a bad stack");
         Unpickled out;
         out.root = stack_.back();
+        out.objects = objects_;
         out.arena = std::move(arena_);
         return out;
       }
@@ -40,10 +61,27 @@ class Machine {
   }
 
  private:
+  // Chunks grow from 64 objects to kMaxArenaChunk, so a small pickle costs
+  // little and a large one few allocations.
   ObjectPtr Make(Kind kind) {
-    arena_.push_back(std::make_unique<Object>());
-    arena_.back()->kind = kind;
-    return arena_.back().get();
+    if (chunk_used_ == chunk_size_) {
+      chunk_size_ = chunk_size_ == 0 ? 64 : std::min(chunk_size_ * 2, kMaxArenaChunk);
+      arena_.push_back(std::make_unique<Object[]>(chunk_size_));
+      chunk_used_ = 0;
+    }
+    Object* o = &arena_.back()[chunk_used_++];
+    ++objects_;
+    o->kind = kind;
+    return o;
+  }
+  // None, True, False and the ints 0..255: made on first use, then shared.
+  ObjectPtr Shared(ObjectPtr* slot, Kind kind, int64_t value) {
+    if (!*slot) {
+      *slot = Make(kind);
+      (*slot)->integer = value;
+      (*slot)->boolean = value != 0;
+    }
+    return *slot;
   }
 
   Status Need(size_t n) {
@@ -52,7 +90,8 @@ class Machine {
   }
   uint64_t ReadLE(size_t n) {
     uint64_t v = 0;
-    for (size_t i = 0; i < n; ++i) v |= static_cast<uint64_t>(static_cast<unsigned char>(data_[pos_ + i])) << (8 * i);
+    for (size_t i = 0; i < n; ++i)
+      v |= static_cast<uint64_t>(static_cast<unsigned char>(data_[pos_ + i])) << (8 * i);
     pos_ += n;
     return v;
   }
@@ -64,7 +103,8 @@ class Machine {
     return Status::Ok();
   }
   Status Push(ObjectPtr o) {
-    if (stack_.size() >= kMaxStack) return Status::Corrupt("stack too deep");
+    if (stack_.size() + marks_.size() >= kMaxStack)
+      return OverBudget("stack (kMaxStack)", kMaxStack);
     stack_.push_back(o);
     return Status::Ok();
   }
@@ -93,7 +133,12 @@ class Machine {
   Status Memoize(uint64_t index) {
     Result<ObjectPtr> top = Top();
     if (!top.ok()) return top.status();
-    memo_[index] = *top;
+    auto [it, inserted] = memo_.emplace(index, *top);
+    if (!inserted) {
+      it->second = *top;
+    } else if (memo_.size() > kMaxMemo) {
+      return OverBudget("memo entries (kMaxMemo)", kMaxMemo);
+    }
     return Status::Ok();
   }
   Status Get(uint64_t index) {
@@ -102,6 +147,7 @@ class Machine {
     return Push(it->second);
   }
   Status PushInt(int64_t v) {
+    if (v >= 0 && v < 256) return Push(Shared(&small_ints_[v], Kind::kInt, v));
     ObjectPtr o = Make(Kind::kInt);
     o->integer = v;
     return Push(o);
@@ -110,14 +156,33 @@ class Machine {
     if (Status s = Need(len_bytes); !s.ok()) return s;
     uint64_t n = ReadLE(len_bytes);
     if (Status s = Need(n); !s.ok()) return s;
+    if (Status s = ChargeText(n); !s.ok()) return s;
     ObjectPtr o = Make(kind);
     o->text = std::string(data_.substr(pos_, n));
     pos_ += n;
     return Push(o);
   }
-  Status PushGlobal(std::string module, std::string name) {
+  Status ChargeText(size_t n) {
+    if (n > kMaxStringBytes - string_bytes_)
+      return OverBudget("string bytes (kMaxStringBytes)", kMaxStringBytes);
+    string_bytes_ += n;
+    return Status::Ok();
+  }
+  // Globals are interned: a name pushed again (STACK_GLOBAL of memoized
+  // strings costs 5 bytes) reuses its object and its text.
+  Status PushGlobal(std::string_view module, std::string_view name) {
+    if (module.size() + name.size() + 1 > kMaxGlobalNameBytes) {
+      return OverBudget("global name bytes (kMaxGlobalNameBytes)", kMaxGlobalNameBytes);
+    }
+    std::string text;
+    text.reserve(module.size() + name.size() + 1);
+    text.append(module).append(".").append(name);
+    auto it = globals_.find(text);
+    if (it != globals_.end()) return Push(it->second);
+    if (Status s = ChargeText(text.size()); !s.ok()) return s;
     ObjectPtr o = Make(Kind::kGlobal);
-    o->text = module + "." + name;
+    o->text = text;
+    globals_.emplace(std::move(text), o);
     return Push(o);
   }
   Status Tuple(std::vector<ObjectPtr> items) {
@@ -131,27 +196,28 @@ class Machine {
     stack_.resize(stack_.size() - n);
     return Tuple(std::move(items));
   }
-  Status SetItems(ObjectPtr dict, std::vector<ObjectPtr> kv) {
+  // Items set on an opaque object (a defaultdict, a dict subclass) are kept
+  // in its own entries, so its BUILD state does not replace them.
+  Status SetItems(ObjectPtr dict, const std::vector<ObjectPtr>& kv) {
     if (kv.size() % 2 != 0) return Status::Corrupt("odd number of dict items");
-    if (dict->kind != Kind::kDict) {
-      // Items set on an opaque object (a defaultdict, a custom mapping): keep them.
-      if (dict->kind != Kind::kCall) return Status::Corrupt("SETITEMS on a non-dict");
-      if (!dict->state) dict->state = Make(Kind::kDict);
-      return SetItems(dict->state, std::move(kv));
+    if (dict->kind != Kind::kDict && dict->kind != Kind::kCall) {
+      return Status::Corrupt(std::string("SETITEMS on a ") + KindName(dict->kind));
     }
     for (size_t i = 0; i < kv.size(); i += 2) dict->entries.emplace_back(kv[i], kv[i + 1]);
     return Status::Ok();
   }
-  Status Append(ObjectPtr list, std::vector<ObjectPtr> items) {
-    if (list->kind == Kind::kList || list->kind == Kind::kSet) {
-      for (ObjectPtr i : items) list->items.push_back(i);
-      return Status::Ok();
+  // Likewise a list subclass's items follow a call's {callable, args, kwargs}.
+  Status Append(ObjectPtr list, const std::vector<ObjectPtr>& items) {
+    if (list->kind != Kind::kList && list->kind != Kind::kSet && list->kind != Kind::kCall) {
+      return Status::Corrupt(std::string("APPEND on a ") + KindName(list->kind));
     }
-    if (list->kind == Kind::kCall) {  // extend() on an opaque object
-      if (!list->state) list->state = Make(Kind::kList);
-      return Append(list->state, std::move(items));
-    }
-    return Status::Corrupt("APPEND on a non-list");
+    list->items.insert(list->items.end(), items.begin(), items.end());
+    return Status::Ok();
+  }
+  ObjectPtr Call(ObjectPtr callable, ObjectPtr args, ObjectPtr kwargs) {
+    ObjectPtr call = Make(Kind::kCall);
+    call->items = {callable, args, kwargs};
+    return call;
   }
 
   Result<ObjectPtr> RebuildTensor(ObjectPtr fn, ObjectPtr args) {
@@ -159,7 +225,7 @@ class Machine {
       return Status::Corrupt(fn->text + " with bad arguments");
     }
     const auto& a = args->items;
-    if (!a[0] || a[0]->kind != Kind::kStorage) return Status::Corrupt(fn->text + " without a storage");
+    if (a[0]->kind != Kind::kStorage) return Status::Corrupt(fn->text + " without a storage");
     ObjectPtr t = Make(Kind::kTensor);
     t->storage = a[0];
     if (a[1]->kind != Kind::kInt || a[1]->big_integer) return Status::Corrupt("bad storage offset");
@@ -172,44 +238,74 @@ class Machine {
         (which == 0 ? t->size : t->stride).push_back(d->integer);
       }
     }
-    if (t->size.size() != t->stride.size()) return Status::Corrupt("size and stride differ in rank");
+    if (t->size.size() != t->stride.size())
+      return Status::Corrupt("size and stride differ in rank");
+    if (Status s = CheckExtent(*t); !s.ok()) return s;
     if (fn->text == "torch._utils._rebuild_tensor_v3") {
-      if (a.size() < 7 || a[6]->kind != Kind::kGlobal) return Status::Corrupt("v3 tensor without dtype");
+      if (a.size() < 7 || a[6]->kind != Kind::kGlobal)
+        return Status::Corrupt("v3 tensor without dtype");
       t->tensor_dtype = a[6]->text;
     }
     return t;
   }
 
+  // Offsets, sizes and strides come from the file: their products and sums
+  // are computed here with overflow checks, so callers' arithmetic (element
+  // count, extent + 1) cannot overflow.
+  static Status CheckExtent(const Object& t) {
+    if (t.offset < 0) return Status::Corrupt("negative tensor storage offset");
+    int64_t extent = t.offset;
+    int64_t numel = 1;
+    for (size_t d = 0; d < t.size.size(); ++d) {
+      if (t.size[d] < 0 || t.stride[d] < 0)
+        return Status::Corrupt("negative tensor size or stride");
+      int64_t step = 0;
+      if (__builtin_mul_overflow(t.size[d] - 1, t.stride[d], &step) ||
+          __builtin_add_overflow(extent, step, &extent) ||
+          __builtin_mul_overflow(numel, t.size[d], &numel)) {
+        return Status::Corrupt("tensor size arithmetic overflows int64");
+      }
+    }
+    if (extent == kInt64Max) return Status::Corrupt("tensor size arithmetic overflows int64");
+    return Status::Ok();
+  }
+
   // REDUCE: interprets tensor rebuilds and OrderedDict; anything else is an
-  // opaque call node.
+  // opaque call node. _rebuild_from_type_v2(func, type, args, state) wraps a
+  // rebuild; its wrappers are unwrapped in a loop, bounded by kMaxDepth.
   Result<ObjectPtr> Reduce(ObjectPtr fn, ObjectPtr args) {
-    if (IsGlobal(fn, "torch._utils._rebuild_tensor_v2") || IsGlobal(fn, "torch._utils._rebuild_tensor") ||
+    for (size_t depth = 0;
+         IsGlobal(fn, "torch._tensor._rebuild_from_type_v2") && args->kind == Kind::kTuple &&
+         args->items.size() >= 3 && args->items[0]->kind == Kind::kGlobal;
+         ++depth) {
+      if (depth >= kMaxDepth)
+        return OverBudget("_rebuild_from_type_v2 nesting (kMaxDepth)", kMaxDepth);
+      ObjectPtr inner = args->items[0];
+      args = args->items[2];
+      fn = inner;
+    }
+    if (IsGlobal(fn, "torch._utils._rebuild_tensor_v2") ||
+        IsGlobal(fn, "torch._utils._rebuild_tensor") ||
         IsGlobal(fn, "torch._utils._rebuild_tensor_v3")) {
       return RebuildTensor(fn, args);
     }
     if ((IsGlobal(fn, "torch._utils._rebuild_parameter") ||
          IsGlobal(fn, "torch._utils._rebuild_parameter_with_state")) &&
-        args && args->kind == Kind::kTuple && !args->items.empty() &&
+        args->kind == Kind::kTuple && !args->items.empty() &&
         args->items[0]->kind == Kind::kTensor) {
       return args->items[0];
     }
-    if (IsGlobal(fn, "torch._tensor._rebuild_from_type_v2") && args && args->kind == Kind::kTuple &&
-        args->items.size() >= 3 && args->items[0]->kind == Kind::kGlobal) {
-      return Reduce(args->items[0], args->items[2]);
+    if (fn->kind == Kind::kGlobal && (fn->text.find("_rebuild_qtensor") != std::string::npos ||
+                                      fn->text.find("_rebuild_sparse") != std::string::npos ||
+                                      fn->text.find("_rebuild_nested") != std::string::npos)) {
+      return Status::Unsupported(fn->text +
+                                 ": quantized, sparse and nested tensors are not supported");
     }
-    if (fn && fn->kind == Kind::kGlobal &&
-        (fn->text.find("_rebuild_qtensor") != std::string::npos ||
-         fn->text.find("_rebuild_sparse") != std::string::npos ||
-         fn->text.find("_rebuild_nested") != std::string::npos)) {
-      return Status::Unsupported(fn->text + ": quantized, sparse and nested tensors are not supported");
-    }
-    if (IsGlobal(fn, "collections.OrderedDict") && args && args->kind == Kind::kTuple &&
+    if (IsGlobal(fn, "collections.OrderedDict") && args->kind == Kind::kTuple &&
         args->items.empty()) {
       return Make(Kind::kDict);
     }
-    ObjectPtr call = Make(Kind::kCall);
-    call->items = {fn, args};
-    return call;
+    return Call(fn, args, nullptr);
   }
 
   Result<ObjectPtr> Storage(ObjectPtr pid) {
@@ -219,16 +315,19 @@ class Machine {
         pid->items[4]->kind != Kind::kInt || pid->items[4]->big_integer) {
       return Status::Corrupt("persistent id is not a torch storage");
     }
-    ObjectPtr s = Make(Kind::kStorage);
     const std::string& type = pid->items[1]->text;
     if (type.rfind("torch.", 0) != 0) return Status::Corrupt("storage type " + type);
+    // One object per key, so tensors sharing a storage share the object.
+    auto it = storages_.find(pid->items[2]->text);
+    if (it != storages_.end()) return it->second;
+    if (Status st = ChargeText(type.size() + pid->items[2]->text.size()); !st.ok()) return st;
+    ObjectPtr s = Make(Kind::kStorage);
     s->storage_type = type.substr(6);
     s->storage_key = pid->items[2]->text;
     s->storage_numel = pid->items[4]->integer;
     if (s->storage_numel < 0) return Status::Corrupt("negative storage size");
-    // One object per key, so tensors sharing a storage share the object.
-    auto it = storages_.find(s->storage_key);
-    if (it != storages_.end()) return it->second;
+    if (s->storage_numel > kInt64Max / kMaxElementBytes)
+      return Status::Corrupt("storage size overflows int64");
     storages_.emplace(s->storage_key, s);
     return s;
   }
@@ -237,7 +336,8 @@ class Machine {
     switch (op) {
       case 0x80: {  // PROTO
         if (Status s = Need(1); !s.ok()) return s;
-        if (static_cast<unsigned char>(data_[pos_++]) > 5) return Status::Unsupported("pickle protocol > 5");
+        if (static_cast<unsigned char>(data_[pos_++]) > 5)
+          return Status::Unsupported("pickle protocol > 5");
         return Status::Ok();
       }
       case 0x95:  // FRAME
@@ -248,6 +348,8 @@ class Machine {
         done_ = true;
         return Status::Ok();
       case '(':  // MARK
+        if (stack_.size() + marks_.size() >= kMaxStack)
+          return OverBudget("stack (kMaxStack)", kMaxStack);
         marks_.push_back(stack_.size());
         return Status::Ok();
       case '0': {  // POP
@@ -265,13 +367,11 @@ class Machine {
         return Push(*top);
       }
       case 'N':
-        return Push(Make(Kind::kNone));
-      case 0x88:
-      case 0x89: {  // NEWTRUE, NEWFALSE
-        ObjectPtr b = Make(Kind::kBool);
-        b->boolean = op == 0x88;
-        return Push(b);
-      }
+        return Push(Shared(&none_, Kind::kNone, 0));
+      case 0x88:  // NEWTRUE
+        return Push(Shared(&true_, Kind::kBool, 1));
+      case 0x89:  // NEWFALSE
+        return Push(Shared(&false_, Kind::kBool, 0));
       case 'K':
         if (Status s = Need(1); !s.ok()) return s;
         return PushInt(static_cast<int64_t>(ReadLE(1)));
@@ -287,21 +387,21 @@ class Machine {
         if (Status s = Need(len_bytes); !s.ok()) return s;
         uint64_t n = ReadLE(len_bytes);
         if (Status s = Need(n); !s.ok()) return s;
-        ObjectPtr o = Make(Kind::kInt);
         if (n <= 8) {
           uint64_t v = n == 0 ? 0 : ReadLE(n);
           if (n > 0 && n < 8 && (v >> (8 * n - 1)) & 1) v |= ~uint64_t{0} << (8 * n);  // sign
-          o->integer = static_cast<int64_t>(v);
-        } else {
-          o->big_integer = true;
-          pos_ += n;
+          return PushInt(static_cast<int64_t>(v));
         }
+        ObjectPtr o = Make(Kind::kInt);
+        o->big_integer = true;
+        pos_ += n;
         return Push(o);
       }
       case 'G': {  // BINFLOAT, big-endian
         if (Status s = Need(8); !s.ok()) return s;
         uint64_t bits = 0;
-        for (int i = 0; i < 8; ++i) bits = (bits << 8) | static_cast<unsigned char>(data_[pos_ + i]);
+        for (int i = 0; i < 8; ++i)
+          bits = (bits << 8) | static_cast<unsigned char>(data_[pos_ + i]);
         pos_ += 8;
         ObjectPtr f = Make(Kind::kFloat);
         std::memcpy(&f->real, &bits, sizeof(bits));
@@ -405,7 +505,7 @@ class Machine {
         std::string module, name;
         if (Status s = ReadLine(&module); !s.ok()) return s;
         if (Status s = ReadLine(&name); !s.ok()) return s;
-        return PushGlobal(std::move(module), std::move(name));
+        return PushGlobal(module, name);
       }
       case 0x93: {  // STACK_GLOBAL
         Result<ObjectPtr> name = Pop();
@@ -447,7 +547,7 @@ class Machine {
         if (!r.ok()) return r.status();
         return Push(*r);
       }
-      case 0x81:  // NEWOBJ
+      case 0x81:    // NEWOBJ
       case 0x92: {  // NEWOBJ_EX
         ObjectPtr kwargs = nullptr;
         if (op == 0x92) {
@@ -459,10 +559,7 @@ class Machine {
         if (!args.ok()) return args.status();
         Result<ObjectPtr> cls = Pop();
         if (!cls.ok()) return cls.status();
-        ObjectPtr call = Make(Kind::kCall);
-        call->items = {*cls, *args};
-        if (kwargs) call->items.push_back(kwargs);
-        return Push(call);
+        return Push(Call(*cls, *args, kwargs));
       }
       case 'b': {  // BUILD
         Result<ObjectPtr> state = Pop();
@@ -470,8 +567,20 @@ class Machine {
         Result<ObjectPtr> target = Top();
         if (!target.ok()) return target.status();
         // Tensors ignore their state; dicts and objects keep it for walking.
-        if ((*target)->kind != Kind::kTensor) (*target)->state = *state;
-        return Status::Ok();
+        // Scalars have none in Python, and some of ours are shared.
+        switch ((*target)->kind) {
+          case Kind::kTensor:
+            return Status::Ok();
+          case Kind::kTuple:
+          case Kind::kList:
+          case Kind::kDict:
+          case Kind::kSet:
+          case Kind::kCall:
+            (*target)->state = *state;
+            return Status::Ok();
+          default:
+            return Status::Corrupt(std::string("BUILD on a ") + KindName((*target)->kind));
+        }
       }
       default:
         break;
@@ -479,7 +588,8 @@ class Machine {
     char hex[8];
     std::snprintf(hex, sizeof(hex), "0x%02x", op);
     if (std::strchr("FILPSVgpio", static_cast<int>(op)) != nullptr && op != 0) {
-      return Status::Unsupported(std::string("protocol 0/1 opcode '") + static_cast<char>(op) + "'");
+      return Status::Unsupported(std::string("protocol 0/1 opcode '") + static_cast<char>(op) +
+                                 "'");
     }
     return Status::Corrupt(std::string("unknown opcode ") + hex);
   }
@@ -492,16 +602,28 @@ class Machine {
   std::vector<size_t> marks_;
   std::unordered_map<uint64_t, ObjectPtr> memo_;
   std::unordered_map<std::string, ObjectPtr> storages_;
-  std::vector<std::unique_ptr<Object>> arena_;
+  std::unordered_map<std::string, ObjectPtr> globals_;
+  std::vector<std::unique_ptr<Object[]>> arena_;
+  size_t objects_ = 0;
+  size_t chunk_size_ = 0;  // objects in arena_.back()
+  size_t chunk_used_ = 0;
+  size_t string_bytes_ = 0;
+  ObjectPtr none_ = nullptr;
+  ObjectPtr true_ = nullptr;
+  ObjectPtr false_ = nullptr;
+  ObjectPtr small_ints_[256] = {};
 };
 
-std::string KeyText(ObjectPtr key) {
+// The text a key contributes to a tensor path. Strings are viewed in place;
+// `scratch` holds any other rendering.
+std::string_view KeyText(ObjectPtr key, std::string* scratch) {
   switch (key->kind) {
     case Kind::kString:
     case Kind::kBytes:
       return key->text;
     case Kind::kInt:
-      return std::to_string(key->integer);
+      *scratch = std::to_string(key->integer);
+      return *scratch;
     case Kind::kBool:
       return key->boolean ? "True" : "False";
     case Kind::kNone:
@@ -511,56 +633,154 @@ std::string KeyText(ObjectPtr key) {
   }
 }
 
+// The i-th child of `o` in walking order, and whether it adds a path
+// segment (written to *segment) or keeps its parent's path (an object's
+// arguments and state). Returns false past the last child.
+bool Child(const Object& o, size_t i, ObjectPtr* child, std::optional<std::string_view>* segment,
+           std::string* scratch) {
+  segment->reset();
+  const size_t entries = o.kind == Kind::kDict || o.kind == Kind::kCall ? o.entries.size() : 0;
+  if (o.kind == Kind::kCall) {
+    // {callable, args, kwargs}: args and kwargs keep the path; appended items
+    // and set items follow, then the state.
+    if (i < 2 && i + 1 < o.items.size()) {
+      *child = o.items[i + 1];
+      return true;
+    }
+    i -= std::min<size_t>(i, 2);
+    if (o.items.size() > 3 && i < o.items.size() - 3) {
+      *child = o.items[i + 3];
+      *scratch = std::to_string(i);
+      *segment = *scratch;
+      return true;
+    }
+    i -= o.items.size() > 3 ? o.items.size() - 3 : 0;
+  } else if (o.kind == Kind::kTuple || o.kind == Kind::kList || o.kind == Kind::kSet) {
+    if (i < o.items.size()) {
+      *child = o.items[i];
+      *scratch = std::to_string(i);
+      *segment = *scratch;
+      return true;
+    }
+    i -= o.items.size();
+  } else if (o.kind != Kind::kDict) {
+    return false;
+  }
+  if (i < entries) {
+    *child = o.entries[i].second;
+    *segment = KeyText(o.entries[i].first, scratch);
+    return true;
+  }
+  if (i == entries) {
+    *child = o.state;
+    return true;
+  }
+  return false;
+}
+
+// Gives each tensor path a unique name in time linear in the paths' bytes:
+// a set of names taken and, per base path, the next "#n" to try.
+class UniqueNames {
+ public:
+  std::string Take(const std::string& path) {
+    if (taken_.insert(path).second) return path;
+    size_t& n = next_[path];
+    if (n == 0) n = 2;
+    for (;; ++n) {
+      std::string candidate = path + "#" + std::to_string(n);
+      if (taken_.insert(candidate).second) {
+        ++n;
+        return candidate;
+      }
+    }
+  }
+
+ private:
+  std::unordered_set<std::string> taken_;
+  std::unordered_map<std::string, size_t> next_;
+};
+
 }  // namespace
 
 Result<Unpickled> Unpickle(std::string_view data, const std::string& origin) {
   return Machine(data, origin).Run();
 }
 
+// Depth-first with an explicit stack of cursors and one path string that
+// grows and shrinks with it, so memory is O(depth + output), not O(objects
+// x path length).
 Result<std::vector<TensorEntry>> FindTensors(ObjectPtr root, const std::string& origin) {
   std::vector<TensorEntry> out;
+  if (!root) return out;
   std::unordered_set<const Object*> visited;
+  UniqueNames names;
+  size_t path_bytes = 0;
+  std::string path;
+  size_t overlong = 0;  // frames whose segment did not fit in kMaxPathBytes
   struct Frame {
     ObjectPtr obj;
-    std::string path;
-    size_t depth;
+    size_t next = 0;      // index of the next child to visit
+    size_t path_len = 0;  // path length to restore when leaving
+    bool overlong = false;
   };
-  std::vector<Frame> todo = {{root, "", 0}};
-  auto join = [](const std::string& a, const std::string& b) { return a.empty() ? b : a + "." + b; };
-  // Depth-first, children pushed in reverse so paths come out in order.
-  while (!todo.empty()) {
-    Frame f = std::move(todo.back());
-    todo.pop_back();
-    if (!f.obj) continue;
+  auto budget = [&origin](const char* what, size_t limit) {
+    return Status::Corrupt(origin + ": " + OverBudget(what, limit).message());
+  };
+  auto emit = [&]() -> Status {
+    if (overlong > 0) return budget("tensor path bytes (kMaxPathBytes)", kMaxPathBytes);
+    if (out.size() >= kMaxTensors) return budget("tensors (kMaxTensors)", kMaxTensors);
+    path_bytes += path.size();
+    if (path_bytes > kMaxTotalPathBytes)
+      return budget("bytes of all tensor paths (kMaxTotalPathBytes)", kMaxTotalPathBytes);
+    return Status::Ok();
+  };
+  if (root->kind == Kind::kTensor) {
+    if (Status s = emit(); !s.ok()) return s;
+    out.push_back({names.Take(path), root});
+    return out;
+  }
+  visited.insert(root);
+  std::vector<Frame> stack = {{root}};
+  std::string scratch;
+  while (!stack.empty()) {
+    Frame& f = stack.back();
+    ObjectPtr child = nullptr;
+    std::optional<std::string_view> segment;
+    if (!Child(*f.obj, f.next++, &child, &segment, &scratch)) {
+      path.resize(f.path_len);
+      if (f.overlong) --overlong;
+      stack.pop_back();
+      continue;
+    }
+    if (!child) continue;
     // A tensor reached twice (tied weights) is listed under each path; a
     // container reached twice is walked once, which also ends cycles.
-    if (f.obj->kind != Kind::kTensor && !visited.insert(f.obj).second) continue;
-    if (f.depth > kMaxDepth) return Status::Corrupt(origin + ": objects nested too deeply");
-    const Object& o = *f.obj;
-    std::vector<Frame> children;
-    switch (o.kind) {
-      case Kind::kTensor:
-        out.push_back({f.path, f.obj});
-        break;
-      case Kind::kDict:
-        for (const auto& [k, v] : o.entries) children.push_back({v, join(f.path, KeyText(k)), f.depth + 1});
-        if (o.state) children.push_back({o.state, f.path, f.depth + 1});
-        break;
-      case Kind::kTuple:
-      case Kind::kList:
-      case Kind::kSet:
-        for (size_t i = 0; i < o.items.size(); ++i) {
-          children.push_back({o.items[i], join(f.path, std::to_string(i)), f.depth + 1});
-        }
-        break;
-      case Kind::kCall:
-        if (o.items.size() > 1) children.push_back({o.items[1], f.path, f.depth + 1});
-        if (o.state) children.push_back({o.state, f.path, f.depth + 1});
-        break;
-      default:
-        break;
+    const bool tensor = child->kind == Kind::kTensor;
+    if (!tensor && (child->kind < Kind::kTuple || child->kind == Kind::kGlobal ||
+                    child->kind == Kind::kStorage || !visited.insert(child).second)) {
+      continue;
     }
-    for (auto it = children.rbegin(); it != children.rend(); ++it) todo.push_back(std::move(*it));
+    Frame next{child, 0, path.size(), false};
+    if (segment) {
+      const size_t grown = path.size() + (path.empty() ? 0 : 1) + segment->size();
+      if (overlong > 0 || grown > kMaxPathBytes) {
+        next.overlong = true;
+        ++overlong;
+      } else {
+        if (!path.empty()) path += '.';
+        path.append(*segment);
+      }
+    }
+    if (tensor) {
+      Status s = emit();
+      if (s.ok()) out.push_back({names.Take(path), child});
+      path.resize(next.path_len);
+      if (next.overlong) --overlong;
+      if (!s.ok()) return s;
+      continue;
+    }
+    if (stack.size() >= kMaxDepth) return budget("nesting of objects (kMaxDepth)", kMaxDepth);
+    stack.push_back(next);
   }
   return out;
 }
