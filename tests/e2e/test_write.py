@@ -166,6 +166,9 @@ class WriteTest(unittest.TestCase):
             self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, "CKPT+2")), timeout=5))
             self.assertEqual(sorted(os.listdir(os.path.join(self.exp, "CKPT+2"))),
                              ["CKPT.yaml", "counter.ckpt", "log.txt", "model.ckpt", "optimizer.ckpt"])
+            # On disk is not yet indexed: the view moves once the index has it.
+            self.assertTrue(wait_for(lambda: checkpoint_of(os.path.join(mnt, "exp", "latest"))
+                                     == os.path.join(self.exp, "CKPT+2"), timeout=5))
             self.assertEqual(torch.load(os.path.join(mnt, "exp/latest/optimizer.ckpt"))["lr"].item(),
                              torch.tensor(0.1).item())
             # Single files are written through the daemon as before.
