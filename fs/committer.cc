@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>  // renameat2, RENAME_NOREPLACE (glibc >= 2.28, _GNU_SOURCE)
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -67,6 +68,27 @@ Status Walk(const std::string& path, bool sync, bool check, int depth = 0, uint6
     if (Status s = Walk(path + "/" + n, sync, check, depth + 1, fingerprint); !s.ok()) return s;
   }
   return sync ? FsyncPath(path, true) : Status::Ok();
+}
+
+// rename(2) that never replaces `to`: kExists when `to` is taken. Filesystems
+// without RENAME_NOREPLACE (EINVAL) get a check and a plain rename, the best
+// they allow.
+Status RenameNoReplace(const std::string& from, const std::string& to) {
+  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0) {
+    return Status::Ok();
+  }
+  int err = errno;
+  if (err == EINVAL || err == ENOSYS) {
+    struct stat st {};
+    if (::lstat(to.c_str(), &st) == 0) {
+      err = EEXIST;
+    } else {
+      err = ::rename(from.c_str(), to.c_str()) == 0 ? 0 : errno;
+    }
+  }
+  if (err == 0) return Status::Ok();
+  if (err == EEXIST) return Status::Exists(to + " already exists");
+  return Status::FromErrno("commit " + from + " -> " + to, err);
 }
 
 bool Exists(const std::string& path) {
@@ -217,12 +239,19 @@ Status Committer::Commit(const std::string& experiment, const std::string& name)
   const std::string staging = index::StagingDir(experiment);
   const std::string top = staging + "/" + name;
   const std::string target = experiment + "/" + name;
-  if (Exists(target)) {
-    return Status::Exists(target + " already exists; new/" + name + " stays staged (remove or rename it)");
-  }
   if (Status s = Walk(top, /*sync=*/true, /*check=*/false); !s.ok()) return s;
-  if (::rename(top.c_str(), target.c_str()) != 0) {
-    return Status::FromErrno("commit " + top + " -> " + target, errno);
+  // The name is claimed by the rename itself: a check before it would leave
+  // a window in which a checkpoint written straight into the source under
+  // the same name is silently replaced (a file) or made to fail later (a
+  // directory). RENAME_NOREPLACE makes "exists" and "moved" one decision.
+  if (Status s = RenameNoReplace(top, target); !s.ok()) {
+    if (s.code() == core::StatusCode::kExists) {
+      return Status::Exists(
+          "cannot commit " + top + " as " + target +
+          ": the experiment already has that name (written there directly?); new/" + name +
+          " stays staged (remove or rename one of them)");
+    }
+    return s;
   }
   return FsyncPath(experiment, true);
 }

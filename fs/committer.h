@@ -11,7 +11,10 @@
 // staging and the reason is logged once. A commit fsyncs every file and
 // directory, then renames NAME into the experiment (one rename: atomic) and
 // fsyncs the experiment directory; on_committed then runs (index, retention).
-// A name already taken in the experiment is refused and left in staging.
+// The rename never replaces (RENAME_NOREPLACE): a name already taken in the
+// experiment, even one written there directly a moment before the commit,
+// is refused with a warning naming both paths, and the entry stays staged,
+// tried again after each quiet period (it commits once the name is free).
 //
 // Thread-safe: the FUSE threads report activity; one internal thread commits.
 // on_committed runs on that thread. Lock: mu_ only, never held while

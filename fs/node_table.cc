@@ -136,17 +136,22 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
 }
 
 Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name, bool redirect) {
-  // A view's checkpoint can be deleted between resolving and stat, or the
-  // index can change while the lookup reads it (a commit, a pruning):
-  // resolving again skips what is gone (the resolver never selects a
-  // checkpoint whose directory is missing) and sees the new index.
+  // Every index query a lookup makes reads one snapshot of the index, so a
+  // commit or a pruning that lands meanwhile cannot fail it half-way. What
+  // the index cannot make consistent is the disk: a view's checkpoint can be
+  // deleted (retention, or by hand) between resolving and stat. Resolving
+  // again skips it (the resolver never selects a checkpoint whose directory
+  // is missing), so a view lookup that met a vanished file is retried; each
+  // retry answers a deletion that really happened, never a guess at timing.
+  // A lookup that failed while the index changed is retried as well.
   for (int attempt = 0;; ++attempt) {
     const uint64_t generation = generation_.load();
-    Result<NodeAttr> attr = LookupOnce(parent_ino, name, redirect);
-    const bool vanished = !attr.ok() && attr.status().code() == StatusCode::kIoError &&
+    bool view = false;
+    Result<NodeAttr> attr = LookupOnce(parent_ino, name, redirect, &view);
+    const bool vanished = !attr.ok() && view && attr.status().code() == StatusCode::kIoError &&
                           attr.status().sys_errno() == ENOENT;
     const bool raced = !attr.ok() && generation != generation_.load();
-    if (attr.ok() || attempt == 3 || !(vanished || raced)) return attr;
+    if (attr.ok() || attempt + 1 == kLookupAttempts || !(vanished || raced)) return attr;
   }
 }
 
@@ -158,9 +163,11 @@ void NodeTable::AfterLookupReply(uint64_t parent, const std::string& name, uint6
   options_.reinvalidate({true, parent, name, 0});
 }
 
-Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& name, bool redirect) {
+Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& name, bool redirect,
+                                       bool* view) {
   Result<Node> parent = Snapshot(parent_ino);
   if (!parent.ok()) return parent.status();
+  *view = parent->in_view;
   if (parent->type != NodeType::kRealDir && parent->type != NodeType::kVirtualDir) {
     return Status::FromErrno(parent->vpath, ENOTDIR);
   }
@@ -174,6 +181,7 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
   }
   Result<index::Resolution> r = resolver_.Resolve(node.vpath);
   if (!r.ok()) return r.status();
+  *view = *view || r->in_view;
   node.type = r->type;
   node.real_path = r->real_path;
   node.scope = r->scope;

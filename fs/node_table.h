@@ -38,6 +38,10 @@ inline constexpr uint64_t kRootIno = 1;
 inline constexpr double kLongTimeout = 86400;
 // Paths no watcher covers (inside a checkpoint's subdirectories).
 inline constexpr double kShortTimeout = 1;
+// How often a lookup resolves a name whose view lost its checkpoint (or met
+// an index change) meanwhile: each retry follows a deletion that happened,
+// so more than a few in a row means deletions faster than lookups.
+inline constexpr int kLookupAttempts = 4;
 
 struct NodeAttr {
   struct stat st {};
@@ -157,7 +161,10 @@ class NodeTable {
     struct stat last {};
   };
 
-  core::Result<NodeAttr> LookupOnce(uint64_t parent, const std::string& name, bool redirect);
+  // *view: the name was resolved through a view (its failure may be a
+  // checkpoint deleted meanwhile, worth resolving again).
+  core::Result<NodeAttr> LookupOnce(uint64_t parent, const std::string& name, bool redirect,
+                                    bool* view);
   core::Result<NodeAttr> Remember(Node node);
   bool IsStatusFile(const Node& node) const {
     return options_.status != nullptr && node.parent == kRootIno && node.name == kStatusFile;

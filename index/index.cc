@@ -187,6 +187,30 @@ Result<std::vector<std::string>> CollectTexts(Db* db, const std::string& sql,
   return Collect<std::string>(db, sql, binds, [](const Stmt& st) { return st.Text(0); });
 }
 
+// One read snapshot of the index for a query that reads ids and then each
+// row by id. Without it every statement sees the latest commit, so a scan
+// that commits between the two (retention deleting a checkpoint the query
+// chose as a candidate, a rescan rewriting a row under a new id) makes a
+// chosen row vanish: "checkpoint row N" fails the whole query, and a lookup
+// of latest/ fails while latest/ itself is untouched. In WAL mode a read
+// transaction never blocks the scanner, nor the scanner it. Ends (without
+// writing anything) in its destructor.
+class ReadSnapshot {
+ public:
+  explicit ReadSnapshot(Db* db) : db_(db), status_(db->Exec("BEGIN DEFERRED")) {}
+  ~ReadSnapshot() {
+    // A snapshot left open would pin this connection to it for good.
+    if (status_.ok() && !db_->Exec("COMMIT").ok()) (void)db_->Exec("ROLLBACK");
+  }
+  ReadSnapshot(const ReadSnapshot&) = delete;
+  ReadSnapshot& operator=(const ReadSnapshot&) = delete;
+  const Status& status() const { return status_; }
+
+ private:
+  Db* db_;
+  Status status_;
+};
+
 Checkpoint RowToCheckpoint(const Stmt& st) {
   Checkpoint c;
   c.path = st.Text(1);
@@ -328,6 +352,8 @@ Result<Checkpoint> Index::LoadRow(int64_t id) {
 
 Result<std::vector<Checkpoint>> Index::List(const std::string& scope) {
   std::lock_guard<std::mutex> lock(mu_);
+  ReadSnapshot snapshot(db_.get());
+  if (!snapshot.status().ok()) return snapshot.status();
   std::string sql = std::string("SELECT c.id FROM checkpoints c WHERE 1") + kScopeSql +
                     " ORDER BY " + kNewestFirst;
   Result<std::vector<int64_t>> ids = CollectIds(db_.get(), sql, ScopeBinds(scope));
@@ -347,6 +373,8 @@ Result<std::vector<Checkpoint>> Index::Select(const std::string& scope,
                                               bool ranked, core::Order order,
                                               const std::string& key, int limit, int offset) {
   std::lock_guard<std::mutex> lock(mu_);
+  ReadSnapshot snapshot(db_.get());
+  if (!snapshot.status().ok()) return snapshot.status();
   std::vector<Bound> binds;
   std::string sql;
   if (ranked) {
@@ -402,6 +430,8 @@ bool Index::IsExperiment(const std::string& dir) {
 
 Result<Checkpoint> Index::Find(const std::string& path) {
   std::lock_guard<std::mutex> lock(mu_);
+  ReadSnapshot snapshot(db_.get());
+  if (!snapshot.status().ok()) return snapshot.status();
   Result<std::vector<int64_t>> ids =
       CollectIds(db_.get(), "SELECT id FROM checkpoints c WHERE c.path = ?", {{false, path, 0}});
   if (!ids.ok()) return ids.status();

@@ -19,6 +19,11 @@ import experiments
 from mount_util import CKPTFS, checkpoint_of, errno_of, mounted, unmount, wait_for
 
 
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+
 def sb_save(new_dir, name, meta, seed, size=1000):
     """What SpeechBrain's Checkpointer.save_checkpoint does: mkdir CKPT+...,
     write CKPT.yaml first, then one torch.save per recoverable."""
@@ -101,11 +106,11 @@ class WriteTest(unittest.TestCase):
                 data = f.read()
             with open(os.path.join(d, "model.ckpt"), "wb") as f:
                 f.write(data[: len(data) // 2])
-            time.sleep(1.5)
+            # Wait for the committer's verdict rather than for a guessed time.
+            self.assertTrue(wait_for(lambda: "CKPT+partial not committed" in read(log) and "incomplete" in read(log),
+                                     timeout=10))
             self.assertFalse(os.path.exists(os.path.join(self.exp, "CKPT+partial")))
             self.assertEqual(checkpoint_of(os.path.join(mnt, "exp", "latest")), os.path.join(self.exp, "CKPT+1"))
-            with open(log) as f:
-                self.assertIn("incomplete", f.read())
             # Finishing the file lets it commit.
             with open(os.path.join(d, "model.ckpt"), "wb") as f:
                 f.write(data)
@@ -115,6 +120,8 @@ class WriteTest(unittest.TestCase):
         with mounted(self.src, "--explicit-commit") as (mnt, _, _):
             new = os.path.join(mnt, "exp", "new")
             sb_save(new, "x", {"unixtime": 500, "loss": 0.3}, seed=5)
+            # Nothing to wait for: no commit is the point. Any pause keeps this
+            # a valid check (the default quiet period is 1 s).
             time.sleep(1.5)
             self.assertFalse(os.path.exists(os.path.join(self.exp, "CKPT+x")))
             open(os.path.join(new, "CKPT+x", ".commit"), "w").close()
@@ -159,6 +166,9 @@ class WriteTest(unittest.TestCase):
             self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, "CKPT+2")), timeout=5))
             self.assertEqual(sorted(os.listdir(os.path.join(self.exp, "CKPT+2"))),
                              ["CKPT.yaml", "counter.ckpt", "log.txt", "model.ckpt", "optimizer.ckpt"])
+            # On disk is not yet indexed: the view moves once the index has it.
+            self.assertTrue(wait_for(lambda: checkpoint_of(os.path.join(mnt, "exp", "latest"))
+                                     == os.path.join(self.exp, "CKPT+2"), timeout=5))
             self.assertEqual(torch.load(os.path.join(mnt, "exp/latest/optimizer.ckpt"))["lr"].item(),
                              torch.tensor(0.1).item())
             # Single files are written through the daemon as before.
@@ -202,7 +212,9 @@ class WriteTest(unittest.TestCase):
                                  ["CKPT.yaml", "counter.ckpt", "model.ckpt"])  # committed whole
             self.assertTrue(wait_for(lambda: checkpoint_of(os.path.join(mnt, "exp", "latest"))
                                      == os.path.join(self.exp, "CKPT+8"), timeout=5))
-            time.sleep(0.5)
+            # Every reader loads the final checkpoint at least once more.
+            loaded = loads[0]
+            self.assertTrue(wait_for(lambda: loads[0] >= loaded + len(readers) or errors, timeout=30))
             stop.set()
             for t in readers:
                 t.join(timeout=60)
@@ -213,6 +225,33 @@ class WriteTest(unittest.TestCase):
             left = sorted(n for n in os.listdir(self.exp) if n.startswith("CKPT+"))
             self.assertEqual(left, ["CKPT+4", "CKPT+7", "CKPT+8"])
             self.assertEqual(sorted(os.listdir(new)), [])
+
+    def test_name_written_directly_during_a_write_is_never_replaced(self):
+        """A checkpoint written straight into the experiment under the name a
+        writer is still writing through new/: the commit refuses (the rename
+        never replaces), says so naming both paths, and the staged one waits
+        until the name is free."""
+        name = "epoch=5-step=50.ckpt"
+        target = os.path.join(self.exp, name)
+        staged = os.path.join(self.exp, ".ckptfs-staging", name)
+        with mounted(self.src, "--commit-quiet", "0.3") as (mnt, _, log):
+            new = os.path.join(mnt, "exp", "new")
+            with open(os.path.join(new, name), "wb") as f:  # open for writing: no commit yet
+                torch.save({"w": torch.full((3,), 1.0)}, f)
+                f.flush()
+                torch.save({"w": torch.full((3,), 2.0)}, target)  # the direct write
+            self.assertTrue(wait_for(lambda: f"new/{name} not committed" in read(log), timeout=10))
+            line = next(l for l in read(log).splitlines() if f"new/{name} not committed" in l)
+            self.assertIn(staged, line)
+            self.assertIn(target, line)
+            self.assertEqual(torch.load(target)["w"].tolist(), [2.0, 2.0, 2.0])  # not replaced
+            self.assertEqual(os.listdir(new), [name])  # still staged
+            self.assertEqual(torch.load(staged)["w"].tolist(), [1.0, 1.0, 1.0])
+            # Once the name is free, the staged checkpoint commits.
+            os.unlink(target)
+            self.assertTrue(wait_for(lambda: not os.path.exists(staged), timeout=10))
+            self.assertEqual(torch.load(target)["w"].tolist(), [1.0, 1.0, 1.0])
+            self.assertEqual(os.listdir(new), [])
 
     def test_prune_cli(self):
         experiments.speechbrain(self.exp, [(str(i), {"unixtime": 100 + i, "loss": l, "epoch": i})
@@ -240,25 +279,54 @@ class WriteTest(unittest.TestCase):
         """SIGKILL the daemon while checkpoints are written through new/ (explicit
         commits, so a checkpoint is complete by the writer's word): after a
         restart no half checkpoint is visible and every committed one is whole.
-        Every other run uses --direct-new (the writer writes the staging area)."""
+        Every other run uses --direct-new (the writer writes the staging area).
+
+        Kill points follow the writer's progress, never the clock: it reports
+        each step, and each run kills at a random checkpoint at one of three
+        points: before its commit (its meta written, its tensors not), as its
+        commit is requested (the marker just written), or after a commit is
+        done (seen in the source), while the next checkpoint is being written."""
         rng = random.Random(7)
         index = os.path.join(self.tmp, "kill.sqlite")
         committed_before = set()
+        points = ["before", "during", "after"]
         for attempt in range(8):
+            point, j = points[attempt % 3], rng.randrange(0, 3)
+            if point == "after":
+                j += 1  # at least two commits: the runs that kill after commits add more than 3
             mnt = tempfile.mkdtemp(prefix="ckptfs-kill-")
             direct = ["--direct-new"] if attempt % 2 else []
             proc = subprocess.Popen([CKPTFS, "mount", "-f", "--index", index, "--explicit-commit", *direct,
                                      self.src, mnt], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            writer = None
             try:
                 self.assertTrue(wait_for(lambda: os.path.ismount(mnt), timeout=30))
+                # "before": the writer stalls after checkpoint j's meta, as one
+                # inside a long torch.save would, so the kill lands before its commit.
+                stall = j if point == "before" else -1
                 writer = subprocess.Popen(["/usr/bin/python3", "-c", WRITER, os.path.join(mnt, "exp", "new"),
-                                           str(attempt)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                time.sleep(rng.uniform(0.5, 2.5))
+                                           str(attempt), str(stall)], stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, text=True)
+                events = Progress(writer.stdout)
+                self.assertTrue(events.wait_for("ready"), "the writer never started")
+                if point == "before":
+                    self.assertTrue(events.wait_for(f"meta {j}"))
+                elif point == "during":
+                    self.assertTrue(events.wait_for(f"marker {j}"))
+                else:
+                    name = f"CKPT+{attempt}-{j}"
+                    self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, name)), timeout=60),
+                                    name + " was never committed")
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                writer.kill()
-                writer.wait()
             finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                if writer is not None:
+                    writer.kill()
+                    writer.wait()
+                    writer.stdout.close()
                 unmount(mnt)
                 wait_for(lambda: not os.path.ismount(mnt))
                 os.rmdir(mnt)
@@ -276,6 +344,8 @@ class WriteTest(unittest.TestCase):
                     committed_before.add(name)
                 self.assertFalse(os.path.exists(os.path.join(self.exp, ".ckptfs-staging")))
                 self.assertEqual(os.listdir(os.path.join(mnt2, "exp", "new")), [])
+                if point == "before":  # killed half-written: set aside, never committed
+                    self.assertNotIn(f"CKPT+{attempt}-{j}", os.listdir(self.exp))
             # Nothing committed earlier was lost.
             for name in committed_before:
                 self.assertTrue(os.path.exists(os.path.join(self.exp, name)), name)
@@ -287,18 +357,44 @@ class WriteTest(unittest.TestCase):
         print(f"8 kills: {len(committed_before)} whole checkpoints, {len(abandoned)} set aside", flush=True)
 
 
+class Progress:
+    """Lines a writer prints as it goes, read on a thread so that waiting on
+    one has a timeout."""
+
+    def __init__(self, stream):
+        self.seen, self.cond = set(), threading.Condition()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream):
+        for line in stream:
+            with self.cond:
+                self.seen.add(line.strip())
+                self.cond.notify_all()
+
+    def wait_for(self, event, timeout=60):
+        with self.cond:
+            return self.cond.wait_for(lambda: event in self.seen, timeout=timeout)
+
+
 WRITER = r"""
 import os, sys, time, torch, yaml
-new, attempt = sys.argv[1], int(sys.argv[2])
+new, attempt, stall = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def report(event):
+    print(event, flush=True)
+report("ready")
 for i in range(100):
     d = os.path.join(new, f"CKPT+{attempt}-{i}")
     os.mkdir(d)
     with open(os.path.join(d, "CKPT.yaml"), "w") as f:
         f.write(yaml.dump({"unixtime": 2000 + attempt * 100 + i, "loss": 1.0 / (i + 1)}))
+    report(f"meta {i}")
+    if i == stall:
+        time.sleep(3600)  # killed here, half written
     time.sleep(0.1)  # most of the time, a checkpoint is half written
     torch.save({"w": torch.randn(200000)}, os.path.join(d, "model.ckpt"))
     torch.save({"step": torch.tensor(i)}, os.path.join(d, "counter.ckpt"))
     open(os.path.join(d, ".commit"), "w").close()
+    report(f"marker {i}")
 """
 
 

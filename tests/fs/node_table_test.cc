@@ -5,7 +5,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <thread>
 
 #include "test_util.h"
 
@@ -143,6 +145,42 @@ TEST_F(NodeTableTest, OpenOfAViewWhoseCheckpointVanishedIsStale) {
   EXPECT_EQ(::pread(f->fd, buf, sizeof(buf), 0), 3);
   EXPECT_STREQ(buf, "one");
   ::close(f->fd);
+}
+
+// Retention deletes the third-newest checkpoint (and a rescan drops its
+// rows) while lookups of latest/ run; latest/ itself never changes, so no
+// lookup may fail. The resolver asks for the newest three as candidates;
+// when the index read their ids and then their rows in two snapshots, a
+// deletion in between failed the lookup ("checkpoint row N", ENOENT).
+TEST_F(NodeTableTest, LookupsNeverFailWhileRetentionDeletesACandidate) {
+  WriteFile(src_ + "/exp/CKPT+0/CKPT.yaml", "unixtime: 50\nloss: 0.9\n");
+  ASSERT_TRUE(index_->Scan().ok());
+  uint64_t exp = Walk({"exp"});
+  const std::string third = src_ + "/exp/CKPT+0";
+  const std::string parked = dir_.path() + "/parked";
+  std::atomic<bool> done{false};
+  std::thread retention([&] {
+    for (int i = 0; i < 400; ++i) {
+      const bool away = i % 2 == 0;
+      EXPECT_EQ(
+          ::rename(away ? third.c_str() : parked.c_str(), away ? parked.c_str() : third.c_str()),
+          0);
+      EXPECT_TRUE(index_->ScanChanges({{src_ + "/exp", "CKPT+0"}}).ok());
+    }
+    done = true;
+  });
+  int lookups = 0;
+  while (!done) {
+    auto latest = table_->Lookup(exp, "latest");
+    ASSERT_TRUE(latest.ok()) << "after " << lookups << " lookups: " << latest.status().message();
+    auto file = table_->Lookup(latest->st.st_ino, "mdl.ckpt");
+    ASSERT_TRUE(file.ok()) << "after " << lookups << " lookups: " << file.status().message();
+    table_->Forget(file->st.st_ino, 1);
+    table_->Forget(latest->st.st_ino, 1);
+    ++lookups;
+  }
+  retention.join();
+  EXPECT_GT(lookups, 0);
 }
 
 TEST_F(NodeTableTest, PathChangeInvalidatesEveryNodeOfThatPath) {
