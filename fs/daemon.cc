@@ -12,14 +12,14 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
-#include <cerrno>
 #include <csignal>
-#include <functional>
-#include <iterator>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -121,7 +121,9 @@ class LaterNotifier {
       std::lock_guard<std::mutex> lock(mu_);
       notifier_ = notifier;
     }
-    WithStopSignalsBlocked([this] { thread_ = std::thread([this] { Run(); }); });
+    WithStopSignalsBlocked([this] {
+      thread_ = std::thread([this] { core::CatchAndLog("notifier", [this] { Run(); }); });
+    });
   }
   void Push(Invalidation inv) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -220,7 +222,9 @@ class StopSignals {
     se_ = se;
     on_stop_ = std::move(on_stop);
     main_ = ::pthread_self();
-    WithStopSignalsBlocked([this] { thread_ = std::thread([this] { Run(); }); });
+    WithStopSignalsBlocked([this] {
+      thread_ = std::thread([this] { core::CatchAndLog("stopper", [this] { Run(); }); });
+    });
   }
   // The main thread is about to enter the session loop.
   void LoopEntered() {
@@ -273,7 +277,7 @@ class StopSignals {
 
   int fd_ = -1;
   bool installed_ = false;
-  struct sigaction old_[std::size(kSignals)] {};
+  struct sigaction old_[std::size(kSignals)]{};
   struct fuse_session* se_ = nullptr;
   std::function<void()> on_stop_;
   pthread_t main_{};
@@ -442,7 +446,8 @@ int RunMount(const Options& opt) {
   }
   DetachDeadMount(opt.mountpoint);
   if (fuse_session_mount(se, opt.mountpoint.c_str()) != 0) {
-    core::Log(LogLevel::kError, "cannot mount %s at %s (is /dev/fuse available, fusermount3 "
+    core::Log(LogLevel::kError,
+              "cannot mount %s at %s (is /dev/fuse available, fusermount3 "
               "installed, the mountpoint empty and not mounted?)",
               opt.source.c_str(), opt.mountpoint.c_str());
     fuse_session_destroy(se);

@@ -110,12 +110,14 @@ class Reply {
 template <typename Body>
 void Serve(fuse_req_t req, const char* op, Body&& body) noexcept {
   Reply reply(req);
-  CallbackWall(op, reply.replied(), [&] { body(reply); }, [&] { reply.Err(EIO); });
+  CallbackWall(
+      op, reply.replied(), [&] { body(reply); }, [&] { reply.Err(EIO); });
 }
 template <typename Body>
 void ServeForget(fuse_req_t req, const char* op, Body&& body) noexcept {
   Reply reply(req);
-  CallbackWall(op, reply.replied(), [&] { body(reply); }, [&] { reply.None(); });
+  CallbackWall(
+      op, reply.replied(), [&] { body(reply); }, [&] { reply.None(); });
 }
 
 struct OpenDir {
@@ -415,8 +417,9 @@ void Mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t, dev_t) {
   });
 }
 void Symlink(fuse_req_t req, const char*, fuse_ino_t parent, const char* name) {
-  Serve(req, "symlink",
-        [&](Reply& reply) { reply.Fail(Table(req)->RefuseSpecial(parent, name, "symbolic link")); });
+  Serve(req, "symlink", [&](Reply& reply) {
+    reply.Fail(Table(req)->RefuseSpecial(parent, name, "symbolic link"));
+  });
 }
 void Link(fuse_req_t req, fuse_ino_t, fuse_ino_t parent, const char* name) {
   Serve(req, "link",

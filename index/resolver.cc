@@ -332,9 +332,8 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir) const {
   return out;
 }
 
-Result<std::vector<DirEntry>> Resolver::VirtualRootEntries(const std::string& scope,
-                                                           const std::vector<core::Predicate>& where,
-                                                           bool with_new) const {
+Result<std::vector<DirEntry>> Resolver::VirtualRootEntries(
+    const std::string& scope, const std::vector<core::Predicate>& where, bool with_new) const {
   // latest/ is the one root name that a lookup refuses when nothing matches.
   Query latest;
   latest.where = where;

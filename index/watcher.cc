@@ -51,7 +51,7 @@ class Watcher::Impl {
     // by one full scan right away.
     overflowed_ = true;
     MarkPending();
-    thread_ = std::thread([this] { Loop(); });
+    thread_ = std::thread([this] { core::CatchAndLog("watcher", [this] { Loop(); }); });
   }
 
   bool IsWatched(const std::string& dir) const {

@@ -14,26 +14,31 @@ using nlohmann::ordered_json;
 
 TEST(JsonTextTest, WellFormedUtf8IsStrict) {
   const std::vector<std::string> valid = {
-      "", "abc", "\xc3\xa9",  // é
-      "\xe2\x82\xac",         // €
-      "\xf0\x9f\x98\x80",     // 😀
-      "\xf4\x8f\xbf\xbf",     // U+10FFFF
-      "\xee\x80\x80",         // U+E000, just past the surrogates
-      "\xed\x9f\xbf",         // U+D7FF, just before them
+      "",
+      "abc",
+      "\xc3\xa9",          // é
+      "\xe2\x82\xac",      // €
+      "\xf0\x9f\x98\x80",  // 😀
+      "\xf4\x8f\xbf\xbf",  // U+10FFFF
+      "\xee\x80\x80",      // U+E000, just past the surrogates
+      "\xed\x9f\xbf",      // U+D7FF, just before them
   };
   for (const std::string& s : valid) EXPECT_TRUE(IsUtf8(s)) << JsonQuote(s);
   const std::vector<std::string> invalid = {
-      "\xff", "\xfe", "\x80",   // never a first byte
-      "\xc0\xaf",               // overlong '/'
-      "\xc1\xbf",               // overlong
-      "\xe0\x80\xaf",           // overlong '/'
-      "\xf0\x80\x80\xaf",       // overlong '/'
-      "\xed\xa0\x80",           // U+D800, an encoded surrogate
-      "\xed\xb3\xbf",           // U+DCFF, an encoded surrogate
-      "\xf4\x90\x80\x80",       // past U+10FFFF
-      "\xf5\x80\x80\x80",       // past U+10FFFF
-      "\xe2\x82",               // cut short
-      "a\xe2\x82" "b",          // cut short in the middle
+      "\xff",
+      "\xfe",
+      "\x80",              // never a first byte
+      "\xc0\xaf",          // overlong '/'
+      "\xc1\xbf",          // overlong
+      "\xe0\x80\xaf",      // overlong '/'
+      "\xf0\x80\x80\xaf",  // overlong '/'
+      "\xed\xa0\x80",      // U+D800, an encoded surrogate
+      "\xed\xb3\xbf",      // U+DCFF, an encoded surrogate
+      "\xf4\x90\x80\x80",  // past U+10FFFF
+      "\xf5\x80\x80\x80",  // past U+10FFFF
+      "\xe2\x82",          // cut short
+      "a\xe2\x82"
+      "b",  // cut short in the middle
   };
   for (const std::string& s : invalid) EXPECT_FALSE(IsUtf8(s)) << JsonQuote(s);
 }
@@ -41,10 +46,13 @@ TEST(JsonTextTest, WellFormedUtf8IsStrict) {
 TEST(JsonTextTest, QuoteEscapesBytesThatAreNotText) {
   const std::vector<std::pair<std::string, std::string>> cases = {
       {"CKPT+\xff\xfe", R"("CKPT+\udcff\udcfe")"},
-      {"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80", "\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\""},
-      {"\xc0\xaf", R"("\udcc0\udcaf")"},                  // overlong: each byte escaped
-      {"\xed\xa0\x80", R"("\udced\udca0\udc80")"},         // surrogate: each byte escaped
-      {"\xe2\x82" "b", R"("\udce2\udc82b")"},               // cut short, then text again
+      {"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80",
+       "\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\""},
+      {"\xc0\xaf", R"("\udcc0\udcaf")"},            // overlong: each byte escaped
+      {"\xed\xa0\x80", R"("\udced\udca0\udc80")"},  // surrogate: each byte escaped
+      {"\xe2\x82"
+       "b",
+       R"("\udce2\udc82b")"},  // cut short, then text again
       {"\xf4\x90\x80\x80", R"("\udcf4\udc90\udc80\udc80")"},
       {"say \"hi\"\\", R"("say \"hi\"\\")"},
       {std::string("a\0b", 3), R"("a\u0000b")"},
@@ -104,8 +112,14 @@ std::string ParsedString(const std::string& json_text) {
 
 // What DumpJson writes, ParseJson reads back as the same bytes.
 TEST(JsonTextTest, ParseReadsBackEveryByteString) {
-  std::vector<std::string> samples = {"CKPT+\xff\xfe", "\xed\xb3\xbf", "\xc0\xaf", "plain",
-                                      "caf\xc3\xa9", "\x01\x01" "ff", std::string("\0\x01", 2)};
+  std::vector<std::string> samples = {"CKPT+\xff\xfe",
+                                      "\xed\xb3\xbf",
+                                      "\xc0\xaf",
+                                      "plain",
+                                      "caf\xc3\xa9",
+                                      "\x01\x01"
+                                      "ff",
+                                      std::string("\0\x01", 2)};
   for (int b = 0; b < 256; ++b) samples.push_back(std::string(1, static_cast<char>(b)));
   std::mt19937 rng(7);
   for (int i = 0; i < 500; ++i) {
@@ -128,8 +142,11 @@ TEST(JsonTextTest, ParseReadsBackEveryByteString) {
 
 TEST(JsonTextTest, ParseKeepsRealUnicodeEscapes) {
   EXPECT_EQ(ParsedString(R"("\ud83d\ude00")"), "\xf0\x9f\x98\x80");  // a pair, as Python writes it
-  EXPECT_EQ(ParsedString(R"("\udbff\udcff")"), "\xf4\x8f\xb3\xbf");  // a pair whose low half is in DC80..DCFF
-  EXPECT_EQ(ParsedString(R"("\u0001ff")"), "\x01" "ff");             // a real U+0001 before hex digits
+  EXPECT_EQ(ParsedString(R"("\udbff\udcff")"),
+            "\xf4\x8f\xb3\xbf");  // a pair whose low half is in DC80..DCFF
+  EXPECT_EQ(ParsedString(R"("\u0001ff")"),
+            "\x01"
+            "ff");  // a real U+0001 before hex digits
   EXPECT_EQ(ParsedString(R"("\u00e9 \"\\\/")"), "\xc3\xa9 \"\\/");
 }
 
@@ -137,7 +154,7 @@ TEST(JsonTextTest, ParseRefusesWhatIsNotJson) {
   nlohmann::json j = "untouched";
   EXPECT_FALSE(ParseJson("{\"a\": ", &j));
   EXPECT_FALSE(ParseJson("\"\\udc", &j));
-  EXPECT_FALSE(ParseJson("\"\xff\"", &j));  // raw bytes are not JSON text
+  EXPECT_FALSE(ParseJson("\"\xff\"", &j));     // raw bytes are not JSON text
   EXPECT_FALSE(ParseJson(R"("\udc41")", &j));  // below 0x80: a lone surrogate, not a byte
   EXPECT_EQ(j, "untouched");
 }

@@ -72,7 +72,8 @@ TEST(CallbackWallTest, ThrowBeforeReplyIsAnsweredOnce) {
                             +[] { throw 42; }, &DumpInvalidUtf8}) {
     bool replied = false;
     int fails = 0;
-    CallbackWall("getattr", &replied, [&] { thrower(); }, [&] { ++fails; });
+    CallbackWall(
+        "getattr", &replied, [&] { thrower(); }, [&] { ++fails; });
     EXPECT_EQ(fails, 1);
   }
   ASSERT_EQ(errors.lines().size(), 4u);
@@ -102,7 +103,8 @@ TEST(CallbackWallTest, BodyThatReturnsIsLeftAlone) {
   ErrorLines errors;
   bool replied = false;
   int fails = 0;
-  CallbackWall("read", &replied, [&] { replied = true; }, [&] { ++fails; });
+  CallbackWall(
+      "read", &replied, [&] { replied = true; }, [&] { ++fails; });
   EXPECT_EQ(fails, 0);
   EXPECT_TRUE(errors.lines().empty());
 }
