@@ -241,8 +241,6 @@ class StopSignals {
     if (fd_ >= 0) OnStopSignalWake();
     if (thread_.joinable()) thread_.join();
   }
-  // The signal that stopped the mount, 0 for none.
-  int signal() const { return g_stop_signal.load(); }
 
  private:
   void OnStopSignalWake() {
