@@ -57,7 +57,7 @@ void LogToSyslog(bool enable) {
   g_syslog = enable;
 }
 
-void Log(LogLevel level, const char* format, ...) {
+void Log(LogLevel level, const char* format, ...) noexcept {
   if (static_cast<int>(level) < g_level) return;
   char msg[4096];
   va_list ap;
@@ -65,7 +65,12 @@ void Log(LogLevel level, const char* format, ...) {
   std::vsnprintf(msg, sizeof(msg), format, ap);
   va_end(ap);
   if (level == LogLevel::kError) {
-    if (LogObserver observer = g_observer.load(); observer != nullptr) observer(g_observer_context, msg);
+    if (LogObserver observer = g_observer.load(); observer != nullptr) {
+      try {
+        observer(g_observer_context, msg);
+      } catch (...) {  // a status report that could not grow: the line still goes out
+      }
+    }
   }
   static const int kPriority[] = {LOG_DEBUG, LOG_INFO, LOG_WARNING, LOG_ERR};
   const int priority = kPriority[static_cast<int>(level)];

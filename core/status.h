@@ -3,11 +3,18 @@
 // A Status carries a code and a message that names the file, key or tensor
 // concerned. errno enters once (Status::FromErrno) and leaves once
 // (fs::ToErrno). Values are immutable and cheap to copy; thread-compatible.
+//
+// CatchAll is the wall at every C boundary and thread loop (STYLE.md): what
+// a FUSE callback's or a thread's work throws (std::exception, nlohmann's
+// errors, std::bad_alloc, anything) becomes a Status there, never
+// std::terminate. fs/fuse_ops.h builds the FUSE wall on it, core/log.h the
+// thread loops' CatchAndLog.
 #ifndef CKPTFS_CORE_STATUS_H_
 #define CKPTFS_CORE_STATUS_H_
 
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <variant>
 
@@ -38,6 +45,14 @@ class Status {
   static Status Permission(std::string msg) { return {StatusCode::kPermission, std::move(msg)}; }
   // "context: strerror(err)", keeping err for ToErrno.
   static Status FromErrno(const std::string& context, int err);
+  // A failure that is nobody's input: an exception caught at a wall, a
+  // broken invariant. kIoError with errno EIO.
+  static Status Internal(std::string msg);
+  // Only inside a catch block: the exception being handled, as Internal
+  // "context: what()" ("context: unknown exception" for a non-std one).
+  // Never throws: when even the message cannot be built (out of memory),
+  // the Status has an empty message.
+  static Status FromException(const char* context) noexcept;
 
   bool ok() const { return code_ == StatusCode::kOk; }
   StatusCode code() const { return code_; }
@@ -75,6 +90,18 @@ class Result {
  private:
   std::variant<T, Status> v_;
 };
+
+// Runs fn() and returns Ok, or what it threw as Status::FromException(context).
+template <typename Fn>
+Status CatchAll(const char* context, Fn&& fn) noexcept {
+  static_assert(std::is_invocable_v<Fn&>, "CatchAll runs fn()");
+  try {
+    fn();
+    return Status::Ok();
+  } catch (...) {
+    return Status::FromException(context);
+  }
+}
 
 }  // namespace ckptfs::core
 

@@ -3,8 +3,8 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/sendfile.h>
-#include <unistd.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cmath>
@@ -20,6 +20,7 @@
 
 #include "core/average_cache.h"
 #include "core/file_util.h"
+#include "core/json_text.h"
 #include "core/log.h"
 #include "fs/mount_status.h"
 #include "fs/options.h"
@@ -319,8 +320,10 @@ int RunStatus(const Options& opt) {
     std::fputs(text->c_str(), stdout);
     return 0;
   }
-  nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
-  if (j.is_discarded() || !j.is_object()) return Fail(Status::Corrupt(path + ": not a status object"));
+  nlohmann::json j;  // paths that are not UTF-8 come back as their bytes
+  if (!core::ParseJson(*text, &j) || !j.is_object()) {
+    return Fail(Status::Corrupt(path + ": not a status object"));
+  }
   const nlohmann::json& idx = j.value("index", nlohmann::json::object());
   const nlohmann::json& totals = j.value("totals", nlohmann::json::object());
   const double up = j.value("uptime_s", 0.0);
@@ -353,13 +356,8 @@ int RunStatus(const Options& opt) {
   return 0;
 }
 
-}  // namespace
-
-int RunCli(int argc, char** argv) {
-  Result<Options> opt = ParseOptions(argc, argv);
-  if (!opt.ok()) return Usage(opt.status().message());
-  core::SetLogLevel(opt->log_level);
-  switch (opt->command) {
+int RunCommand(const Options& opt) {
+  switch (opt.command) {
     case Command::kHelp:
       std::fputs(kUsage, stdout);
       return 0;
@@ -367,19 +365,36 @@ int RunCli(int argc, char** argv) {
       std::printf("ckptfs %s\n", CKPTFS_VERSION);
       return 0;
     case Command::kLs:
-      return RunLs(*opt);
+      return RunLs(opt);
     case Command::kResolve:
-      return RunResolve(*opt);
+      return RunResolve(opt);
     case Command::kCat:
-      return RunCat(*opt);
+      return RunCat(opt);
     case Command::kPrune:
-      return RunPrune(*opt);
+      return RunPrune(opt);
     case Command::kMount:
-      return RunMount(*opt);
+      return RunMount(opt);
     case Command::kStatus:
-      return RunStatus(*opt);
+      return RunStatus(opt);
   }
   return kExitUsage;
+}
+
+}  // namespace
+
+int RunCli(int argc, char** argv) {
+  int rc = kExitFailure;
+  // The last wall: a command that throws fails with a message, never aborts.
+  const Status thrown = core::CatchAll("ckptfs", [&] {
+    Result<Options> opt = ParseOptions(argc, argv);
+    if (!opt.ok()) {
+      rc = Usage(opt.status().message());
+      return;
+    }
+    core::SetLogLevel(opt->log_level);
+    rc = RunCommand(*opt);
+  });
+  return thrown.ok() ? rc : Fail(thrown);
 }
 
 }  // namespace ckptfs::fs

@@ -167,7 +167,9 @@ Committer::~Committer() {
   if (thread_.joinable()) thread_.join();
 }
 
-void Committer::Start() { thread_ = std::thread([this] { Loop(); }); }
+void Committer::Start() {
+  thread_ = std::thread([this] { core::CatchAndLog("committer", [this] { Loop(); }); });
+}
 
 bool Committer::Split(const std::string& path, std::string* experiment, std::string* name) {
   const std::string marker = std::string("/") + index::kStagingDir + "/";
@@ -335,7 +337,7 @@ void Committer::Loop() {
     if (stop_) break;
     if (staged_.empty()) continue;
     lock.unlock();
-    CommitReady();
+    core::CatchAndLog("committer", [this] { CommitReady(); });
     lock.lock();
   }
 }

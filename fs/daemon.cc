@@ -2,6 +2,8 @@
 // ready, then serves until unmounted, keeping views in line with the disk.
 #define FUSE_USE_VERSION 314
 #include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
@@ -10,12 +12,14 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
-#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -40,18 +44,66 @@ using core::LogLevel;
 
 namespace {
 
-// Sends the kernel what NodeTable says it must forget. Called on the watcher
-// thread, never inside a request handler (libfuse's rule for notifications).
-void Notify(struct fuse_session* se, const std::vector<Invalidation>& invals) {
-  for (const Invalidation& inv : invals) {
-    int rc = inv.entry ? fuse_lowlevel_notify_inval_entry(se, inv.parent, inv.name.c_str(),
-                                                          inv.name.size())
-                       : fuse_lowlevel_notify_inval_inode(se, inv.ino, 0, 0);
-    if (rc != 0 && rc != -ENOENT) {
-      core::Log(LogLevel::kDebug, "invalidate %s: %s", inv.entry ? inv.name.c_str() : "inode",
-                std::strerror(-rc));
+// Sends the kernel what NodeTable says it must forget. Called from the
+// daemon's own threads, never inside a request handler (libfuse's rule for
+// notifications). A notification can wait in the kernel for a directory
+// lock that a pending request holds, which only a worker's reply releases:
+// so the gate closes while workers still answer. Close() waits for the
+// notifications under way, and none starts after it. Thread-safe.
+class Notifier {
+ public:
+  explicit Notifier(struct fuse_session* se) : se_(se) {}
+  Notifier(const Notifier&) = delete;
+  Notifier& operator=(const Notifier&) = delete;
+
+  void Send(const std::vector<Invalidation>& invals) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (closed_) return;
+      ++sending_;
     }
+    for (const Invalidation& inv : invals) {
+      int rc = inv.entry ? fuse_lowlevel_notify_inval_entry(se_, inv.parent, inv.name.c_str(),
+                                                            inv.name.size())
+                         : fuse_lowlevel_notify_inval_inode(se_, inv.ino, 0, 0);
+      if (rc != 0 && rc != -ENOENT) {
+        core::Log(LogLevel::kDebug, "invalidate %s: %s", inv.entry ? inv.name.c_str() : "inode",
+                  std::strerror(-rc));
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (--sending_ == 0) idle_.notify_all();
   }
+
+  void Close() {
+    std::unique_lock<std::mutex> lock(mu_);
+    closed_ = true;
+    idle_.wait(lock, [this] { return sending_ == 0; });
+  }
+
+ private:
+  struct fuse_session* const se_;
+  std::mutex mu_;  // guards sending_, closed_
+  std::condition_variable idle_;
+  int sending_ = 0;
+  bool closed_ = false;
+};
+
+// Runs fn() with the stop signals blocked, so that the threads it starts
+// never take them: they must reach the main thread, whose wait in
+// fuse_session_loop_mt only a signal interrupts (libfuse blocks them in its
+// workers for the same reason).
+template <typename Fn>
+void WithStopSignalsBlocked(Fn&& fn) {
+  sigset_t block, old;
+  sigemptyset(&block);
+  for (int sig : {SIGTERM, SIGINT, SIGHUP}) sigaddset(&block, sig);
+  pthread_sigmask(SIG_BLOCK, &block, &old);
+  struct Restore {
+    sigset_t old;
+    ~Restore() { pthread_sigmask(SIG_SETMASK, &old, nullptr); }
+  } restore{old};
+  fn();
 }
 
 // Invalidations that a request handler asks for go out from this thread:
@@ -64,20 +116,22 @@ class LaterNotifier {
   ~LaterNotifier() { Stop(); }
 
   // After daemonising: a thread started before the fork would not survive it.
-  void Start(struct fuse_session* se) {
+  void Start(Notifier* notifier) {
     {
       std::lock_guard<std::mutex> lock(mu_);
-      se_ = se;
+      notifier_ = notifier;
     }
-    thread_ = std::thread([this] { Run(); });
+    WithStopSignalsBlocked([this] {
+      thread_ = std::thread([this] { core::CatchAndLog("notifier", [this] { Run(); }); });
+    });
   }
   void Push(Invalidation inv) {
     std::lock_guard<std::mutex> lock(mu_);
-    if (se_ == nullptr) return;
+    if (notifier_ == nullptr || stop_) return;
     queue_.push_back(std::move(inv));
     cv_.notify_one();
   }
-  // Before the session is destroyed.
+  // Before the session is destroyed; returns once the thread has.
   void Stop() {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -95,9 +149,9 @@ class LaterNotifier {
       if (stop_) return;
       std::vector<Invalidation> batch;
       batch.swap(queue_);
-      struct fuse_session* se = se_;
+      Notifier* notifier = notifier_;
       lock.unlock();
-      Notify(se, batch);
+      core::CatchAndLog("notifier", [&] { notifier->Send(batch); });
       lock.lock();
     }
   }
@@ -105,9 +159,131 @@ class LaterNotifier {
   std::mutex mu_;
   std::condition_variable cv_;
   std::vector<Invalidation> queue_;
-  struct fuse_session* se_ = nullptr;
+  Notifier* notifier_ = nullptr;
   bool stop_ = false;
   std::thread thread_;
+};
+
+// SIGTERM (systemctl stop), SIGINT and SIGHUP stop the mount cleanly, even
+// while workers are busy. The handler only records the signal and wakes the
+// stopper thread; that thread runs on_stop (while workers still answer),
+// ends the session, and interrupts the main thread's wait in
+// fuse_session_loop_mt until the loop has returned. SIGPIPE is ignored.
+std::atomic<int> g_stop_signal{0};
+std::atomic<int> g_stop_fd{-1};
+
+void OnStopSignal(int sig) {
+  const int saved_errno = errno;
+  int none = 0;
+  g_stop_signal.compare_exchange_strong(none, sig);
+  const uint64_t one = 1;
+  ssize_t ignored = ::write(g_stop_fd.load(), &one, sizeof(one));  // eventfd: async-signal-safe
+  (void)ignored;
+  errno = saved_errno;
+}
+
+class StopSignals {
+ public:
+  static constexpr int kSignals[] = {SIGTERM, SIGINT, SIGHUP, SIGPIPE};
+
+  StopSignals() = default;
+  StopSignals(const StopSignals&) = delete;
+  StopSignals& operator=(const StopSignals&) = delete;
+  ~StopSignals() {
+    Finish();
+    if (installed_) {
+      for (size_t i = 0; i < std::size(kSignals); ++i) ::sigaction(kSignals[i], &old_[i], nullptr);
+    }
+    if (fd_ >= 0) {
+      g_stop_fd = -1;
+      ::close(fd_);
+    }
+  }
+
+  bool Install() {
+    fd_ = ::eventfd(0, EFD_CLOEXEC);
+    if (fd_ < 0) return false;
+    g_stop_signal = 0;
+    g_stop_fd = fd_;
+    for (size_t i = 0; i < std::size(kSignals); ++i) {
+      struct sigaction sa {};
+      sa.sa_handler = kSignals[i] == SIGPIPE ? SIG_IGN : OnStopSignal;
+      sigemptyset(&sa.sa_mask);
+      sa.sa_flags = 0;  // no SA_RESTART: the signal must interrupt sem_wait in the loop
+      if (::sigaction(kSignals[i], &sa, &old_[i]) != 0) return false;
+      installed_ = true;
+    }
+    return true;
+  }
+
+  // From the main thread, after daemonising. A signal that came earlier is
+  // acted on now.
+  void Start(struct fuse_session* se, std::function<void()> on_stop) {
+    se_ = se;
+    on_stop_ = std::move(on_stop);
+    main_ = ::pthread_self();
+    WithStopSignalsBlocked([this] {
+      thread_ = std::thread([this] { core::CatchAndLog("stopper", [this] { Run(); }); });
+    });
+  }
+  // The main thread is about to enter the session loop.
+  void LoopEntered() {
+    std::lock_guard<std::mutex> lock(mu_);
+    loop_entered_ = true;
+  }
+  // The session loop returned: the stopper thread ends.
+  void Finish() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      finished_ = true;
+      cv_.notify_all();
+    }
+    if (fd_ >= 0) OnStopSignalWake();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  void OnStopSignalWake() {
+    const uint64_t one = 1;
+    ssize_t ignored = ::write(fd_, &one, sizeof(one));
+    (void)ignored;
+  }
+
+  void Run() {
+    for (;;) {
+      uint64_t count = 0;
+      if (::read(fd_, &count, sizeof(count)) < 0 && errno == EINTR) continue;
+      std::unique_lock<std::mutex> lock(mu_);
+      if (finished_) return;
+      const int sig = g_stop_signal.load();
+      if (sig == 0) continue;
+      lock.unlock();
+      core::Log(LogLevel::kInfo, "%s: stopping", ::strsignal(sig));
+      core::CatchAndLog("stop", on_stop_);
+      fuse_session_exit(se_);
+      lock.lock();
+      // The loop sees the exit only once its wait is interrupted; a signal
+      // that lands between its check and its wait is lost, hence again
+      // until it returns.
+      while (!finished_) {
+        if (loop_entered_) ::pthread_kill(main_, sig);
+        cv_.wait_for(lock, std::chrono::milliseconds(100));
+      }
+      return;
+    }
+  }
+
+  int fd_ = -1;
+  bool installed_ = false;
+  struct sigaction old_[std::size(kSignals)]{};
+  struct fuse_session* se_ = nullptr;
+  std::function<void()> on_stop_;
+  pthread_t main_{};
+  std::thread thread_;
+  std::mutex mu_;  // guards loop_entered_, finished_
+  std::condition_variable cv_;
+  bool loop_entered_ = false;
+  bool finished_ = false;
 };
 
 // A daemon that died (SIGKILL, OOM) leaves its mount behind, answering
@@ -180,6 +356,9 @@ int RunMount(const Options& opt) {
       core::RemoveTrash(e);
     }
   }
+  // Notifications need the session, made below; threads that send them
+  // start only once it exists.
+  std::unique_ptr<Notifier> notifier;
   std::unique_ptr<Committer> committer;
   LaterNotifier later;
   NodeTableOptions table_options;
@@ -196,8 +375,9 @@ int RunMount(const Options& opt) {
   commit_settings.quiet = std::chrono::milliseconds(static_cast<int64_t>(opt.commit_quiet * 1000));
   commit_settings.explicit_only = opt.explicit_commit;
   commit_settings.direct = opt.direct_new;
-  // The committer's callback needs the session, made below.
-  struct fuse_session* session = nullptr;
+  auto send = [&notifier](const std::vector<Invalidation>& invals) {
+    if (notifier != nullptr) notifier->Send(invals);
+  };
   std::mutex prune_mu;  // one retention run at a time
   NodeTable* table_ptr = nullptr;
   auto prune = [&](const std::vector<std::string>& experiments) {
@@ -212,30 +392,29 @@ int RunMount(const Options& opt) {
     for (const index::PruneEntry& e : report->entries) {
       if (e.deleted) status.Record(EventKind::kDeletion, e.checkpoint.path + " (" + e.decision.why + ")");
     }
-    if (report->deleted > 0 && session != nullptr) {
-      Notify(session, table_ptr->ViewsChanged(experiments));
+    if (report->deleted > 0) {
+      send(table_ptr->ViewsChanged(experiments));
       for (const index::PruneEntry& e : report->entries) {
-        if (e.deleted) Notify(session, table_ptr->PathChanged(e.checkpoint.experiment, e.checkpoint.name));
+        if (e.deleted) send(table_ptr->PathChanged(e.checkpoint.experiment, e.checkpoint.name));
       }
     }
   };
   committer = std::make_unique<Committer>(
       commit_settings, [&](const std::string& experiment, const std::string& name) {
-        if (session != nullptr) {
-          Notify(session, table_ptr->PathChanged(index::StagingDir(experiment), name));
-        }
-        auto stats = (*idx)->ScanChanges({{experiment, name}});
-        if (!stats.ok()) {
-          core::Log(LogLevel::kError, "indexing %s/%s: %s", experiment.c_str(), name.c_str(),
-                    stats.status().message().c_str());
-          return;
-        }
-        status.Record(EventKind::kCommit, experiment + "/" + name);
-        if (session != nullptr) {
-          Notify(session, table_ptr->ViewsChanged({experiment}));
-          Notify(session, table_ptr->PathChanged(experiment, name));
-        }
-        prune({experiment});
+        // Runs on the committer's thread: its wall.
+        core::CatchAndLog("after commit", [&] {
+          send(table_ptr->PathChanged(index::StagingDir(experiment), name));
+          auto stats = (*idx)->ScanChanges({{experiment, name}});
+          if (!stats.ok()) {
+            core::Log(LogLevel::kError, "indexing %s/%s: %s", experiment.c_str(), name.c_str(),
+                      stats.status().message().c_str());
+            return;
+          }
+          status.Record(EventKind::kCommit, experiment + "/" + name);
+          send(table_ptr->ViewsChanged({experiment}));
+          send(table_ptr->PathChanged(experiment, name));
+          prune({experiment});
+        });
       });
   table_options.committer = committer.get();
   NodeTable table(idx->get(), table_options);
@@ -252,23 +431,23 @@ int RunMount(const Options& opt) {
   struct fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
 
   struct fuse_session* se = fuse_session_new(&args, &FuseOps(), sizeof(FuseOps()), &table);
-  session = se;
   fuse_opt_free_args(&args);
   if (se == nullptr) {
     core::Log(LogLevel::kError, "cannot start a FUSE session (options: %s)", mount_opts.c_str());
     return 1;
   }
-  int rc = 1;
-  if (fuse_set_signal_handlers(se) != 0) {
+  StopSignals signals;
+  if (!signals.Install()) {
+    core::Log(LogLevel::kError, "cannot install signal handlers: %s", std::strerror(errno));
     fuse_session_destroy(se);
     return 1;
   }
   DetachDeadMount(opt.mountpoint);
   if (fuse_session_mount(se, opt.mountpoint.c_str()) != 0) {
-    core::Log(LogLevel::kError, "cannot mount %s at %s (is /dev/fuse available, fusermount3 "
+    core::Log(LogLevel::kError,
+              "cannot mount %s at %s (is /dev/fuse available, fusermount3 "
               "installed, the mountpoint empty and not mounted?)",
               opt.source.c_str(), opt.mountpoint.c_str());
-    fuse_remove_signal_handlers(se);
     fuse_session_destroy(se);
     return 1;
   }
@@ -279,66 +458,86 @@ int RunMount(const Options& opt) {
   // The parent returns to the shell only now that the mount exists.
   if (!opt.foreground) core::LogToSyslog(true);
   fuse_daemonize(opt.foreground ? 1 : 0);
-  later.Start(se);
 
-  index::Watcher::Callbacks callbacks;
-  callbacks.on_path_changed = [se, &table](const std::string& dir, const std::string& name) {
-    Notify(se, table.PathChanged(dir, name));
-  };
-  callbacks.on_scanned = [se, &table, &prune](const index::ScanStats& stats) {
-    Notify(se, table.ViewsChanged(stats.changed_experiments));
-    prune(stats.changed_experiments);  // checkpoints written straight into the source
-  };
-  callbacks.on_periodic = [&]() {
-    // Deletions deferred because a file was open are retried here.
-    if (opt.policy.empty()) return;
-    auto all = (*idx)->List(opt.source);
-    if (!all.ok()) return;
-    std::set<std::string> experiments;
-    for (const core::Checkpoint& c : *all) experiments.insert(c.experiment);
-    prune(std::vector<std::string>(experiments.begin(), experiments.end()));
-  };
-  auto watcher = index::Watcher::Start(idx->get(), callbacks, index::Watcher::Settings{});
-  if (!watcher.ok()) {
-    core::Log(LogLevel::kWarning, "no watcher (%s): views follow the disk only on remount",
-              watcher.status().message().c_str());
-  } else {
-    watcher_ptr = watcher->get();
-  }
-
-  committer->Start();
-  if (!opt.policy.empty()) {
-    core::Log(LogLevel::kInfo, "retention policy: %s", opt.policy.ToString().c_str());
-    auto all = (*idx)->List(opt.source);
-    std::set<std::string> experiments;
-    if (all.ok()) {
+  // Threads start after daemonising (a thread started before the fork would
+  // not survive it), each with the stop signals blocked.
+  core::Result<std::unique_ptr<index::Watcher>> watcher = core::Status::Internal("not started");
+  const core::Status started = core::CatchAll("start", [&] {
+    notifier = std::make_unique<Notifier>(se);
+    later.Start(notifier.get());
+    index::Watcher::Callbacks callbacks;
+    callbacks.on_path_changed = [&](const std::string& dir, const std::string& name) {
+      send(table.PathChanged(dir, name));
+    };
+    callbacks.on_scanned = [&](const index::ScanStats& stats) {
+      send(table.ViewsChanged(stats.changed_experiments));
+      prune(stats.changed_experiments);  // checkpoints written straight into the source
+    };
+    callbacks.on_periodic = [&]() {
+      // Deletions deferred because a file was open are retried here.
+      if (opt.policy.empty()) return;
+      auto all = (*idx)->List(opt.source);
+      if (!all.ok()) return;
+      std::set<std::string> experiments;
       for (const core::Checkpoint& c : *all) experiments.insert(c.experiment);
+      prune(std::vector<std::string>(experiments.begin(), experiments.end()));
+    };
+    WithStopSignalsBlocked([&] {
+      watcher = index::Watcher::Start(idx->get(), callbacks, index::Watcher::Settings{});
+      committer->Start();
+    });
+    if (!watcher.ok()) {
+      core::Log(LogLevel::kWarning, "no watcher (%s): views follow the disk only on remount",
+                watcher.status().message().c_str());
+    } else {
+      watcher_ptr = watcher->get();
     }
-    prune(std::vector<std::string>(experiments.begin(), experiments.end()));
+    // A stop signal (one that came already, or later) closes the
+    // notifications while workers still answer, then ends the loop. Work
+    // that keeps a worker busy for long is cancelled here too.
+    signals.Start(se, [&] { notifier->Close(); });
+    if (!opt.policy.empty()) {
+      core::Log(LogLevel::kInfo, "retention policy: %s", opt.policy.ToString().c_str());
+      auto all = (*idx)->List(opt.source);
+      std::set<std::string> experiments;
+      if (all.ok()) {
+        for (const core::Checkpoint& c : *all) experiments.insert(c.experiment);
+      }
+      prune(std::vector<std::string>(experiments.begin(), experiments.end()));
+    }
+  });
+
+  int rc = 1;
+  if (started.ok()) {
+    // systemd (Type=notify): the mount answers and the policy has run once.
+    sd_notifyf(0, "READY=1\nSTATUS=serving %s at %s\nMAINPID=%d", opt.source.c_str(),
+               opt.mountpoint.c_str(), static_cast<int>(::getpid()));
+    struct fuse_loop_config* loop = fuse_loop_cfg_create();
+    fuse_loop_cfg_set_clone_fd(loop, 0);
+    fuse_loop_cfg_set_idle_threads(loop, 8);
+    fuse_loop_cfg_set_max_threads(loop, 16);
+    signals.LoopEntered();
+    rc = fuse_session_loop_mt(se, loop);
+    fuse_loop_cfg_destroy(loop);
+    sd_notify(0, "STOPPING=1");
+  } else {
+    core::Log(LogLevel::kError, "%s", started.message().c_str());
   }
 
-  // systemd (Type=notify): the mount answers and the policy has run once.
-  sd_notifyf(0, "READY=1\nSTATUS=serving %s at %s\nMAINPID=%d", opt.source.c_str(),
-             opt.mountpoint.c_str(), static_cast<int>(::getpid()));
-  struct fuse_loop_config* loop = fuse_loop_cfg_create();
-  fuse_loop_cfg_set_clone_fd(loop, 0);
-  fuse_loop_cfg_set_idle_threads(loop, 8);
-  fuse_loop_cfg_set_max_threads(loop, 16);
-  rc = fuse_session_loop_mt(se, loop);
-  fuse_loop_cfg_destroy(loop);
-  sd_notify(0, "STOPPING=1");
-
+  // No worker answers any more: first no notification may start (one could
+  // wait forever for a reply), then each thread stops within its current
+  // step.
+  signals.Finish();
+  if (notifier != nullptr) notifier->Close();
   committer.reset();  // what is still staged stays staged, reported at the next start
   later.Stop();
   watcher_ptr = nullptr;
   if (watcher.ok()) watcher->reset();
   fuse_session_unmount(se);
-  fuse_remove_signal_handlers(se);
   fuse_session_destroy(se);
   core::Log(LogLevel::kInfo, "unmounted %s", opt.mountpoint.c_str());
-  // SIGTERM (systemctl stop), SIGINT and SIGHUP end the loop with the signal
-  // number: a clean stop, like an unmount.
-  return rc == 0 || rc == SIGTERM || rc == SIGINT || rc == SIGHUP ? 0 : 1;
+  // A stop signal ends the loop as an unmount does: a clean stop.
+  return started.ok() && rc == 0 ? 0 : 1;
 }
 
 }  // namespace ckptfs::fs

@@ -34,6 +34,92 @@ int Errno(const core::Status& s) {
   return err;
 }
 
+// One request's answer. Every fuse_reply_* goes through it, so the wall
+// knows whether the request was answered before something threw.
+class Reply {
+ public:
+  explicit Reply(fuse_req_t req) : req_(req) {}
+  Reply(const Reply&) = delete;
+  Reply& operator=(const Reply&) = delete;
+
+  const bool* replied() const { return &replied_; }
+
+  void Err(int err) {
+    replied_ = true;
+    fuse_reply_err(req_, err);
+  }
+  void Fail(const core::Status& s) { Err(Errno(s)); }
+  void None() {
+    replied_ = true;
+    fuse_reply_none(req_);
+  }
+  void Entry(const NodeAttr& a) {
+    struct fuse_entry_param e {};
+    e.ino = a.st.st_ino;
+    e.attr = a.st;
+    e.attr_timeout = a.timeout;
+    e.entry_timeout = a.timeout;
+    replied_ = true;
+    fuse_reply_entry(req_, &e);
+  }
+  void Attr(const NodeAttr& a) {
+    replied_ = true;
+    fuse_reply_attr(req_, &a.st, a.timeout);
+  }
+  void Readlink(const std::string& target) {
+    replied_ = true;
+    fuse_reply_readlink(req_, target.c_str());
+  }
+  // Nonzero: the request was interrupted and no release will follow.
+  int Open(const struct fuse_file_info* fi) {
+    replied_ = true;
+    return fuse_reply_open(req_, fi);
+  }
+  int Create(const struct fuse_entry_param* e, const struct fuse_file_info* fi) {
+    replied_ = true;
+    return fuse_reply_create(req_, e, fi);
+  }
+  void Buf(const char* data, size_t size) {
+    replied_ = true;
+    fuse_reply_buf(req_, data, size);
+  }
+  void Data(struct fuse_bufvec* buf) {
+    replied_ = true;
+    fuse_reply_data(req_, buf, FUSE_BUF_SPLICE_MOVE);
+  }
+  void Write(size_t count) {
+    replied_ = true;
+    fuse_reply_write(req_, count);
+  }
+  void Statfs(const struct statvfs* sv) {
+    replied_ = true;
+    fuse_reply_statfs(req_, sv);
+  }
+  void XattrSize(size_t size) {
+    replied_ = true;
+    fuse_reply_xattr(req_, size);
+  }
+
+ private:
+  fuse_req_t req_;
+  bool replied_ = false;
+};
+
+// Every callback's body runs here: whatever it throws becomes EIO (or, for
+// forget, the reply-less answer), sent only if the body had not replied.
+template <typename Body>
+void Serve(fuse_req_t req, const char* op, Body&& body) noexcept {
+  Reply reply(req);
+  CallbackWall(
+      op, reply.replied(), [&] { body(reply); }, [&] { reply.Err(EIO); });
+}
+template <typename Body>
+void ServeForget(fuse_req_t req, const char* op, Body&& body) noexcept {
+  Reply reply(req);
+  CallbackWall(
+      op, reply.replied(), [&] { body(reply); }, [&] { reply.None(); });
+}
+
 struct OpenDir {
   std::vector<index::DirEntry> entries;
 };
@@ -42,305 +128,302 @@ struct OpenFileHandle {
   OpenedFile file;
 };
 
-void ReplyEntry(fuse_req_t req, const NodeAttr& a) {
-  struct fuse_entry_param e {};
-  e.ino = a.st.st_ino;
-  e.attr = a.st;
-  e.attr_timeout = a.timeout;
-  e.entry_timeout = a.timeout;
-  fuse_reply_entry(req, &e);
-}
-
 void Init(void* /*userdata*/, struct fuse_conn_info* conn) {
-  // Data is spliced from the real file's descriptor into /dev/fuse.
-  if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
-  if (conn->capable & FUSE_CAP_SPLICE_MOVE) conn->want |= FUSE_CAP_SPLICE_MOVE;
-  // Writes under new/ are spliced from /dev/fuse into the staging file.
-  if (conn->capable & FUSE_CAP_SPLICE_READ) conn->want |= FUSE_CAP_SPLICE_READ;
-  // Pages stay cached across opens unless keep_cache says otherwise, and a
-  // changed mtime drops them.
-  if (conn->capable & FUSE_CAP_AUTO_INVAL_DATA) conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
-  core::Log(LogLevel::kDebug, "fuse: max_write %u, max_read %u, max_readahead %u",
-            conn->max_write, conn->max_read, conn->max_readahead);
+  core::CatchAndLog("init", [&] {
+    // Data is spliced from the real file's descriptor into /dev/fuse.
+    if (conn->capable & FUSE_CAP_SPLICE_WRITE) conn->want |= FUSE_CAP_SPLICE_WRITE;
+    if (conn->capable & FUSE_CAP_SPLICE_MOVE) conn->want |= FUSE_CAP_SPLICE_MOVE;
+    // Writes under new/ are spliced from /dev/fuse into the staging file.
+    if (conn->capable & FUSE_CAP_SPLICE_READ) conn->want |= FUSE_CAP_SPLICE_READ;
+    // Pages stay cached across opens unless keep_cache says otherwise, and a
+    // changed mtime drops them.
+    if (conn->capable & FUSE_CAP_AUTO_INVAL_DATA) conn->want |= FUSE_CAP_AUTO_INVAL_DATA;
+    core::Log(LogLevel::kDebug, "fuse: max_write %u, max_read %u, max_readahead %u",
+              conn->max_write, conn->max_read, conn->max_readahead);
+  });
 }
 
 void Lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
-  NodeTable* table = Table(req);
-  const uint64_t generation = table->generation();
-  auto a = table->Lookup(parent, name);
-  if (!a.ok()) {
-    fuse_reply_err(req, Errno(a.status()));
-    return;
-  }
-  ReplyEntry(req, *a);
-  table->AfterLookupReply(parent, name, generation);
+  Serve(req, "lookup", [&](Reply& reply) {
+    NodeTable* table = Table(req);
+    const uint64_t generation = table->generation();
+    auto a = table->Lookup(parent, name);
+    if (!a.ok()) return reply.Fail(a.status());
+    reply.Entry(*a);
+    table->AfterLookupReply(parent, name, generation);
+  });
 }
 
 void Forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
-  Table(req)->Forget(ino, nlookup);
-  fuse_reply_none(req);
+  ServeForget(req, "forget", [&](Reply& reply) {
+    Table(req)->Forget(ino, nlookup);
+    reply.None();
+  });
 }
 
 void ForgetMulti(fuse_req_t req, size_t count, struct fuse_forget_data* forgets) {
-  for (size_t i = 0; i < count; ++i) Table(req)->Forget(forgets[i].ino, forgets[i].nlookup);
-  fuse_reply_none(req);
+  ServeForget(req, "forget", [&](Reply& reply) {
+    for (size_t i = 0; i < count; ++i) Table(req)->Forget(forgets[i].ino, forgets[i].nlookup);
+    reply.None();
+  });
 }
 
 void GetAttr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* /*fi*/) {
-  auto a = Table(req)->GetAttr(ino);
-  if (!a.ok()) {
-    fuse_reply_err(req, Errno(a.status()));
-    return;
-  }
-  fuse_reply_attr(req, &a->st, a->timeout);
+  Serve(req, "getattr", [&](Reply& reply) {
+    auto a = Table(req)->GetAttr(ino);
+    if (!a.ok()) return reply.Fail(a.status());
+    reply.Attr(*a);
+  });
 }
 
 void ReadLink(fuse_req_t req, fuse_ino_t ino) {
-  auto target = Table(req)->ReadLink(ino);
-  if (!target.ok()) {
-    fuse_reply_err(req, Errno(target.status()));
-    return;
-  }
-  fuse_reply_readlink(req, target->c_str());
+  Serve(req, "readlink", [&](Reply& reply) {
+    auto target = Table(req)->ReadLink(ino);
+    if (!target.ok()) return reply.Fail(target.status());
+    reply.Readlink(*target);
+  });
 }
 
 void OpenDirOp(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
-  auto entries = Table(req)->ReadDir(ino);
-  if (!entries.ok()) {
-    fuse_reply_err(req, Errno(entries.status()));
-    return;
-  }
-  auto* dir = new (std::nothrow) OpenDir{std::move(*entries)};
-  if (dir == nullptr) {
-    fuse_reply_err(req, ENOMEM);
-    return;
-  }
-  fi->fh = reinterpret_cast<uint64_t>(dir);
-  if (fuse_reply_open(req, fi) != 0) delete dir;  // interrupted: no release follows
+  Serve(req, "opendir", [&](Reply& reply) {
+    auto entries = Table(req)->ReadDir(ino);
+    if (!entries.ok()) return reply.Fail(entries.status());
+    auto dir = std::make_unique<OpenDir>(OpenDir{std::move(*entries)});
+    fi->fh = reinterpret_cast<uint64_t>(dir.get());
+    if (reply.Open(fi) == 0) dir.release();  // else interrupted: no release follows
+  });
 }
 
 void ReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info* fi) {
-  auto* dir = reinterpret_cast<OpenDir*>(fi->fh);
-  std::vector<char> buf(size);
-  size_t used = 0;
-  // Offsets: 0 ".", 1 "..", then entries; each entry records the next offset.
-  const size_t total = dir->entries.size() + 2;
-  for (size_t i = static_cast<size_t>(off); i < total; ++i) {
-    struct stat st {};
-    st.st_ino = 0xffffffff;  // the kernel's "unknown"; 0 would hide the entry
-    std::string name;
-    if (i == 0) {
-      name = ".", st.st_mode = S_IFDIR, st.st_ino = ino;
-    } else if (i == 1) {
-      name = "..", st.st_mode = S_IFDIR;
-    } else {
-      const index::DirEntry& e = dir->entries[i - 2];
-      name = e.name;
-      st.st_mode = e.is_dir ? S_IFDIR : S_IFREG;
+  Serve(req, "readdir", [&](Reply& reply) {
+    auto* dir = reinterpret_cast<OpenDir*>(fi->fh);
+    std::vector<char> buf(size);
+    size_t used = 0;
+    // Offsets: 0 ".", 1 "..", then entries; each entry records the next offset.
+    const size_t total = dir->entries.size() + 2;
+    for (size_t i = static_cast<size_t>(off); i < total; ++i) {
+      struct stat st {};
+      st.st_ino = 0xffffffff;  // the kernel's "unknown"; 0 would hide the entry
+      const char* name;
+      if (i == 0) {
+        name = ".", st.st_mode = S_IFDIR, st.st_ino = ino;
+      } else if (i == 1) {
+        name = "..", st.st_mode = S_IFDIR;
+      } else {
+        const index::DirEntry& e = dir->entries[i - 2];
+        name = e.name.c_str();
+        st.st_mode = e.is_dir ? S_IFDIR : S_IFREG;
+      }
+      size_t need = fuse_add_direntry(req, buf.data() + used, size - used, name, &st,
+                                      static_cast<off_t>(i + 1));
+      if (need > size - used) break;
+      used += need;
     }
-    size_t need = fuse_add_direntry(req, buf.data() + used, size - used, name.c_str(), &st,
-                                    static_cast<off_t>(i + 1));
-    if (need > size - used) break;
-    used += need;
-  }
-  fuse_reply_buf(req, buf.data(), used);
+    reply.Buf(buf.data(), used);
+  });
 }
 
 void ReleaseDir(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_file_info* fi) {
-  delete reinterpret_cast<OpenDir*>(fi->fh);
-  fuse_reply_err(req, 0);
+  Serve(req, "releasedir", [&](Reply& reply) {
+    delete reinterpret_cast<OpenDir*>(fi->fh);
+    reply.Err(0);
+  });
+}
+
+// Undoes an open the kernel will never release.
+void Unopen(fuse_req_t req, OpenFileHandle* h) {
+  Table(req)->Released(h->file);
+  if (h->file.fd >= 0) ::close(h->file.fd);
+  delete h;
 }
 
 // Hands an opened file to the kernel; on failure undoes the open.
-void ReplyOpen(fuse_req_t req, struct fuse_file_info* fi, OpenedFile f) {
+void ReplyOpen(fuse_req_t req, Reply& reply, struct fuse_file_info* fi, OpenedFile f) {
   auto* h = new (std::nothrow) OpenFileHandle{std::move(f)};
   if (h == nullptr) {
     Table(req)->Released(f);
     if (f.fd >= 0) ::close(f.fd);
-    fuse_reply_err(req, ENOMEM);
-    return;
+    return reply.Err(ENOMEM);
   }
   fi->fh = reinterpret_cast<uint64_t>(h);
   fi->keep_cache = h->file.keep_cache;
   fi->direct_io = h->file.generated;  // generated content may differ from the size in getattr
   fi->noflush = h->file.writer ? 0 : 1;
-  if (fuse_reply_open(req, fi) != 0) {
-    Table(req)->Released(h->file);
-    if (h->file.fd >= 0) ::close(h->file.fd);
-    delete h;
-  }
+  if (reply.Open(fi) != 0) Unopen(req, h);
 }
 
 void Open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
-  auto f = Table(req)->Open(ino, fi->flags);
-  if (!f.ok()) {
-    fuse_reply_err(req, Errno(f.status()));
-    return;
-  }
-  ReplyOpen(req, fi, std::move(*f));
+  Serve(req, "open", [&](Reply& reply) {
+    auto f = Table(req)->Open(ino, fi->flags);
+    if (!f.ok()) return reply.Fail(f.status());
+    ReplyOpen(req, reply, fi, std::move(*f));
+  });
 }
 
 void Read(fuse_req_t req, fuse_ino_t /*ino*/, size_t size, off_t off, struct fuse_file_info* fi) {
-  auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
-  if (h->file.fd < 0) {
-    const std::string& content = h->file.content;
-    const size_t len = content.size();
-    const size_t start = static_cast<size_t>(off) < len ? static_cast<size_t>(off) : len;
-    const size_t n = std::min(size, len - start);
-    fuse_reply_buf(req, content.data() + start, n);
-    return;
-  }
-  struct fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
-  buf.buf[0].flags = static_cast<enum fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
-  buf.buf[0].fd = h->file.fd;
-  buf.buf[0].pos = off;
-  fuse_reply_data(req, &buf, FUSE_BUF_SPLICE_MOVE);
+  Serve(req, "read", [&](Reply& reply) {
+    auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
+    if (h->file.fd < 0) {
+      const std::string& content = h->file.content;
+      const size_t len = content.size();
+      const size_t start = static_cast<size_t>(off) < len ? static_cast<size_t>(off) : len;
+      const size_t n = std::min(size, len - start);
+      return reply.Buf(content.data() + start, n);
+    }
+    struct fuse_bufvec buf = FUSE_BUFVEC_INIT(size);
+    buf.buf[0].flags = static_cast<enum fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
+    buf.buf[0].fd = h->file.fd;
+    buf.buf[0].pos = off;
+    reply.Data(&buf);
+  });
 }
 
 void Release(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_file_info* fi) {
-  auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
-  if (h->file.fd >= 0) ::close(h->file.fd);
-  Table(req)->Released(h->file);
-  delete h;
-  fuse_reply_err(req, 0);
+  Serve(req, "release", [&](Reply& reply) {
+    auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
+    if (h->file.fd >= 0) ::close(h->file.fd);
+    Table(req)->Released(h->file);
+    delete h;
+    reply.Err(0);
+  });
 }
 
 // Writes land in the staging file (new/ only: other opens are read-only).
 void WriteBuf(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_bufvec* in, off_t off,
               struct fuse_file_info* fi) {
-  auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
-  if (!h->file.writer) {
-    fuse_reply_err(req, EBADF);
-    return;
-  }
-  struct fuse_bufvec out = FUSE_BUFVEC_INIT(fuse_buf_size(in));
-  out.buf[0].flags = static_cast<enum fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
-  out.buf[0].fd = h->file.fd;
-  out.buf[0].pos = off;
-  ssize_t n = fuse_buf_copy(&out, in, FUSE_BUF_SPLICE_NONBLOCK);
-  if (n < 0) {
-    fuse_reply_err(req, static_cast<int>(-n));
-    return;
-  }
-  Table(req)->Wrote(h->file);
-  fuse_reply_write(req, static_cast<size_t>(n));
+  Serve(req, "write", [&](Reply& reply) {
+    auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
+    if (!h->file.writer) return reply.Err(EBADF);
+    struct fuse_bufvec out = FUSE_BUFVEC_INIT(fuse_buf_size(in));
+    out.buf[0].flags = static_cast<enum fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
+    out.buf[0].fd = h->file.fd;
+    out.buf[0].pos = off;
+    ssize_t n = fuse_buf_copy(&out, in, FUSE_BUF_SPLICE_NONBLOCK);
+    if (n < 0) return reply.Err(static_cast<int>(-n));
+    Table(req)->Wrote(h->file);
+    reply.Write(static_cast<size_t>(n));
+  });
 }
 
 void Fsync(fuse_req_t req, fuse_ino_t /*ino*/, int datasync, struct fuse_file_info* fi) {
-  auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
-  if (h->file.fd < 0) {
-    fuse_reply_err(req, 0);
-    return;
-  }
-  int rc = datasync ? ::fdatasync(h->file.fd) : ::fsync(h->file.fd);
-  fuse_reply_err(req, rc == 0 ? 0 : errno);
+  Serve(req, "fsync", [&](Reply& reply) {
+    auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
+    if (h->file.fd < 0) return reply.Err(0);
+    int rc = datasync ? ::fdatasync(h->file.fd) : ::fsync(h->file.fd);
+    reply.Err(rc == 0 ? 0 : errno);
+  });
 }
 
-void Flush(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_file_info* /*fi*/) { fuse_reply_err(req, 0); }
+void Flush(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_file_info* /*fi*/) {
+  Serve(req, "flush", [&](Reply& reply) { reply.Err(0); });
+}
 
 void Mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
-  auto a = Table(req)->Mkdir(parent, name, mode);
-  if (!a.ok()) {
-    fuse_reply_err(req, Errno(a.status()));
-    return;
-  }
-  ReplyEntry(req, *a);
+  Serve(req, "mkdir", [&](Reply& reply) {
+    auto a = Table(req)->Mkdir(parent, name, mode);
+    if (!a.ok()) return reply.Fail(a.status());
+    reply.Entry(*a);
+  });
 }
 
 void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
             struct fuse_file_info* fi) {
-  auto r = Table(req)->Create(parent, name, mode, fi->flags);
-  if (!r.ok()) {
-    fuse_reply_err(req, Errno(r.status()));
-    return;
-  }
-  auto* h = new (std::nothrow) OpenFileHandle{std::move(r->second)};
-  if (h == nullptr) {
-    fuse_reply_err(req, ENOMEM);
-    return;
-  }
-  fi->fh = reinterpret_cast<uint64_t>(h);
-  fi->keep_cache = 0;
-  fi->direct_io = 0;
-  struct fuse_entry_param e {};
-  e.ino = r->first.st.st_ino;
-  e.attr = r->first.st;
-  e.attr_timeout = r->first.timeout;
-  e.entry_timeout = r->first.timeout;
-  if (fuse_reply_create(req, &e, fi) != 0) {
-    ::close(h->file.fd);
-    Table(req)->Released(h->file);
-    delete h;
-  }
+  Serve(req, "create", [&](Reply& reply) {
+    auto r = Table(req)->Create(parent, name, mode, fi->flags);
+    if (!r.ok()) return reply.Fail(r.status());
+    auto* h = new (std::nothrow) OpenFileHandle{std::move(r->second)};
+    if (h == nullptr) {
+      Table(req)->Released(r->second);
+      if (r->second.fd >= 0) ::close(r->second.fd);
+      return reply.Err(ENOMEM);
+    }
+    fi->fh = reinterpret_cast<uint64_t>(h);
+    fi->keep_cache = 0;
+    fi->direct_io = 0;
+    struct fuse_entry_param e {};
+    e.ino = r->first.st.st_ino;
+    e.attr = r->first.st;
+    e.attr_timeout = r->first.timeout;
+    e.entry_timeout = r->first.timeout;
+    if (reply.Create(&e, fi) != 0) Unopen(req, h);
+  });
 }
 
 void Unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
-  fuse_reply_err(req, ToErrno(Table(req)->Unlink(parent, name, false)));
+  Serve(req, "unlink",
+        [&](Reply& reply) { reply.Err(ToErrno(Table(req)->Unlink(parent, name, false))); });
 }
 
 void Rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
-  fuse_reply_err(req, ToErrno(Table(req)->Unlink(parent, name, true)));
+  Serve(req, "rmdir",
+        [&](Reply& reply) { reply.Err(ToErrno(Table(req)->Unlink(parent, name, true))); });
 }
 
 void Rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t new_parent,
             const char* new_name, unsigned int flags) {
-  fuse_reply_err(req, ToErrno(Table(req)->Rename(parent, name, new_parent, new_name, flags)));
+  Serve(req, "rename", [&](Reply& reply) {
+    reply.Err(ToErrno(Table(req)->Rename(parent, name, new_parent, new_name, flags)));
+  });
 }
 
 void SetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, struct fuse_file_info* fi) {
-  const int fd = fi != nullptr ? reinterpret_cast<OpenFileHandle*>(fi->fh)->file.fd : -1;
-  auto a = Table(req)->SetAttr(ino, *attr, to_set, fd);
-  if (!a.ok()) {
-    fuse_reply_err(req, Errno(a.status()));
-    return;
-  }
-  fuse_reply_attr(req, &a->st, a->timeout);
+  Serve(req, "setattr", [&](Reply& reply) {
+    const int fd = fi != nullptr ? reinterpret_cast<OpenFileHandle*>(fi->fh)->file.fd : -1;
+    auto a = Table(req)->SetAttr(ino, *attr, to_set, fd);
+    if (!a.ok()) return reply.Fail(a.status());
+    reply.Attr(*a);
+  });
 }
 
 void StatFs(fuse_req_t req, fuse_ino_t /*ino*/) {
-  struct statvfs sv {};
-  if (::statvfs(Table(req)->source().c_str(), &sv) != 0) {
-    fuse_reply_err(req, errno);
-    return;
-  }
-  fuse_reply_statfs(req, &sv);
+  Serve(req, "statfs", [&](Reply& reply) {
+    struct statvfs sv {};
+    if (::statvfs(Table(req)->source().c_str(), &sv) != 0) return reply.Err(errno);
+    reply.Statfs(&sv);
+  });
 }
 
-void ReplyXattr(fuse_req_t req, const std::string& value, size_t size) {
+void ReplyXattr(Reply& reply, const std::string& value, size_t size) {
   if (size == 0) {
-    fuse_reply_xattr(req, value.size());
+    reply.XattrSize(value.size());
   } else if (size < value.size()) {
-    fuse_reply_err(req, ERANGE);
+    reply.Err(ERANGE);
   } else {
-    fuse_reply_buf(req, value.data(), value.size());
+    reply.Buf(value.data(), value.size());
   }
 }
 
 void GetXattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
-  auto v = Table(req)->GetXattr(ino, name);
-  if (!v.ok()) {
-    fuse_reply_err(req, Errno(v.status()));
-    return;
-  }
-  ReplyXattr(req, *v, size);
+  Serve(req, "getxattr", [&](Reply& reply) {
+    auto v = Table(req)->GetXattr(ino, name);
+    if (!v.ok()) return reply.Fail(v.status());
+    ReplyXattr(reply, *v, size);
+  });
 }
 
 void ListXattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
-  std::string names;
-  for (const std::string& n : Table(req)->ListXattr(ino)) names += n + '\0';
-  ReplyXattr(req, names, size);
+  Serve(req, "listxattr", [&](Reply& reply) {
+    std::string names;
+    for (const std::string& n : Table(req)->ListXattr(ino)) names += n + '\0';
+    ReplyXattr(reply, names, size);
+  });
 }
 
 // Links and special files are never part of a checkpoint, and xattrs of the
 // source are not ours to change: refused everywhere.
 void Mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t, dev_t) {
-  fuse_reply_err(req, Errno(Table(req)->RefuseSpecial(parent, name, "device node or fifo")));
+  Serve(req, "mknod", [&](Reply& reply) {
+    reply.Fail(Table(req)->RefuseSpecial(parent, name, "device node or fifo"));
+  });
 }
 void Symlink(fuse_req_t req, const char*, fuse_ino_t parent, const char* name) {
-  fuse_reply_err(req, Errno(Table(req)->RefuseSpecial(parent, name, "symbolic link")));
+  Serve(req, "symlink", [&](Reply& reply) {
+    reply.Fail(Table(req)->RefuseSpecial(parent, name, "symbolic link"));
+  });
 }
 void Link(fuse_req_t req, fuse_ino_t, fuse_ino_t parent, const char* name) {
-  fuse_reply_err(req, Errno(Table(req)->RefuseSpecial(parent, name, "hard link")));
+  Serve(req, "link",
+        [&](Reply& reply) { reply.Fail(Table(req)->RefuseSpecial(parent, name, "hard link")); });
 }
 void RofsSetXattr(fuse_req_t req, fuse_ino_t, const char*, const char*, size_t, int) {
   fuse_reply_err(req, EROFS);

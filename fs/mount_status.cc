@@ -6,6 +6,8 @@
 #include <chrono>
 #include <nlohmann/json.hpp>
 
+#include "core/json_text.h"
+
 namespace ckptfs::fs {
 namespace {
 
@@ -64,7 +66,7 @@ std::string MountStatus::ToJson(index::Index* index) const {
     }
     j[std::string("last_") + kKindNames[k]] = list;
   }
-  return j.dump(2) + "\n";
+  return core::DumpJson(j, 2) + "\n";  // paths may be any bytes
 }
 
 }  // namespace ckptfs::fs

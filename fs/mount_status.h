@@ -35,6 +35,7 @@ class MountStatus {
   void Record(EventKind kind, const std::string& what);
 
   // The status as JSON (one object, pretty-printed), with the index's counts.
+  // Paths and messages that are not UTF-8 are escaped as core::DumpJson does.
   std::string ToJson(index::Index* index) const;
 
  private:

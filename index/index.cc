@@ -406,16 +406,18 @@ Result<std::vector<Checkpoint>> Index::Select(const std::string& scope,
 }
 
 Result<std::vector<std::string>> Index::NumericKeys(const std::string& scope,
-                                                    const std::vector<core::Predicate>& where) {
+                                                    const std::vector<core::Predicate>& where,
+                                                    int min_count) {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<Bound> binds;
   std::string sql =
-      "SELECT DISTINCT m.key FROM meta m JOIN checkpoints c ON c.id = m.ckpt_id"
+      "SELECT m.key FROM meta m JOIN checkpoints c ON c.id = m.ckpt_id"
       " WHERE m.type = 0 AND m.num IS NOT NULL AND c.valid = 1";
   sql += kScopeSql;
   binds = ScopeBinds(scope);
   AddWhere(where, &sql, &binds);
-  sql += " ORDER BY m.key";
+  sql += " GROUP BY m.key HAVING COUNT(*) >= ? ORDER BY m.key";
+  binds.push_back({true, "", static_cast<double>(min_count)});
   return CollectTexts(db_.get(), sql, binds);
 }
 

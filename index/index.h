@@ -83,9 +83,11 @@ class Index {
                                                      const std::string& key, int limit,
                                                      int offset = 0);
 
-  // Numeric meta keys held by valid checkpoints of scope matching `where`.
+  // Numeric meta keys held by valid checkpoints of scope matching `where`,
+  // by at least `min_count` of them (not NaN), in byte order.
   core::Result<std::vector<std::string>> NumericKeys(const std::string& scope,
-                                                     const std::vector<core::Predicate>& where);
+                                                     const std::vector<core::Predicate>& where,
+                                                     int min_count = 1);
 
   // Every directory the last scan walked (plain and checkpoint directories):
   // what a watcher must watch.

@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
+#include "core/json_text.h"
 #include "core/retention.h"
 
 namespace ckptfs::index {
@@ -58,6 +59,13 @@ nlohmann::ordered_json MetaToJson(const core::Meta& meta) {
     }
   }
   return out;
+}
+
+// Whether `name` can be a directory entry: what the kernel accepts from a
+// listing and what a lookup can ask for. Meta keys such as "val/loss" cannot.
+bool IsEntryName(const std::string& name) {
+  return !name.empty() && name != "." && name != ".." && name.size() <= core::kMaxNameBytes &&
+         name.find('/') == std::string::npos && name.find('\0') == std::string::npos;
 }
 
 }  // namespace
@@ -270,9 +278,10 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir) const {
       out.push_back({std::move(name), is_dir});
     }
     if (!dir.in_view && !dir.staged && HasNamespace(dir.real_path)) {
-      for (const std::string& name : core::VirtualRootNames()) {
-        if (real.count(name) != 0) continue;
-        out.push_back({name, name != "index.json"});
+      Result<std::vector<DirEntry>> names = VirtualRootEntries(dir.real_path, {}, true);
+      if (!names.ok()) return names.status();
+      for (DirEntry& e : *names) {
+        if (real.count(e.name) == 0) out.push_back(std::move(e));
       }
     }
     return out;
@@ -280,11 +289,12 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir) const {
   if (dir.type != NodeType::kVirtualDir) return Status::InvalidArgument(dir.real_path + ": not a directory");
   const Query& q = dir.query;
   switch (q.node) {
-    case QueryNode::kRoot:
-      for (const std::string& name : core::VirtualRootNames()) {
-        if (name != "new") out.push_back({name, name != "index.json"});  // new/ is not under where/
-      }
+    case QueryNode::kRoot: {  // new/ is not under where/
+      Result<std::vector<DirEntry>> names = VirtualRootEntries(dir.scope, q.where, false);
+      if (!names.ok()) return names.status();
+      out = std::move(*names);
       break;
+    }
     case QueryNode::kNew:  // nothing staged yet
       break;
     case QueryNode::kBest:
@@ -295,9 +305,13 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir) const {
     case QueryNode::kBestOrder:
     case QueryNode::kTopOrder:
     case QueryNode::kAvgBestOrder: {
-      Result<std::vector<std::string>> keys = index_->NumericKeys(dir.scope, q.where);
+      // avg/bestN/min/KEY exists only where N checkpoints hold KEY.
+      const int needed = q.node == QueryNode::kAvgBestOrder ? q.n : 1;
+      Result<std::vector<std::string>> keys = index_->NumericKeys(dir.scope, q.where, needed);
       if (!keys.ok()) return keys.status();
-      for (std::string& k : *keys) out.push_back({std::move(k), true});
+      for (std::string& k : *keys) {
+        if (IsEntryName(k)) out.push_back({std::move(k), true});
+      }
       break;
     }
     case QueryNode::kTopKey:
@@ -314,6 +328,24 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir) const {
       break;
     default:
       break;  // where/, top/, avg/: open-ended, nothing to list
+  }
+  return out;
+}
+
+Result<std::vector<DirEntry>> Resolver::VirtualRootEntries(
+    const std::string& scope, const std::vector<core::Predicate>& where, bool with_new) const {
+  // latest/ is the one root name that a lookup refuses when nothing matches.
+  Query latest;
+  latest.where = where;
+  latest.node = QueryNode::kSelected;
+  latest.selector = core::Selector::kLatest;
+  Result<std::vector<Checkpoint>> newest = SelectExisting(scope, latest, 1);
+  if (!newest.ok()) return newest.status();
+  std::vector<DirEntry> out;
+  for (const std::string& name : core::VirtualRootNames()) {
+    if (name == "latest" && newest->empty()) continue;
+    if (name == "new" && !with_new) continue;
+    out.push_back({name, name != "index.json"});
   }
   return out;
 }
@@ -375,7 +407,7 @@ std::string CheckpointsToJson(const std::vector<Checkpoint>& checkpoints) {
     j["files"] = files;
     arr.push_back(std::move(j));
   }
-  return arr.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+  return core::DumpJson(arr, 2) + "\n";  // names and paths may be any bytes
 }
 
 }  // namespace ckptfs::index

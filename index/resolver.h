@@ -69,7 +69,10 @@ class Resolver {
   core::Result<Resolution> Resolve(std::string_view vpath) const;
 
   // The entries of a directory resolution (real or virtual), virtual root
-  // names included where the directory has a query namespace.
+  // names included where the directory has a query namespace. A listing
+  // never shows a name that Resolve refuses: latest/ only when a checkpoint
+  // matches, keys only when they are entry names (not "val/loss") and, under
+  // avg/bestN/min/, only when N checkpoints hold them.
   core::Result<std::vector<DirEntry>> List(const Resolution& dir) const;
 
   // Whether `dir` (a real directory) has the virtual namespace: the source
@@ -86,6 +89,11 @@ class Resolver {
   core::Result<std::vector<core::Checkpoint>> SelectExisting(const std::string& scope,
                                                              const core::Query& q,
                                                              int count) const;
+  // The virtual root's names for scope under these predicates (new/ only
+  // when with_new), leaving out those a lookup would refuse.
+  core::Result<std::vector<DirEntry>> VirtualRootEntries(const std::string& scope,
+                                                         const std::vector<core::Predicate>& where,
+                                                         bool with_new) const;
 
   Index* index_;
 };
@@ -99,6 +107,8 @@ std::vector<std::string> AverageableFiles(const std::vector<core::Checkpoint>& m
 std::vector<std::string> MemberFiles(const Resolution& average);
 
 // index.json / `ls --json`: every checkpoint with meta, validity and path.
+// Bytes that are not UTF-8 (in names, paths, meta) are written as
+// core::DumpJson does, so a path read back names the real file.
 std::string CheckpointsToJson(const std::vector<core::Checkpoint>& checkpoints);
 
 }  // namespace ckptfs::index

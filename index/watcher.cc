@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstring>
 #include <mutex>
 #include <thread>
 #include <unordered_map>
@@ -50,7 +51,7 @@ class Watcher::Impl {
     // by one full scan right away.
     overflowed_ = true;
     MarkPending();
-    thread_ = std::thread([this] { Loop(); });
+    thread_ = std::thread([this] { core::CatchAndLog("watcher", [this] { Loop(); }); });
   }
 
   bool IsWatched(const std::string& dir) const {
@@ -166,18 +167,30 @@ class Watcher::Impl {
           std::max<int64_t>(0, std::chrono::duration_cast<std::chrono::milliseconds>(until - now).count()));
       struct pollfd fds[2] = {{inotify_fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
       int rc = ::poll(fds, 2, timeout_ms);
-      if (rc < 0 && errno != EINTR) return;
-      if (fds[1].revents & POLLIN) return;
-      if (fds[0].revents & POLLIN) HandleEvents();
-      now = Clock::now();
-      if (pending_ && now >= deadline_) {
-        pending_ = false;
-        Rescan(/*full=*/false);
-      } else if (!pending_ && now >= next_periodic) {
-        Rescan(/*full=*/true);
-        if (callbacks_.on_periodic) callbacks_.on_periodic();
-        next_periodic = Clock::now() + settings_.periodic;
+      if (rc < 0 && errno != EINTR) {
+        core::Log(LogLevel::kError, "watcher: poll: %s; views follow the disk only on remount",
+                  std::strerror(errno));
+        return;
       }
+      if (fds[1].revents & POLLIN) return;
+      // The wall: one step that throws is logged and the watcher goes on;
+      // what it missed, the next periodic scan finds.
+      const bool readable = rc > 0 && (fds[0].revents & POLLIN);
+      core::CatchAndLog("watcher", [&] { Step(readable, &next_periodic); });
+    }
+  }
+
+  void Step(bool readable, Clock::time_point* next_periodic) {
+    if (readable) HandleEvents();
+    const auto now = Clock::now();
+    if (pending_ && now >= deadline_) {
+      pending_ = false;
+      Rescan(/*full=*/false);
+    } else if (!pending_ && now >= *next_periodic) {
+      *next_periodic = now + settings_.periodic;  // a scan that throws is not retried at once
+      Rescan(/*full=*/true);
+      if (callbacks_.on_periodic) callbacks_.on_periodic();
+      *next_periodic = Clock::now() + settings_.periodic;
     }
   }
 
@@ -210,7 +223,7 @@ Result<std::unique_ptr<Watcher>> Watcher::Start(Index* index, Callbacks callback
     return Status::FromErrno("eventfd", err);
   }
   auto impl = std::make_unique<Impl>(index, std::move(callbacks), settings, ifd, sfd);
-  impl->Begin();
+  if (Status s = core::CatchAll("watcher: start", [&] { impl->Begin(); }); !s.ok()) return s;
   return std::unique_ptr<Watcher>(new Watcher(std::move(impl)));
 }
 

@@ -4,7 +4,10 @@
 //
 // Ownership: a Watcher owns its inotify descriptor and one thread; the Index
 // must outlive it. Callbacks run on the watcher thread, never concurrently
-// with each other, and must not call back into the Watcher.
+// with each other, and must not call back into the Watcher. What a scan or
+// a callback throws is logged and the watcher goes on (core::CatchAndLog);
+// the destructor returns as soon as the scan or callback under way, if any,
+// returns.
 #ifndef CKPTFS_INDEX_WATCHER_H_
 #define CKPTFS_INDEX_WATCHER_H_
 

@@ -54,7 +54,7 @@ def mounted(source, *options, index=None):
         if not wait_for(lambda: os.path.ismount(mnt) or proc.poll() is not None, timeout=30):
             raise AssertionError("mount did not come up")
         if proc.poll() is not None:
-            raise AssertionError("ckptfs mount exited %s: %s" % (proc.returncode, open(log_path).read()))
+            raise AssertionError("ckptfs mount exited %s: %s" % (proc.returncode, open(log_path, errors="backslashreplace").read()))
         yield mnt, proc, log_path
     finally:
         unmount(mnt)
@@ -63,7 +63,7 @@ def mounted(source, *options, index=None):
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
-        with open(log_path) as f:
+        with open(log_path, errors="backslashreplace") as f:
             log_text = f.read()
         os.rmdir(mnt)
         if rc != 0:

@@ -135,6 +135,81 @@ TEST_F(ResolverTest, Listings) {
   EXPECT_EQ(std::count(inside.begin(), inside.end(), "latest"), 0);
 }
 
+// Walks every listed name from vpath down, as `ls -R` or os.walk would:
+// each must resolve. Returns how many did; failures are test failures.
+int WalkResolves(const Resolver& resolver, const std::string& vpath, int depth) {
+  auto dir = resolver.Resolve(vpath);
+  EXPECT_TRUE(dir.ok()) << vpath << ": " << dir.status().message();
+  if (!dir.ok()) return 0;
+  auto entries = resolver.List(*dir);
+  EXPECT_TRUE(entries.ok()) << vpath << ": " << entries.status().message();
+  if (!entries.ok()) return 0;
+  int resolved = 0;
+  for (const DirEntry& e : *entries) {
+    const std::string child = (vpath == "/" ? "" : vpath) + "/" + e.name;
+    auto r = resolver.Resolve(child);
+    EXPECT_TRUE(r.ok()) << child << " is listed but: " << r.status().message();
+    if (!r.ok()) continue;
+    ++resolved;
+    const bool dir_like = r->type == NodeType::kRealDir || r->type == NodeType::kVirtualDir;
+    if (dir_like && depth > 0) resolved += WalkResolves(resolver, child, depth - 1);
+  }
+  return resolved;
+}
+
+TEST_F(ResolverTest, ListingsNeverShowWhatLookupRefuses) {
+  // An experiment whose only checkpoint is invalid: it has a namespace, but
+  // latest/ matches nothing.
+  WriteFile(src_ + "/bad/CKPT+x/CKPT.yaml", "loss: 0.1\n\n@ not yaml {\n");
+  // Keys that cannot be names, and keys held by fewer than N checkpoints.
+  WriteFile(src_ + "/k/CKPT+a/CKPT.yaml", "unixtime: 1\nloss: 0.3\nval/loss: 0.2\ntwo: 1\n");
+  WriteFile(src_ + "/k/CKPT+a/mdl.ckpt", "a");
+  WriteFile(src_ + "/k/CKPT+b/CKPT.yaml", "unixtime: 2\nloss: 0.2\ntwo: 2\n");
+  WriteFile(src_ + "/k/CKPT+b/mdl.ckpt", "b");
+  WriteFile(src_ + "/k/CKPT+c/CKPT.yaml", "unixtime: 3\nloss: 0.1\n");
+  WriteFile(src_ + "/k/CKPT+c/mdl.ckpt", "c");
+  ASSERT_TRUE(index_->Scan().ok());
+
+  auto bad = ListNames("/bad");
+  EXPECT_EQ(std::count(bad.begin(), bad.end(), "latest"), 0);
+  EXPECT_EQ(std::count(bad.begin(), bad.end(), "best"), 1);
+  EXPECT_EQ(Code("/bad/latest"), StatusCode::kNotFound);
+  auto where = ListNames("/exp/where/split=none");
+  EXPECT_EQ(std::count(where.begin(), where.end(), "latest"), 0);
+  where = ListNames("/exp/where/split=full");
+  EXPECT_EQ(std::count(where.begin(), where.end(), "latest"), 1);
+
+  EXPECT_EQ(ListNames("/k/best/min"), (std::vector<std::string>{"loss", "two", "unixtime"}));
+  EXPECT_EQ(ListNames("/k/top/2/max"), (std::vector<std::string>{"loss", "two", "unixtime"}));
+  EXPECT_EQ(ListNames("/k/avg/best3/min"), (std::vector<std::string>{"loss", "unixtime"}));
+  EXPECT_EQ(ListNames("/k/avg/best2/min"), (std::vector<std::string>{"loss", "two", "unixtime"}));
+  EXPECT_EQ(Code("/k/avg/best3/min/two"), StatusCode::kNotFound);
+
+  Resolver resolver(index_.get());
+  EXPECT_GT(WalkResolves(resolver, "/", 10), 100);
+  for (const char* deep : {"/k/avg/best2/min", "/k/top/3/min", "/exp/top/2/max/loss"}) {
+    EXPECT_GT(WalkResolves(resolver, deep, 4), 0) << deep;
+  }
+}
+
+TEST(ResolverEmptyTest, AnEmptySourceListsNoLatest) {
+  testing::TempDir dir;
+  testing::MakeDirs(dir.path() + "/src");
+  auto idx = Index::Open(dir.path() + "/src", dir.path() + "/index.sqlite");
+  ASSERT_TRUE(idx.ok());
+  ASSERT_TRUE((*idx)->Scan().ok());
+  Resolver resolver(idx->get());
+  auto root = resolver.Resolve("/");
+  ASSERT_TRUE(root.ok());
+  auto entries = resolver.List(*root);
+  ASSERT_TRUE(entries.ok());
+  std::vector<std::string> names;
+  for (const DirEntry& e : *entries) names.push_back(e.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"best", "top", "avg", "where", "new", "index.json"}));
+  EXPECT_EQ(resolver.Resolve("/latest").status().code(), StatusCode::kNotFound);
+  EXPECT_EQ(WalkResolves(resolver, "/", 10), 8);  // best/{min,max} top avg where new index.json
+}
+
 TEST_F(ResolverTest, IndexJsonNamesEveryCheckpoint) {
   auto r = Resolver(index_.get()).Resolve("/exp/index.json");
   ASSERT_TRUE(r.ok());
