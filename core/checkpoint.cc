@@ -37,7 +37,9 @@ Result<std::string> ReadSmallFile(const std::string& path, size_t max_bytes) {
     return Status::Corrupt(path + ": meta file larger than the " + std::to_string(max_bytes) +
                            "-byte budget for " + Basename(path));
   };
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  // O_NONBLOCK: a FIFO put where the meta file was must not hang the scan
+  // (fstat below refuses it).
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
   if (fd < 0) return Status::FromErrno(path, errno);
   std::unique_ptr<int, void (*)(int*)> guard(&fd, [](int* f) { ::close(*f); });
   struct stat st {};

@@ -1,6 +1,7 @@
 #include "core/checkpoint.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -66,6 +67,17 @@ TEST(CheckpointTest, MetaFileBeyondItsBudgetIsInvalidNotRead) {
   EXPECT_TRUE(c->valid) << c->error;
   EXPECT_EQ(*c->step, 7);
   EXPECT_FALSE(c->meta.Number("eval_loss").has_value());
+}
+
+TEST(CheckpointTest, FifoInPlaceOfTheMetaFileDoesNotHang) {
+  testing::TempDir dir;
+  const std::string sb = dir.path() + "/CKPT+1";
+  testing::MakeDirs(sb);
+  ASSERT_EQ(::mkfifo((sb + "/CKPT.yaml").c_str(), 0600), 0);
+  Result<Checkpoint> c = LoadCheckpoint(sb, Layout::kSpeechBrain);  // blocked in open() before
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  EXPECT_FALSE(c->valid);
+  EXPECT_NE(c->error.find("not a regular file"), std::string::npos) << c->error;
 }
 
 TEST(CheckpointTest, StepPrefersGlobalStep) {
