@@ -422,33 +422,55 @@ Result<std::string_view> SingleYamlDocument(std::string_view text, const std::st
   return text.substr(0, end);
 }
 
-// How deep the node tree nests, against PyYAML's limit. Aliases share nodes,
-// so a walk could revisit a shared subtree exponentially often ("billion
-// laughs"): the walk itself has a budget.
+// How deep the node tree nests, against PyYAML's limit. A depth-first walk
+// holding one iterator per open level, so memory follows the depth. Aliases
+// share nodes, so a walk could revisit a shared subtree exponentially often
+// ("billion laughs"): the number of visits has a budget, far above the
+// ~130k nodes that kMaxYamlMetaBytes of text can spell without aliases.
 Status CheckYamlDepth(const YAML::Node& root, const std::string& origin) {
-  constexpr size_t kMaxVisits = size_t{4} << 20;
-  std::vector<std::pair<YAML::Node, int>> stack = {{root, 0}};
+  constexpr size_t kMaxVisits = size_t{1} << 20;
+  struct Level {
+    YAML::const_iterator next, end;
+    bool map;
+    std::optional<YAML::Node> pending_value;  // of the map item whose key is walked
+  };
+  std::vector<Level> stack;
   size_t visits = 0;
-  while (!stack.empty()) {
-    auto [node, depth] = stack.back();
-    stack.pop_back();
+  auto enter = [&](const YAML::Node& node) -> Status {
     if (++visits > kMaxVisits) {
       return Status::Corrupt(origin + ": YAML aliases expand to more than " +
                              std::to_string(kMaxVisits) + " nodes");
     }
-    if (!node.IsMap() && !node.IsSequence()) continue;
-    if (depth + 1 > kMaxYamlDepth) {
+    if (!node.IsMap() && !node.IsSequence()) return Status::Ok();
+    if (stack.size() + 1 > static_cast<size_t>(kMaxYamlDepth)) {
       return Status::Corrupt(origin + ": YAML nested deeper than the budget of " +
                              std::to_string(kMaxYamlDepth) + " levels (PyYAML's limit)");
     }
-    for (const auto& child : node) {
-      if (node.IsMap()) {
-        stack.emplace_back(child.first, depth + 1);
-        stack.emplace_back(child.second, depth + 1);
+    stack.push_back({node.begin(), node.end(), node.IsMap(), std::nullopt});
+    return Status::Ok();
+  };
+  if (Status s = enter(root); !s.ok()) return s;
+  while (!stack.empty()) {
+    Level& top = stack.back();  // invalid once enter() pushes
+    // YAML::Node's operator= assigns through to the tree: only ever construct.
+    std::optional<YAML::Node> child;
+    if (top.pending_value) {
+      child.emplace(*top.pending_value);
+      top.pending_value.reset();
+    } else if (top.next == top.end) {
+      stack.pop_back();
+      continue;
+    } else {
+      const auto item = *top.next;
+      ++top.next;
+      if (top.map) {
+        top.pending_value.emplace(item.second);
+        child.emplace(item.first);
       } else {
-        stack.emplace_back(child, depth + 1);
+        child.emplace(item);
       }
     }
+    if (Status s = enter(*child); !s.ok()) return s;
   }
   return Status::Ok();
 }
