@@ -6,16 +6,13 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <memory>
 
 namespace ckptfs::core {
 namespace {
-
-// Meta files larger than this are not meta: refuse rather than read them.
-constexpr int64_t kMaxMetaBytes = 64 << 20;
 
 int64_t MtimeNs(const struct stat& st) {
   return static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
@@ -33,14 +30,22 @@ std::string Dirname(const std::string& path) {
   return path.substr(0, slash);
 }
 
-Result<std::string> ReadSmallFile(const std::string& path) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+// Reads at most max_bytes (meta.h's budget for the layout's format): a
+// larger file is refused with the budget named, never read whole.
+Result<std::string> ReadSmallFile(const std::string& path, size_t max_bytes) {
+  const auto too_large = [&]() {
+    return Status::Corrupt(path + ": meta file larger than the " + std::to_string(max_bytes) +
+                           "-byte budget for " + Basename(path));
+  };
+  // O_NONBLOCK: a FIFO put where the meta file was must not hang the scan
+  // (fstat below refuses it).
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
   if (fd < 0) return Status::FromErrno(path, errno);
   std::unique_ptr<int, void (*)(int*)> guard(&fd, [](int* f) { ::close(*f); });
   struct stat st {};
   if (::fstat(fd, &st) != 0) return Status::FromErrno(path, errno);
   if (!S_ISREG(st.st_mode)) return Status::Corrupt(path + ": not a regular file");
-  if (st.st_size > kMaxMetaBytes) return Status::Corrupt(path + ": meta file too large");
+  if (static_cast<uint64_t>(st.st_size) > max_bytes) return too_large();
   std::string data;
   char buf[65536];
   for (;;) {
@@ -51,15 +56,14 @@ Result<std::string> ReadSmallFile(const std::string& path) {
     }
     if (n == 0) break;
     data.append(buf, static_cast<size_t>(n));
-    if (static_cast<int64_t>(data.size()) > kMaxMetaBytes) {
-      return Status::Corrupt(path + ": meta file too large");
-    }
+    if (data.size() > max_bytes) return too_large();  // grew while read
   }
   return data;
 }
 
 Result<Meta> ParseMetaFile(Layout layout, const std::string& file) {
-  Result<std::string> text = ReadSmallFile(file);
+  Result<std::string> text =
+      ReadSmallFile(file, layout == Layout::kSpeechBrain ? kMaxYamlMetaBytes : kMaxJsonMetaBytes);
   if (!text.ok()) return text.status();
   switch (layout) {
     case Layout::kSpeechBrain:

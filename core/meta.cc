@@ -2,12 +2,14 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <cctype>
 #include <cerrno>
-#include <initializer_list>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <unordered_map>
 
 namespace ckptfs::core {
 namespace {
@@ -85,7 +87,8 @@ std::optional<MetaValue> ResolveYamlScalar(const YAML::Node& node) {
     return MetaValue::Bool(false);
   }
   if (OneOf(s, {".nan", ".NaN", ".NAN"})) return MetaValue::Number(std::nan(""));
-  if (OneOf(s, {".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF"})) return MetaValue::Number(INFINITY);
+  if (OneOf(s, {".inf", ".Inf", ".INF", "+.inf", "+.Inf", "+.INF"}))
+    return MetaValue::Number(INFINITY);
   if (OneOf(s, {"-.inf", "-.Inf", "-.INF"})) return MetaValue::Number(-INFINITY);
   std::string no_underscore;
   for (char c : s) {
@@ -93,13 +96,6 @@ std::optional<MetaValue> ResolveYamlScalar(const YAML::Node& node) {
   }
   if (auto v = ParseNumber(no_underscore)) return MetaValue::Number(*v);
   return MetaValue::String(s);
-}
-
-std::optional<MetaValue> FromJsonScalar(const nlohmann::json& v) {
-  if (v.is_boolean()) return MetaValue::Bool(v.get<bool>());
-  if (v.is_number()) return MetaValue::Number(v.get<double>());
-  if (v.is_string()) return MetaValue::String(v.get<std::string>());
-  return std::nullopt;
 }
 
 // PyYAML, and so SpeechBrain, refuses a stream with invalid UTF-8 or control
@@ -122,6 +118,396 @@ bool IsPrintableUtf8(std::string_view text) {
     i += static_cast<size_t>(len);
   }
   return true;
+}
+
+// Keys in first-seen order with their last value, as the Python dict that
+// json.loads or yaml.safe_load builds; a nullopt value is a skipped key.
+class Fields {
+ public:
+  explicit Fields(std::string origin) : origin_(std::move(origin)) {}
+
+  Status Put(std::string key, std::optional<MetaValue> value) {
+    auto it = positions_.find(key);
+    if (it != positions_.end()) {
+      items_[it->second].second = std::move(value);
+      return Status::Ok();
+    }
+    if (items_.size() >= kMaxMetaKeys) {
+      return Status::Corrupt(origin_ + ": more keys than the budget of " +
+                             std::to_string(kMaxMetaKeys));
+    }
+    positions_.emplace(key, items_.size());
+    items_.emplace_back(std::move(key), std::move(value));
+    return Status::Ok();
+  }
+
+  Meta Take() {
+    Meta meta;
+    for (auto& [key, value] : items_) {
+      if (value) {
+        meta.Set(std::move(key), std::move(*value));
+      } else {
+        meta.skipped.push_back(std::move(key));
+      }
+    }
+    items_.clear();
+    positions_.clear();
+    return meta;
+  }
+
+ private:
+  std::string origin_;
+  std::vector<std::pair<std::string, std::optional<MetaValue>>> items_;
+  std::unordered_map<std::string, size_t> positions_;
+};
+
+// ---- JSON as Python's json.loads reads it ----
+
+// A NaN, Infinity or -Infinity literal: its value and its place among all
+// scalar values (not keys) of the document, in order.
+struct JsonSpecial {
+  size_t ordinal;
+  double value;
+};
+
+bool IsJsonSpace(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+// Finds the literals Python accepts and nlohmann does not (NaN, Infinity,
+// -Infinity, outside strings and where a value may start) and overwrites
+// them, in a copy, with "0" and spaces, so that offsets stay the same. Other
+// bytes are left for nlohmann to judge.
+std::vector<JsonSpecial> RewritePythonLiterals(std::string_view text, std::string* rewritten) {
+  std::vector<JsonSpecial> specials;
+  size_t ordinal = 0;
+  size_t i = 0;
+  auto value_may_start = [&](size_t at) {
+    if (at == 0) return true;
+    char p = text[at - 1];
+    return IsJsonSpace(p) || p == '[' || p == ':' || p == ',';
+  };
+  auto replace = [&](size_t at, size_t len, double value) {
+    if (rewritten->empty()) rewritten->assign(text);
+    (*rewritten)[at] = '0';
+    for (size_t k = 1; k < len; ++k) (*rewritten)[at + k] = ' ';
+    specials.push_back({ordinal++, value});
+  };
+  while (i < text.size()) {
+    const char c = text[i];
+    if (c == '"') {
+      size_t j = i + 1;
+      while (j < text.size() && text[j] != '"') j += text[j] == '\\' ? 2 : 1;
+      i = j + 1;
+      size_t k = i;
+      while (k < text.size() && IsJsonSpace(text[k])) ++k;
+      if (k >= text.size() || text[k] != ':') ++ordinal;  // a value, not a key
+    } else if (c == 'N' && text.substr(i, 3) == "NaN" && value_may_start(i)) {
+      replace(i, 3, std::nan(""));
+      i += 3;
+    } else if (c == 'I' && text.substr(i, 8) == "Infinity" && value_may_start(i)) {
+      replace(i, 8, INFINITY);
+      i += 8;
+    } else if (c == '-' && text.substr(i + 1, 8) == "Infinity" && value_may_start(i)) {
+      replace(i, 9, -INFINITY);
+      i += 9;
+    } else if (c == '-' || (c >= '0' && c <= '9')) {
+      ++ordinal;
+      while (i < text.size() &&
+             (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '-' ||
+              text[i] == '+' || text[i] == '.' || text[i] == 'e' || text[i] == 'E')) {
+        ++i;
+      }
+    } else if (c >= 'a' && c <= 'z') {  // true, false, null
+      ++ordinal;
+      while (i < text.size() && text[i] >= 'a' && text[i] <= 'z') ++i;
+    } else {
+      ++i;
+    }
+  }
+  return specials;
+}
+
+// Reads a JSON document as a stream of events (no tree is built, and
+// nlohmann's parser does not recurse), handing keys, scalar values and
+// container starts and ends to a subclass. A hook's failure stops the parse
+// and is the result.
+class JsonReader {
+ public:
+  explicit JsonReader(std::string origin) : origin_(std::move(origin)) {}
+  virtual ~JsonReader() = default;
+
+  Status Parse(std::string_view text, size_t max_bytes) {
+    if (text.size() > max_bytes) {
+      return Status::Corrupt(origin_ + ": larger than the " + std::to_string(max_bytes) +
+                             "-byte budget for a JSON meta file");
+    }
+    if (text.substr(0, 3) == "\xEF\xBB\xBF") {
+      return Status::Corrupt(origin_ + ": not valid JSON: starts with a byte order mark");
+    }
+    std::string rewritten;
+    std::vector<JsonSpecial> specials = RewritePythonLiterals(text, &rewritten);
+    if (!rewritten.empty()) text = rewritten;
+    Sax sax{this, &specials, 0, 0, Status::Ok(), {}};
+    bool ok = false;
+    try {
+      ok = nlohmann::json::sax_parse(text.begin(), text.end(), &sax);
+    } catch (const std::exception& e) {  // std::bad_alloc, or a hook's
+      return Status::Corrupt(origin_ + ": not valid JSON: " + e.what());
+    }
+    if (!sax.status.ok()) return sax.status;
+    if (!ok) {
+      std::string why = sax.syntax_error.substr(0, 200);
+      return Status::Corrupt(origin_ + ": not valid JSON" + (why.empty() ? "" : ": " + why));
+    }
+    return Status::Ok();
+  }
+
+ protected:
+  // depth(): how many containers are open around the event (for Close: the
+  // one closing included).
+  virtual Status Key(std::string key) = 0;
+  virtual Status Value(std::optional<MetaValue> value) = 0;  // nullopt: null
+  virtual Status Open(bool object) = 0;
+  virtual Status Close() { return Status::Ok(); }
+
+  int depth() const { return depth_; }
+  const std::string& origin() const { return origin_; }
+  Status NotAnObject() const {
+    return Status::Corrupt(origin_ + ": JSON top level is not an object");
+  }
+
+ private:
+  struct Sax {
+    JsonReader* reader;
+    const std::vector<JsonSpecial>* specials;
+    size_t next_special = 0;
+    size_t ordinal = 0;
+    Status status = Status::Ok();
+    std::string syntax_error;
+
+    bool Done(Status s) {
+      if (s.ok()) return true;
+      status = std::move(s);
+      return false;
+    }
+    bool Scalar(std::optional<MetaValue> v) {
+      const size_t n = ordinal++;
+      if (next_special < specials->size() && (*specials)[next_special].ordinal == n) {
+        v = MetaValue::Number((*specials)[next_special++].value);
+      }
+      return Done(reader->Value(std::move(v)));
+    }
+    bool Open(bool object) {
+      if (reader->depth_ >= kMaxJsonDepth) {
+        return Done(Status::Corrupt(reader->origin_ + ": JSON nested deeper than the budget of " +
+                                    std::to_string(kMaxJsonDepth) + " levels"));
+      }
+      if (!Done(reader->Open(object))) return false;
+      ++reader->depth_;
+      return true;
+    }
+    bool Close() {
+      bool ok = Done(reader->Close());
+      --reader->depth_;
+      return ok;
+    }
+    bool null() { return Scalar(std::nullopt); }
+    bool boolean(bool b) { return Scalar(MetaValue::Bool(b)); }
+    bool number_integer(nlohmann::json::number_integer_t v) {
+      return Scalar(MetaValue::Number(static_cast<double>(v)));
+    }
+    bool number_unsigned(nlohmann::json::number_unsigned_t v) {
+      return Scalar(MetaValue::Number(static_cast<double>(v)));
+    }
+    bool number_float(nlohmann::json::number_float_t v, const std::string& /*spelling*/) {
+      return Scalar(MetaValue::Number(v));
+    }
+    bool string(std::string& s) { return Scalar(MetaValue::String(std::move(s))); }
+    bool binary(nlohmann::json::binary_t& /*bytes*/) { return true; }  // not in JSON text
+    bool start_object(std::size_t /*size*/) { return Open(true); }
+    bool start_array(std::size_t /*size*/) { return Open(false); }
+    bool end_object() { return Close(); }
+    bool end_array() { return Close(); }
+    bool key(std::string& k) { return Done(reader->Key(std::move(k))); }
+    bool parse_error(std::size_t /*position*/, const std::string& /*token*/,
+                     const nlohmann::json::exception& e) {
+      syntax_error = e.what();
+      return false;
+    }
+  };
+
+  std::string origin_;
+  int depth_ = 0;
+};
+
+// ---- YAML as PyYAML's safe_load reads it ----
+
+// The length of the line break at text[i], as PyYAML counts them (\r\n, \r,
+// \n, NEL, LS, PS), or 0.
+size_t LineBreakAt(std::string_view text, size_t i) {
+  if (text[i] == '\n') return 1;
+  if (text[i] == '\r') return i + 1 < text.size() && text[i + 1] == '\n' ? 2 : 1;
+  if (text.substr(i, 2) == "\xC2\x85") return 2;
+  if (text.substr(i, 3) == "\xE2\x80\xA8" || text.substr(i, 3) == "\xE2\x80\xA9") return 3;
+  return 0;
+}
+
+// PyYAML's rules for the stream around the one document safe_load reads.
+// Its scanner takes "---" and "..." followed by a blank as document markers
+// at column 0 in any context (a block scalar ends before column 0, a quoted
+// one refuses the marker), so whole lines decide:
+//  - before the document: blank and comment lines, and directives ('%' at
+//    column 0) that must be followed by "---"; "..." or a tab is an error;
+//  - a second "---" is a second document, which safe_load refuses, even
+//    after "..." and even if empty;
+//  - after "...": only more "...", blank lines and comments (a tab cannot
+//    start a token there).
+// Returns the text up to the first "..." (all of it if none), which then
+// holds at most one document marker.
+Result<std::string_view> SingleYamlDocument(std::string_view text, const std::string& origin) {
+  enum class State { kBefore, kDirectives, kInDocument, kEnded };
+  State state = State::kBefore;
+  size_t end = text.size();
+  size_t i = text.substr(0, 3) == "\xEF\xBB\xBF" ? 3 : 0;  // PyYAML skips a leading BOM
+  int line = 0;
+  auto refuse = [&](const std::string& why) {
+    return Status::Corrupt(origin + ": not valid YAML (PyYAML refuses it): " + why + " at line " +
+                           std::to_string(line));
+  };
+  while (i < text.size()) {
+    ++line;
+    size_t eol = i;
+    while (eol < text.size() && LineBreakAt(text, eol) == 0) ++eol;
+    const std::string_view l = text.substr(i, eol - i);
+    const size_t next = eol < text.size() ? eol + LineBreakAt(text, eol) : eol;
+    auto is_marker = [&](std::string_view m) {
+      return l.substr(0, 3) == m && (l.size() == 3 || l[3] == ' ' || l[3] == '\t');
+    };
+    size_t k = 0;
+    while (k < l.size() && l[k] == ' ') ++k;
+    const bool blank = k == l.size() || l[k] == '#';
+    const bool tab = k < l.size() && l[k] == '\t';
+    if (is_marker("---")) {
+      if (state == State::kInDocument || state == State::kEnded) {
+        return refuse("a second document ('---'); safe_load reads one");
+      }
+      state = State::kInDocument;
+    } else if (is_marker("...")) {
+      if (state != State::kInDocument && state != State::kEnded) {
+        return refuse("document end marker '...' before any document");
+      }
+      if (state == State::kInDocument) end = i;
+      state = State::kEnded;
+      size_t r = 3;
+      while (r < l.size() && l[r] == ' ') ++r;
+      if (r < l.size() && l[r] != '#') return refuse("text after the document end marker '...'");
+    } else if (state == State::kEnded) {
+      if (!blank) {
+        return refuse(tab ? "a tab where a token should start"
+                          : "text after the document end marker '...'");
+      }
+    } else if (state != State::kInDocument && !blank) {
+      if (l[0] == '%') {
+        state = State::kDirectives;
+      } else if (tab) {
+        return refuse("a tab where a token should start");
+      } else if (state == State::kDirectives) {
+        return refuse("a directive not followed by '---'");
+      } else {
+        state = State::kInDocument;
+      }
+    }
+    i = next;
+  }
+  if (state == State::kDirectives) return refuse("a directive not followed by '---'");
+  return text.substr(0, end);
+}
+
+// How deep the node tree nests, against PyYAML's limit. A depth-first walk
+// holding one iterator per open level, so memory follows the depth. Aliases
+// share nodes, so a walk could revisit a shared subtree exponentially often
+// ("billion laughs"): the number of visits has a budget, far above the
+// ~130k nodes that kMaxYamlMetaBytes of text can spell without aliases.
+Status CheckYamlDepth(const YAML::Node& root, const std::string& origin) {
+  constexpr size_t kMaxVisits = size_t{1} << 20;
+  struct Level {
+    YAML::const_iterator next, end;
+    bool map;
+    std::optional<YAML::Node> pending_value;  // of the map item whose key is walked
+  };
+  std::vector<Level> stack;
+  size_t visits = 0;
+  auto enter = [&](const YAML::Node& node) -> Status {
+    if (++visits > kMaxVisits) {
+      return Status::Corrupt(origin + ": YAML aliases expand to more than " +
+                             std::to_string(kMaxVisits) + " nodes");
+    }
+    if (!node.IsMap() && !node.IsSequence()) return Status::Ok();
+    if (stack.size() + 1 > static_cast<size_t>(kMaxYamlDepth)) {
+      return Status::Corrupt(origin + ": YAML nested deeper than the budget of " +
+                             std::to_string(kMaxYamlDepth) + " levels (PyYAML's limit)");
+    }
+    stack.push_back({node.begin(), node.end(), node.IsMap(), std::nullopt});
+    return Status::Ok();
+  };
+  if (Status s = enter(root); !s.ok()) return s;
+  while (!stack.empty()) {
+    Level& top = stack.back();  // invalid once enter() pushes
+    // YAML::Node's operator= assigns through to the tree: only ever construct.
+    std::optional<YAML::Node> child;
+    if (top.pending_value) {
+      child.emplace(*top.pending_value);
+      top.pending_value.reset();
+    } else if (top.next == top.end) {
+      stack.pop_back();
+      continue;
+    } else {
+      const auto item = *top.next;
+      ++top.next;
+      if (top.map) {
+        top.pending_value.emplace(item.second);
+        child.emplace(item.first);
+      } else {
+        child.emplace(item);
+      }
+    }
+    if (Status s = enter(*child); !s.ok()) return s;
+  }
+  return Status::Ok();
+}
+
+// yaml-cpp reads a line holding only a plain scalar inside a block map
+// ("loss: 1\nfoo\n") as the key "foo" with no value; PyYAML refuses it
+// ("could not find expected ':'"). A simple key in a block map is on one
+// line, so a key that starts its line must have ':' and a blank after it on
+// that line. Keys that do not start their line (explicit "? key", tagged or
+// anchored keys) are left alone.
+Status CheckBlockKeyHasColon(std::string_view text, const YAML::Node& key,
+                             const std::string& origin) {
+  const YAML::Mark mark = key.Mark();
+  if (mark.line < 0 || mark.column < 0) return Status::Ok();
+  size_t start = 0;
+  for (int line = 0; line < mark.line; ++line) {
+    while (start < text.size() && text[start] != '\n') ++start;
+    if (start >= text.size()) return Status::Ok();
+    ++start;
+  }
+  size_t eol = text.find('\n', start);
+  std::string_view l = text.substr(start, eol == std::string_view::npos ? eol : eol - start);
+  const auto column = static_cast<size_t>(mark.column);
+  if (column >= l.size()) return Status::Ok();
+  for (size_t k = 0; k < column; ++k) {
+    if (l[k] != ' ' && !(k == 0 && start == 0 && l.substr(0, 3) == "\xEF\xBB\xBF")) {
+      return Status::Ok();
+    }
+  }
+  for (size_t k = column; k < l.size(); ++k) {
+    if (l[k] == ':' &&
+        (k + 1 == l.size() || l[k + 1] == ' ' || l[k + 1] == '\t' || l[k + 1] == '\r')) {
+      return Status::Ok();
+    }
+  }
+  return Status::Corrupt(origin + ": not valid YAML (PyYAML refuses it): no ':' after the key '" +
+                         key.Scalar().substr(0, 64) + "' at line " + std::to_string(mark.line + 1));
 }
 
 }  // namespace
@@ -157,6 +543,11 @@ MetaValue MetaValue::FromToken(std::string_view token) {
 }
 
 const MetaValue* Meta::Find(std::string_view key) const {
+  if (auto it = positions_.find(std::string(key)); it != positions_.end()) {
+    if (it->second < entries.size() && entries[it->second].first == key) {
+      return &entries[it->second].second;
+    }
+  }
   for (const auto& [k, v] : entries) {
     if (k == key) return &v;
   }
@@ -170,94 +561,216 @@ std::optional<double> Meta::Number(std::string_view key) const {
 }
 
 void Meta::Set(std::string key, MetaValue value) {
-  for (auto& [k, v] : entries) {
-    if (k == key) {
-      v = std::move(value);
-      return;
+  auto trusted = [&]() -> MetaValue* {
+    auto it = positions_.find(key);
+    if (it == positions_.end() || it->second >= entries.size() ||
+        entries[it->second].first != key) {
+      return nullptr;
     }
+    return &entries[it->second].second;
+  };
+  MetaValue* slot = trusted();
+  if (slot == nullptr && (positions_.size() != entries.size() || positions_.count(key) != 0)) {
+    // entries was changed without Set: index it again (the first of equal
+    // keys is the one Find returns).
+    positions_.clear();
+    for (size_t i = 0; i < entries.size(); ++i) positions_.emplace(entries[i].first, i);
+    slot = trusted();
   }
+  if (slot != nullptr) {
+    *slot = std::move(value);
+    return;
+  }
+  positions_.emplace(key, entries.size());
   entries.emplace_back(std::move(key), std::move(value));
 }
 
 Result<Meta> ParseSpeechBrainYaml(std::string_view text, const std::string& origin) {
+  if (text.size() > kMaxYamlMetaBytes) {
+    return Status::Corrupt(origin + ": larger than the " + std::to_string(kMaxYamlMetaBytes) +
+                           "-byte budget for a YAML meta file");
+  }
   if (!IsPrintableUtf8(text)) {
     return Status::Corrupt(origin + ": not valid YAML: invalid UTF-8 or control character");
   }
-  YAML::Node root;
+  Result<std::string_view> document = SingleYamlDocument(text, origin);
+  if (!document.ok()) return document.status();
+  std::vector<YAML::Node> docs;
   try {
-    root = YAML::Load(std::string(text));
+    docs = YAML::LoadAll(std::string(*document));
   } catch (const YAML::Exception& e) {
     return Status::Corrupt(origin + ": not valid YAML: " + e.what());
   } catch (const std::exception& e) {
     return Status::Corrupt(origin + ": not valid YAML: " + e.what());
   }
-  Meta meta;
-  if (root.IsNull()) return meta;  // an empty CKPT.yaml: no user keys
+  // yaml-cpp starts a new implicit document where PyYAML sees text after the
+  // top-level node ("{a: 1} x", "{a: 1}\nb: 2") and refuses it.
+  if (docs.size() > 1) {
+    return Status::Corrupt(origin + ": not valid YAML: text after the top-level node at line " +
+                           std::to_string(docs[1].Mark().line + 1));
+  }
+  Fields fields(origin);
+  if (docs.empty() || docs[0].IsNull()) return fields.Take();  // no user keys
+  const YAML::Node& root = docs[0];
   if (!root.IsMap()) return Status::Corrupt(origin + ": YAML top level is not a map");
   try {
+    if (Status s = CheckYamlDepth(root, origin); !s.ok()) return s;
     for (const auto& item : root) {
       if (!item.first.IsScalar()) {
         return Status::Corrupt(origin + ": YAML map has a non-scalar key");
       }
-      std::string key = item.first.Scalar();
+      if (root.Style() == YAML::EmitterStyle::Block && item.second.IsNull()) {
+        if (Status s = CheckBlockKeyHasColon(*document, item.first, origin); !s.ok()) return s;
+      }
       std::optional<MetaValue> value;
       if (item.second.IsScalar()) value = ResolveYamlScalar(item.second);
-      if (value) {
-        meta.Set(key, std::move(*value));
-      } else {
-        meta.skipped.push_back(key);
-      }
+      if (Status s = fields.Put(item.first.Scalar(), std::move(value)); !s.ok()) return s;
     }
   } catch (const std::exception& e) {
     return Status::Corrupt(origin + ": " + e.what());
   }
-  return meta;
+  return fields.Take();
 }
 
 Result<Meta> ParseNativeJson(std::string_view text, const std::string& origin) {
-  nlohmann::json doc = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (doc.is_discarded()) return Status::Corrupt(origin + ": not valid JSON");
-  if (!doc.is_object()) return Status::Corrupt(origin + ": JSON top level is not an object");
-  Meta meta;
-  for (const auto& [key, value] : doc.items()) {
-    if (auto v = FromJsonScalar(value)) {
-      meta.Set(key, std::move(*v));
-    } else {
-      meta.skipped.push_back(key);
+  class Reader : public JsonReader {
+   public:
+    explicit Reader(const std::string& origin) : JsonReader(origin), fields_(origin) {}
+    Meta Take() { return fields_.Take(); }
+
+   private:
+    Status Key(std::string key) override {
+      if (depth() == 1) key_ = std::move(key);
+      return Status::Ok();
     }
-  }
-  return meta;
+    Status Value(std::optional<MetaValue> v) override {
+      if (depth() == 0) return NotAnObject();
+      if (depth() == 1) return fields_.Put(key_, std::move(v));
+      return Status::Ok();
+    }
+    Status Open(bool object) override {
+      if (depth() == 0) return object ? Status::Ok() : NotAnObject();
+      if (depth() == 1) return fields_.Put(key_, std::nullopt);  // nested: skipped
+      return Status::Ok();
+    }
+    Fields fields_;
+    std::string key_;
+  } reader(origin);
+  if (Status s = reader.Parse(text, kMaxJsonMetaBytes); !s.ok()) return s;
+  return reader.Take();
 }
 
 Result<Meta> ParseTrainerState(std::string_view text, const std::string& origin) {
-  nlohmann::json doc = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (doc.is_discarded()) return Status::Corrupt(origin + ": not valid JSON");
-  if (!doc.is_object()) return Status::Corrupt(origin + ": JSON top level is not an object");
-  auto step_it = doc.find("global_step");
-  if (step_it == doc.end() || !step_it->is_number()) {
-    return Status::Corrupt(origin + ": no numeric global_step");
-  }
-  Meta meta;
-  double step = step_it->get<double>();
-  meta.Set("global_step", MetaValue::Number(step));
-  auto epoch_it = doc.find("epoch");
-  if (epoch_it != doc.end() && epoch_it->is_number()) {
-    meta.Set("epoch", MetaValue::Number(epoch_it->get<double>()));
-  }
-  auto history = doc.find("log_history");
-  if (history != doc.end()) {
-    if (!history->is_array()) return Status::Corrupt(origin + ": log_history is not a list");
-    for (const auto& entry : *history) {
-      if (!entry.is_object()) continue;
-      auto s = entry.find("step");
-      if (s == entry.end() || !s->is_number() || s->get<double>() != step) continue;
-      for (const auto& [key, value] : entry.items()) {
-        if (key.rfind("eval_", 0) != 0) continue;
-        if (auto v = FromJsonScalar(value)) meta.Set(key, std::move(*v));
+  // Reads global_step and epoch at the top, and from each log_history entry
+  // its step and eval_* values; entries whose step is not global_step are
+  // dropped as soon as global_step is known (the Trainer writes keys sorted,
+  // so it comes before log_history).
+  class Reader : public JsonReader {
+   public:
+    explicit Reader(const std::string& origin) : JsonReader(origin), entry_(origin) {}
+
+    Result<Meta> Take() {
+      if (!global_step_ || global_step_->type != MetaType::kNumber ||
+          std::isnan(global_step_->number)) {
+        return Status::Corrupt(origin() + ": no numeric global_step");
       }
+      Meta meta;
+      const double step = global_step_->number;
+      meta.Set("global_step", MetaValue::Number(step));
+      if (epoch_ && epoch_->type == MetaType::kNumber) meta.Set("epoch", *epoch_);
+      for (auto& [entry_step, values] : candidates_) {
+        if (entry_step != step) continue;
+        for (auto& [key, value] : values.entries) meta.Set(key, std::move(value));
+      }
+      return meta;
     }
-  }
-  return meta;
+
+   private:
+    Status Key(std::string key) override {
+      if (depth() == 1) top_key_ = std::move(key);
+      if (depth() == 3 && in_entry_) entry_key_ = std::move(key);
+      return Status::Ok();
+    }
+    Status Value(std::optional<MetaValue> v) override {
+      if (depth() == 0) return NotAnObject();
+      if (depth() == 1) {
+        if (top_key_ == "global_step") global_step_ = std::move(v);
+        if (top_key_ == "epoch") epoch_ = std::move(v);
+        if (top_key_ == "log_history") return NotAList();
+      }
+      if (depth() == 3 && in_entry_) return EntryValue(std::move(v));
+      return Status::Ok();
+    }
+    Status Open(bool object) override {
+      if (depth() == 0) return object ? Status::Ok() : NotAnObject();
+      if (depth() == 1) {
+        if (top_key_ == "global_step") global_step_.reset();
+        if (top_key_ == "epoch") epoch_.reset();
+        if (top_key_ == "log_history") {
+          if (object) return NotAList();
+          in_history_ = true;
+          candidates_.clear();  // a later log_history replaces an earlier one
+          candidate_values_ = 0;
+        }
+      }
+      if (depth() == 2 && in_history_ && object) {
+        in_entry_ = true;
+        entry_ = Fields(origin());
+        entry_step_.reset();
+      }
+      if (depth() == 3 && in_entry_) return EntryValue(std::nullopt);
+      return Status::Ok();
+    }
+    Status Close() override {
+      // depth() is the depth of the container being closed.
+      if (depth() == 2) in_history_ = false;
+      if (depth() == 3 && in_entry_) {
+        in_entry_ = false;
+        return EndEntry();
+      }
+      return Status::Ok();
+    }
+
+    Status EntryValue(std::optional<MetaValue> v) {
+      if (entry_key_ == "step") {
+        entry_step_.reset();
+        if (v && v->type == MetaType::kNumber) entry_step_ = v->number;
+        return Status::Ok();
+      }
+      if (entry_key_.rfind("eval_", 0) != 0) return Status::Ok();
+      return entry_.Put(entry_key_, std::move(v));
+    }
+
+    Status EndEntry() {
+      if (!entry_step_) return Status::Ok();
+      if (global_step_ && global_step_->type == MetaType::kNumber &&
+          global_step_->number != *entry_step_) {
+        return Status::Ok();
+      }
+      Meta values = entry_.Take();
+      if (values.entries.empty()) return Status::Ok();
+      candidate_values_ += values.entries.size();
+      if (candidate_values_ > kMaxMetaKeys) {
+        return Status::Corrupt(origin() + ": more than the budget of " +
+                               std::to_string(kMaxMetaKeys) +
+                               " eval_* values in log_history before global_step");
+      }
+      candidates_.emplace_back(*entry_step_, std::move(values));
+      return Status::Ok();
+    }
+
+    Status NotAList() { return Status::Corrupt(origin() + ": log_history is not a list"); }
+
+    std::string top_key_, entry_key_;
+    std::optional<MetaValue> global_step_, epoch_;
+    bool in_history_ = false, in_entry_ = false;
+    Fields entry_;
+    std::optional<double> entry_step_;
+    std::vector<std::pair<double, Meta>> candidates_;
+    size_t candidate_values_ = 0;
+  } reader(origin);
+  if (Status s = reader.Parse(text, kMaxJsonMetaBytes); !s.ok()) return s;
+  return reader.Take();
 }
 
 std::string FileExtension(std::string_view file_name) {

@@ -5,18 +5,49 @@
 // never throw, and report malformed input as a kCorrupt Status naming the
 // origin passed in. Keys whose values are not scalars (nested maps, lists,
 // Python-tagged objects) are skipped and listed in Meta::skipped.
+//
+// What they accept is what the tool that reads the file accepts: CKPT.yaml as
+// PyYAML's yaml.safe_load (SpeechBrain), meta.json and trainer_state.json as
+// Python's json.loads (Hugging Face), so NaN, Infinity and -Infinity are
+// numbers. A key given twice keeps its first position and its last value, as
+// a Python dict does.
+//
+// Budgets. Meta files are small (a CKPT.yaml is ~150 bytes; the
+// trainer_state.json of a 100k-step run logging every 10 steps is 1.7 MB, one
+// logging every step 17 MB), and parsing is bounded by these; input beyond a
+// budget is kCorrupt with a message naming the origin and the budget:
+//  - kMaxYamlMetaBytes: yaml-cpp builds ~100 bytes of nodes per input byte
+//    (a 60 MB CKPT.yaml took 3 GB and 80 s; 350 KB of flow list, 100 MB),
+//    so YAML gets a low ceiling, ~1700 times a real CKPT.yaml.
+//  - kMaxJsonMetaBytes: JSON is read as a stream of events and never built
+//    as a tree, so memory stays near the input size.
+//  - kMaxMetaKeys: keys of the top-level map (kept or skipped), and eval_*
+//    metrics of trainer_state.json held while looking for global_step.
+//  - kMaxYamlDepth / kMaxJsonDepth: nesting. PyYAML's composer recurses and
+//    gives up near depth 490 (Python's default recursion limit of 1000, two
+//    frames a level); json.loads near depth 990. Deeper input is refused, as
+//    there. JSON is parsed without recursion; yaml-cpp's recursion is cut by
+//    its own guard (depth 2000) before the stack is at risk.
 #ifndef CKPTFS_CORE_META_H_
 #define CKPTFS_CORE_META_H_
 
+#include <cstddef>
 #include <optional>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "core/status.h"
 
 namespace ckptfs::core {
+
+inline constexpr size_t kMaxYamlMetaBytes = size_t{256} << 10;  // 256 KiB
+inline constexpr size_t kMaxJsonMetaBytes = size_t{64} << 20;   // 64 MiB
+inline constexpr size_t kMaxMetaKeys = 10000;
+inline constexpr int kMaxYamlDepth = 480;
+inline constexpr int kMaxJsonDepth = 990;
 
 enum class MetaType { kNumber = 0, kString = 1, kBool = 2 };
 
@@ -37,24 +68,38 @@ struct MetaValue {
   }
 };
 
+// Not thread-safe for writes; const use from several threads is.
 struct Meta {
   std::vector<std::pair<std::string, MetaValue>> entries;  // in source order
-  std::vector<std::string> skipped;                         // non-scalar keys
+  std::vector<std::string> skipped;                        // non-scalar keys
 
   const MetaValue* Find(std::string_view key) const;
+  // The value of key when it is a number other than NaN.
   std::optional<double> Number(std::string_view key) const;
-  void Set(std::string key, MetaValue value);  // replaces an existing key
+  // Replaces an existing key's value in place, else appends: O(1) on average
+  // (a key -> position index, rebuilt when entries was appended to directly).
+  void Set(std::string key, MetaValue value);
+
+ private:
+  // A position found here is checked against entries before it is trusted.
+  std::unordered_map<std::string, size_t> positions_;
 };
 
-// SpeechBrain CKPT.yaml: a YAML map of scalars. Anything YAML cannot parse
-// (PyYAML would refuse it too) is kCorrupt.
+// SpeechBrain CKPT.yaml: a YAML map of scalars. What PyYAML's safe_load
+// refuses is kCorrupt: among others a stream of more than one document, text
+// after a "..." document end marker, a "..." before any document, and a tab
+// where a token should start outside the document. Where yaml-cpp is more
+// lenient than PyYAML inside a document, a few known cases are checked (a
+// plain key without ':'); see meta.cc.
 Result<Meta> ParseSpeechBrainYaml(std::string_view text, const std::string& origin);
 
-// ckptfs native meta.json: a JSON object.
+// ckptfs native meta.json: a JSON object, read as json.loads reads it.
 Result<Meta> ParseNativeJson(std::string_view text, const std::string& origin);
 
 // Hugging Face trainer_state.json: global_step, epoch and every eval_* metric
-// logged in log_history at global_step.
+// logged in log_history at global_step. A NaN metric is kept (Number() does
+// not return it, so it never competes in best/ or retention); an infinite one
+// is a number like any other.
 Result<Meta> ParseTrainerState(std::string_view text, const std::string& origin);
 
 // A single-file checkpoint name such as "epoch=3-step=100-val_loss=0.25.ckpt",

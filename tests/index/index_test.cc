@@ -37,7 +37,7 @@ class IndexTest : public ::testing::Test {
     AddSb(exp_, "CKPT+1", "unixtime: 100\nloss: 0.5\nepoch: 1\nsplit: full\nend-of-epoch: true\n");
     AddSb(exp_, "CKPT+2", "unixtime: 200\nloss: 0.3\nepoch: 2\nsplit: quick\nend-of-epoch: true\n");
     AddSb(exp_, "CKPT+3", "unixtime: 300\nloss: 0.4\nepoch: 3\nsplit: full\nend-of-epoch: false\n");
-    AddSb(exp_, "CKPT+4", "unixtime: 400\nepoch: 4\n");  // no loss
+    AddSb(exp_, "CKPT+4", "unixtime: 400\nepoch: 4\n");                     // no loss
     AddSb(exp_, "CKPT+5", "unixtime: 500\nloss: 0.1\n\n@ garbage (N,M){");  // invalid
     Open();
   }
@@ -68,7 +68,8 @@ class IndexTest : public ::testing::Test {
 TEST_F(IndexTest, ListsEveryCheckpointNewestFirstWithInvalidOnes) {
   auto all = index_->List(dir_.path() + "/src");
   ASSERT_TRUE(all.ok());
-  EXPECT_EQ(Names(*all), (std::vector<std::string>{"CKPT+5", "CKPT+4", "CKPT+3", "CKPT+2", "CKPT+1"}));
+  EXPECT_EQ(Names(*all),
+            (std::vector<std::string>{"CKPT+5", "CKPT+4", "CKPT+3", "CKPT+2", "CKPT+1"}));
   EXPECT_FALSE((*all)[0].valid);
   EXPECT_NE((*all)[0].error.find("CKPT+5/CKPT.yaml"), std::string::npos) << (*all)[0].error;
   EXPECT_EQ(*(*all)[1].meta.Number("epoch"), 4);
@@ -93,7 +94,8 @@ TEST_F(IndexTest, SelectsLikeSpeechBrainFindCheckpoint) {
 TEST_F(IndexTest, WhereWithEveryOperator) {
   EXPECT_EQ(Select({Pred("split=full")}, true, Order::kMin, "loss"),
             (std::vector<std::string>{"CKPT+3", "CKPT+1"}));
-  EXPECT_EQ(Select({Pred("split!=full")}, false, Order::kMin, ""), std::vector<std::string>{"CKPT+2"});
+  EXPECT_EQ(Select({Pred("split!=full")}, false, Order::kMin, ""),
+            std::vector<std::string>{"CKPT+2"});
   EXPECT_EQ(Select({Pred("epoch<2")}, false, Order::kMin, ""), std::vector<std::string>{"CKPT+1"});
   EXPECT_EQ(Select({Pred("epoch<=2")}, false, Order::kMin, ""),
             (std::vector<std::string>{"CKPT+2", "CKPT+1"}));
@@ -165,7 +167,9 @@ TEST_F(IndexTest, TargetedScanTouchesOnlyTheNamedChanges) {
   testing::RemoveTree(exp_ + "/CKPT+7");
   WriteFile(exp_ + "/epoch=9-loss=0.01.ckpt", "w");
   AddSb(exp_ + "/.staging", "CKPT+x", "loss: 0.0\n");
-  scan = index_->ScanChanges({{exp_, "CKPT+7"}, {exp_ + "/CKPT+7", ""}, {exp_, "epoch=9-loss=0.01.ckpt"},
+  scan = index_->ScanChanges({{exp_, "CKPT+7"},
+                              {exp_ + "/CKPT+7", ""},
+                              {exp_, "epoch=9-loss=0.01.ckpt"},
                               {exp_, ".staging"}});
   ASSERT_TRUE(scan.ok());
   EXPECT_EQ(scan->checkpoints_removed, 1);
@@ -213,7 +217,8 @@ TEST_F(IndexTest, TreeOfExperimentsAndLayouts) {
   WriteFile(src + "/native/run1/meta.json", R"({"loss": 0.02, "unixtime": 10})");
   WriteFile(src + "/.hidden/CKPT+1/CKPT.yaml", "loss: 0.0\n");
   Open();
-  EXPECT_EQ(Select({}, true, Order::kMin, "eval_loss", 1), std::vector<std::string>{"checkpoint-1000"});
+  EXPECT_EQ(Select({}, true, Order::kMin, "eval_loss", 1),
+            std::vector<std::string>{"checkpoint-1000"});
   EXPECT_EQ(Select({}, true, Order::kMin, "val_loss", 1),
             std::vector<std::string>{"epoch=2-step=20-val_loss=0.6.ckpt"});
   auto loss = index_->Select(src, {}, true, Order::kMin, "loss", 1);
@@ -302,6 +307,92 @@ TEST(WildFixturesTest, SpeechBrainMetaWithTrailingGarbageIsInvalidOthersServe) {
   auto best = (*idx)->Select(src, {}, true, Order::kMax, "BLEU", 1);
   EXPECT_EQ(Names(*best), std::vector<std::string>{"CKPT+s2st"});
   EXPECT_TRUE((*idx)->Select(src, {}, true, Order::kMin, "loss", 1)->empty());
+}
+
+// The derived fixture: checkpoint-3000 as a newer transformers writes it,
+// with NaN and Infinity grad_norm values (tests/fixtures/wild/README.md).
+TEST(WildFixturesTest, HuggingFaceRunWithNanGradNormStaysValidAndBest) {
+  TempDir dir;
+  const std::string src = dir.path() + "/whisper";
+  std::filesystem::copy(CKPTFS_WILD_FIXTURES "/hf-whisper-ja", src,
+                        std::filesystem::copy_options::recursive);
+  testing::CopyFile(CKPTFS_WILD_FIXTURES "/hf-whisper-ja-nan/checkpoint-3000/trainer_state.json",
+                    src + "/checkpoint-3000/trainer_state.json");
+  ASSERT_NE(testing::ReadFile(src + "/checkpoint-3000/trainer_state.json").find("NaN"),
+            std::string::npos);
+  // checkpoint-1000, the best by eval_loss, overflowed in its evaluation.
+  std::string first = testing::ReadFile(src + "/checkpoint-1000/trainer_state.json");
+  const std::string loss = "\"eval_loss\": 0.320997953414917";
+  ASSERT_NE(first.find(loss), std::string::npos);
+  first.replace(first.find(loss), loss.size(), "\"eval_loss\": NaN");
+  WriteFile(src + "/checkpoint-1000/trainer_state.json", first);
+  for (int step = 1000; step <= 5000; step += 1000) {
+    for (const char* f : {"/trainer_state.json", "/config.json"}) {
+      testing::SetMtime(src + "/checkpoint-" + std::to_string(step) + f, 1.7e9 + step);
+    }
+  }
+  auto idx = Index::Open(src, dir.path() + "/i.sqlite");
+  ASSERT_TRUE(idx.ok());
+  ASSERT_TRUE((*idx)->Scan().ok());
+  auto all = (*idx)->List(src);
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 5u);
+  for (const auto& c : *all) EXPECT_TRUE(c.valid) << c.name << ": " << c.error;
+  auto wer = (*idx)->Select(src, {}, true, Order::kMin, "eval_wer", 1);
+  EXPECT_EQ(Names(*wer), std::vector<std::string>{"checkpoint-3000"});
+  // A NaN never competes, for min or max; the rest of that meta still counts.
+  auto min_loss = (*idx)->Select(src, {}, true, Order::kMin, "eval_loss", 5);
+  EXPECT_EQ(Names(*min_loss), (std::vector<std::string>{"checkpoint-2000", "checkpoint-3000",
+                                                        "checkpoint-4000", "checkpoint-5000"}));
+  auto max_loss = (*idx)->Select(src, {}, true, Order::kMax, "eval_loss", 1);
+  EXPECT_EQ(Names(*max_loss), std::vector<std::string>{"checkpoint-5000"});
+  auto wer1000 = (*idx)->Select(src, {Pred("eval_wer>0.78")}, false, Order::kMin, "", 5);
+  EXPECT_EQ(Names(*wer1000), std::vector<std::string>{"checkpoint-1000"});
+  auto latest = (*idx)->Select(src, {}, false, Order::kMin, "", 1);
+  EXPECT_EQ(Names(*latest), std::vector<std::string>{"checkpoint-5000"});
+}
+
+// A meta file past its budget, or one PyYAML refuses, makes its checkpoint
+// invalid with the reason; the scan goes on and the others serve.
+TEST(ScannerTest, MetaBeyondItsBudgetOrRefusedByPyYamlIsInvalid) {
+  TempDir dir;
+  const std::string exp = dir.path() + "/src/exp";
+  AddSb(exp, "CKPT+1", "unixtime: 100\nloss: 0.5\n");
+  AddSb(exp, "CKPT+2", "unixtime: 200\nloss: 0.1\n" + std::string(core::kMaxYamlMetaBytes, '#'));
+  AddSb(exp, "CKPT+3", "unixtime: 300\nloss: 0.2\n...\nloss: 0.0\n");
+  AddSb(exp, "CKPT+4", "unixtime: 400\nloss: 0.3\n...\n# saved by hand\n");
+  AddSb(exp, "CKPT+5", "unixtime: 500\nloss: 0.4\n---\nloss: 0.0\n");
+  WriteFile(exp + "/big/meta.json", "{\"loss\": 0.05}");
+  ASSERT_EQ(
+      ::truncate((exp + "/big/meta.json").c_str(), static_cast<off_t>(core::kMaxJsonMetaBytes) + 1),
+      0);  // sparse: costs no disk
+  auto idx = Index::Open(dir.path() + "/src", dir.path() + "/i.sqlite");
+  ASSERT_TRUE(idx.ok());
+  ASSERT_TRUE((*idx)->Scan().ok());
+  auto all = (*idx)->List(exp);
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 6u);
+  for (const auto& c : *all) {
+    const bool valid = c.name == "CKPT+1" || c.name == "CKPT+4";
+    EXPECT_EQ(c.valid, valid) << c.name << ": " << c.error;
+    if (!valid) {
+      EXPECT_NE(c.error.find(c.path), std::string::npos) << c.error;
+    }
+  }
+  for (const auto& c : *all) {
+    if (c.name == "CKPT+2") {
+      EXPECT_NE(c.error.find(std::to_string(core::kMaxYamlMetaBytes) + "-byte budget"),
+                std::string::npos)
+          << c.error;
+    }
+    if (c.name == "big") {
+      EXPECT_NE(c.error.find(std::to_string(core::kMaxJsonMetaBytes) + "-byte budget"),
+                std::string::npos)
+          << c.error;
+    }
+  }
+  auto best = (*idx)->Select(exp, {}, true, Order::kMin, "loss", 1);
+  EXPECT_EQ(Names(*best), std::vector<std::string>{"CKPT+4"});
 }
 
 }  // namespace
