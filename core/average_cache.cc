@@ -32,10 +32,10 @@ Result<std::string> AverageCache::KeyOf(const std::vector<std::string>& members)
     struct stat st {};
     if (::stat(m.c_str(), &st) != 0) return Status::FromErrno(m, errno);
     if (!S_ISREG(st.st_mode)) return Status::InvalidArgument(m + ": not a regular file");
-    identity += "|" + m + "|" + std::to_string(st.st_size) + "|" + std::to_string(st.st_mtim.tv_sec) +
-                "." + std::to_string(st.st_mtim.tv_nsec) + "|" + std::to_string(st.st_dev) + "|" +
-                std::to_string(st.st_ino) + "|" + std::to_string(st.st_ctim.tv_sec) + "." +
-                std::to_string(st.st_ctim.tv_nsec);
+    identity += "|" + m + "|" + std::to_string(st.st_size) + "|" +
+                std::to_string(st.st_mtim.tv_sec) + "." + std::to_string(st.st_mtim.tv_nsec) + "|" +
+                std::to_string(st.st_dev) + "|" + std::to_string(st.st_ino) + "|" +
+                std::to_string(st.st_ctim.tv_sec) + "." + std::to_string(st.st_ctim.tv_nsec);
   }
   char key[40];
   std::snprintf(key, sizeof(key), "%016llx%016llx",
@@ -64,15 +64,30 @@ Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
   }
   if (Status s = MakeDirs(dir_); !s.ok()) return s;
   auto start = std::chrono::steady_clock::now();
-  Log(LogLevel::kInfo, "averaging %zu member(s), newest %s", members.size(), members.front().c_str());
+  Log(LogLevel::kInfo, "averaging %zu member(s), newest %s", members.size(),
+      members.front().c_str());
   Result<AverageResult> r = AverageFiles(members, path, progress);
   if (!r.ok()) {
     Log(LogLevel::kError, "average of %zu member(s) failed: %s", members.size(),
         r.status().message().c_str());
     return r.status();
   }
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  Log(LogLevel::kInfo, "averaged %zu member(s) (%s, %d averaged, %d copied, %.1f MB) in %.2f s -> %s",
+  // The key names the members as they were before the average; a member
+  // that changed since (touched, replaced, rewritten) makes the result stale.
+  Result<std::string> after = KeyOf(members);
+  if (!after.ok() || *after != *key) {
+    ::unlink(path.c_str());
+    Status s = after.ok() ? Status::Corrupt("a member of the average of " + members.front() +
+                                            " changed while it was averaged")
+                          : after.status();
+    Log(LogLevel::kError, "average of %zu member(s) failed: %s", members.size(),
+        s.message().c_str());
+    return s;
+  }
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  Log(LogLevel::kInfo,
+      "averaged %zu member(s) (%s, %d averaged, %d copied, %.1f MB) in %.2f s -> %s",
       members.size(), TensorFormatName(r->format), r->tensors_averaged, r->tensors_copied,
       static_cast<double>(r->bytes) / 1e6, secs, path.c_str());
   Evict(path);
@@ -101,17 +116,20 @@ void AverageCache::Evict(const std::string& keep) {
       if (now - st.st_mtim.tv_sec > kStaleTmpSeconds) ::unlink(p.c_str());
       continue;
     }
-    entries.push_back({p, static_cast<int64_t>(st.st_size), static_cast<int64_t>(st.st_mtim.tv_sec)});
+    entries.push_back(
+        {p, static_cast<int64_t>(st.st_size), static_cast<int64_t>(st.st_mtim.tv_sec)});
     total += st.st_size;
   }
   ::closedir(d);
-  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.mtime < b.mtime; });
+  std::sort(entries.begin(), entries.end(),
+            [](const Entry& a, const Entry& b) { return a.mtime < b.mtime; });
   for (const Entry& e : entries) {
     if (total <= max_bytes_) break;
     if (e.path == keep) continue;
     if (::unlink(e.path.c_str()) == 0) {
       total -= e.size;
-      Log(LogLevel::kInfo, "average cache: evicted %s (%.1f MB)", e.path.c_str(), static_cast<double>(e.size) / 1e6);
+      Log(LogLevel::kInfo, "average cache: evicted %s (%.1f MB)", e.path.c_str(),
+          static_cast<double>(e.size) / 1e6);
     }
   }
 }

@@ -23,6 +23,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/cancel.h"
 #include "core/log.h"
 #include "core/retention.h"
 #include "fs/committer.h"
@@ -258,6 +259,13 @@ int RunMount(const Options& opt) {
     core::Log(LogLevel::kError, "cannot start a FUSE session (options: %s)", mount_opts.c_str());
     return 1;
   }
+  // An average in progress stops once the session ends (SIGTERM, an aborted
+  // connection): the loop waits for every request before it returns. Reset
+  // on return, when no request runs any more.
+  core::SetCancelCheck([](void* s) { return fuse_session_exited(static_cast<fuse_session*>(s)) != 0; }, se);
+  struct CancelCheckReset {
+    ~CancelCheckReset() { core::SetCancelCheck(nullptr, nullptr); }
+  } cancel_check_reset;
   int rc = 1;
   if (fuse_set_signal_handlers(se) != 0) {
     fuse_session_destroy(se);
