@@ -118,30 +118,33 @@ namespace {
 
 // One tensor of the output: the members' average, or the newest member's
 // bytes for types that are not averaged. Members are read in pieces of
-// kReadChunk; memory is one accumulator and one output buffer.
+// kReadChunk; memory is one accumulator and one output buffer. `piece` and
+// `output` are reused from one tensor to the next (allocating and faulting in
+// megabytes per tensor and member would cost as much as the averaging).
 Status AverageTensor(
     const std::vector<InputFile>& files, const std::vector<SafetensorsHeader>& headers,
     const std::vector<std::unordered_map<std::string, const SafetensorsTensor*>>& by_name,
-    const SafetensorsTensor& t, OutputFile* out, AverageResult* result) {
+    const SafetensorsTensor& t, OutputFile* out, AverageResult* result, std::vector<char>* piece,
+    std::vector<char>* output) {
   const size_t bytes = static_cast<size_t>(t.end - t.begin);
   const size_t item = ItemSize(t.dtype);
   const size_t readers = IsAveraged(t.dtype) ? files.size() : 1;
   Accumulator acc(t.dtype, bytes / item);
-  std::vector<char> piece(std::min(bytes, kReadChunk));
+  if (piece->size() < std::min(bytes, kReadChunk)) piece->resize(std::min(bytes, kReadChunk));
   for (size_t i = 0; i < readers; ++i) {
     const uint64_t at = 8 + headers[i].header_size + by_name[i].at(t.name)->begin;
     for (size_t done = 0; done < bytes;) {
       if (CancelRequested()) return CancelledStatus("averaging " + files[0].path());
-      const size_t n = std::min(bytes - done, piece.size());
-      if (Status s = files[i].ReadAt(at + done, piece.data(), n); !s.ok()) return s;
-      acc.AddPart(piece.data(), done / item, n / item);  // kReadChunk holds whole elements
+      const size_t n = std::min(bytes - done, kReadChunk);
+      if (Status s = files[i].ReadAt(at + done, piece->data(), n); !s.ok()) return s;
+      acc.AddPart(piece->data(), done / item, n / item);  // kReadChunk holds whole elements
       done += n;
     }
     acc.EndInput();
   }
-  std::vector<char> averaged(bytes);
-  acc.Finish(averaged.data());
-  out->Write(averaged.data(), bytes);
+  output->resize(bytes);
+  acc.Finish(output->data());
+  out->Write(output->data(), bytes);
   ++(readers > 1 ? result->tensors_averaged : result->tensors_copied);
   return out->status();
 }
@@ -201,9 +204,13 @@ Result<AverageResult> AverageSafetensors(const std::vector<std::string>& paths, 
   if (progress) progress({"averaging", 0, static_cast<int64_t>(total)});
   out->Write(newest_header.data(), newest_header.size());
   uint64_t done = 0;
+  std::vector<char> piece, output;
   for (const SafetensorsTensor& t : headers[0].tensors) {
     try {
-      if (Status s = AverageTensor(files, headers, by_name, t, out, &result); !s.ok()) return s;
+      if (Status s = AverageTensor(files, headers, by_name, t, out, &result, &piece, &output);
+          !s.ok()) {
+        return s;
+      }
     } catch (const std::bad_alloc&) {
       return Status::FromErrno(
           paths[0] + ": tensor '" + t.name + "' (" + std::to_string(t.end - t.begin) + " bytes)",

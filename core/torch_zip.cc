@@ -330,19 +330,31 @@ Status Compare(const Member& newest, const Member& m, std::map<std::string, std:
   return Status::Ok();
 }
 
+// Buffers reused from one storage to the next: allocating and faulting in
+// megabytes per storage and member would cost as much as the averaging.
+struct Scratch {
+  std::vector<char> piece;   // for ZipArchive::ReadChunks
+  std::vector<char> output;  // one storage of the output
+};
+
 // Reads `nbytes` of one member's storage record in pieces into `sink`
 // (the record may hold more; all of it is read, for its CRC-32).
 Status ReadStorage(const Member& m, const std::string& key, const StorageInfo& info,
-                   const std::function<void(uint64_t offset, const char* data, size_t n)>& sink) {
+                   const std::function<void(uint64_t offset, const char* data, size_t n)>& sink,
+                   Scratch* scratch) {
   const ZipEntry& entry = *m.records.at("data/" + key);
   const uint64_t nbytes = static_cast<uint64_t>(info.nbytes);
-  Status s = m.zip.ReadChunks(entry, [&](uint64_t offset, const char* data, size_t n) {
-    if (offset < nbytes)
-      sink(offset, data, static_cast<size_t>(std::min<uint64_t>(n, nbytes - offset)));
-    return Status::Ok();
-  });
-  if (s.ok() || s.code() == StatusCode::kIoError)
-    return s;  // I/O errors and cancellation keep their errno
+  Status s = m.zip.ReadChunks(
+      entry,
+      [&](uint64_t offset, const char* data, size_t n) {
+        if (offset < nbytes) {
+          sink(offset, data, static_cast<size_t>(std::min<uint64_t>(n, nbytes - offset)));
+        }
+        return Status::Ok();
+      },
+      &scratch->piece);
+  // I/O errors and cancellation keep their errno.
+  if (s.ok() || s.code() == StatusCode::kIoError) return s;
   return Status::Corrupt(s.message() + " (tensor '" + info.first_tensor + "')");
 }
 
@@ -353,13 +365,16 @@ Status ReadStorage(const Member& m, const std::string& key, const StorageInfo& i
 Status AverageStorage(const std::vector<Member>& members,
                       const std::vector<std::map<std::string, std::string>>& key_maps,
                       const std::string& key, const StorageInfo& info, TorchWriter* writer,
-                      AverageResult* result) {
-  const size_t nbytes = static_cast<size_t>(info.nbytes);
-  std::vector<char> output(nbytes);
+                      AverageResult* result, Scratch* scratch) {
+  std::vector<char>& output = scratch->output;
+  output.resize(static_cast<size_t>(info.nbytes));
   if (!IsAveraged(info.dtype)) {
-    Status s = ReadStorage(members[0], key, info, [&](uint64_t offset, const char* data, size_t n) {
-      std::memcpy(output.data() + offset, data, n);
-    });
+    Status s = ReadStorage(
+        members[0], key, info,
+        [&](uint64_t offset, const char* data, size_t n) {
+          std::memcpy(output.data() + offset, data, n);
+        },
+        scratch);
     if (!s.ok()) return s;
     ++result->tensors_copied;
   } else {
@@ -367,10 +382,12 @@ Status AverageStorage(const std::vector<Member>& members,
     Accumulator acc(info.dtype, static_cast<size_t>(info.numel));
     for (size_t i = 0; i < members.size(); ++i) {
       // Pieces are whole elements: kReadChunk is a multiple of every item size.
-      Status s = ReadStorage(members[i], key_maps[i].at(key), info,
-                             [&](uint64_t offset, const char* data, size_t n) {
-                               acc.AddPart(data, static_cast<size_t>(offset) / item, n / item);
-                             });
+      Status s = ReadStorage(
+          members[i], key_maps[i].at(key), info,
+          [&](uint64_t offset, const char* data, size_t n) {
+            acc.AddPart(data, static_cast<size_t>(offset) / item, n / item);
+          },
+          scratch);
       if (!s.ok()) return s;
       acc.EndInput();
     }
@@ -410,10 +427,12 @@ Result<AverageResult> AverageTorchZipImpl(const std::vector<std::string>& paths,
     }
   }
   int64_t done = 0;
+  Scratch scratch;
   for (const auto& [key, info] : newest.storages) {
     if (CancelRequested()) return CancelledStatus("averaging " + newest.path);
     try {
-      if (Status s = AverageStorage(members, key_maps, key, info, &writer, &result); !s.ok())
+      if (Status s = AverageStorage(members, key_maps, key, info, &writer, &result, &scratch);
+          !s.ok())
         return s;
     } catch (const std::bad_alloc&) {
       return Status::FromErrno(newest.path + ": tensor '" + info.first_tensor + "' (" +

@@ -260,26 +260,33 @@ Result<std::string> ZipArchive::Read(const ZipEntry& entry, uint64_t limit,
                                " bytes, more than the " + std::to_string(limit) + " of " + budget);
   }
   std::string out(static_cast<size_t>(entry.size), '\0');
-  Status s = ReadChunks(entry, [&out](uint64_t offset, const char* data, size_t n) {
-    std::memcpy(out.data() + offset, data, n);
-    return Status::Ok();
-  });
+  std::vector<char> buffer;
+  Status s = ReadChunks(
+      entry,
+      [&out](uint64_t offset, const char* data, size_t n) {
+        std::memcpy(out.data() + offset, data, n);
+        return Status::Ok();
+      },
+      &buffer);
   if (!s.ok()) return s;
   return out;
 }
 
-Status ZipArchive::ReadChunks(const ZipEntry& entry, const ChunkFn& fn) const {
+Status ZipArchive::ReadChunks(const ZipEntry& entry, const ChunkFn& fn,
+                              std::vector<char>* buffer) const {
   uint32_t crc = static_cast<uint32_t>(crc32(0, nullptr, 0));
   if (entry.method == ZipEntry::kDeflated) {
-    if (Status s = Inflate(entry, fn, &crc); !s.ok()) return s;
+    if (Status s = Inflate(entry, fn, buffer, &crc); !s.ok()) return s;
   } else {
-    std::vector<char> buf(static_cast<size_t>(std::min<uint64_t>(entry.size, kReadChunk)));
+    const size_t piece = static_cast<size_t>(std::min<uint64_t>(entry.size, kReadChunk));
+    if (buffer->size() < piece) buffer->resize(piece);
+    char* buf = buffer->data();
     for (uint64_t done = 0; done < entry.size;) {
       if (CancelRequested()) return CancelledStatus(Where(entry));
-      const size_t n = static_cast<size_t>(std::min<uint64_t>(entry.size - done, buf.size()));
-      if (Status s = file_.ReadAt(entry.data_offset + done, buf.data(), n); !s.ok()) return s;
-      crc = static_cast<uint32_t>(crc32_z(crc, reinterpret_cast<const Bytef*>(buf.data()), n));
-      if (Status s = fn(done, buf.data(), n); !s.ok()) return s;
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(entry.size - done, piece));
+      if (Status s = file_.ReadAt(entry.data_offset + done, buf, n); !s.ok()) return s;
+      crc = static_cast<uint32_t>(crc32_z(crc, reinterpret_cast<const Bytef*>(buf), n));
+      if (Status s = fn(done, buf, n); !s.ok()) return s;
       done += n;
     }
   }
@@ -290,12 +297,18 @@ Status ZipArchive::ReadChunks(const ZipEntry& entry, const ChunkFn& fn) const {
   return Status::Ok();
 }
 
-Status ZipArchive::Inflate(const ZipEntry& entry, const ChunkFn& fn, uint32_t* crc) const {
+Status ZipArchive::Inflate(const ZipEntry& entry, const ChunkFn& fn, std::vector<char>* buffer,
+                           uint32_t* crc) const {
   Inflater inflater;
   if (!inflater.ok()) return Status::Corrupt(Where(entry) + ": cannot start inflating");
   z_stream* z = inflater.z();
-  std::vector<char> in(
-      static_cast<size_t>(std::min<uint64_t>(entry.compressed_size, kInflateInput)));
+  // buffer: [out: one piece][in: compressed bytes]
+  const size_t out_size = static_cast<size_t>(std::min<uint64_t>(entry.size, kReadChunk));
+  const size_t in_size =
+      static_cast<size_t>(std::min<uint64_t>(entry.compressed_size, kInflateInput));
+  if (buffer->size() < out_size + in_size) buffer->resize(out_size + in_size);
+  char* out = buffer->data();
+  char* in = buffer->data() + out_size;
   uint64_t read = 0;
   bool ended = false;
   // Inflates into buf until cap bytes are out or the stream ends; the bytes out.
@@ -308,10 +321,10 @@ Status ZipArchive::Inflate(const ZipEntry& entry, const ChunkFn& fn, uint32_t* c
           return Status::Corrupt(Where(entry) + ": deflate data ends early");
         }
         const size_t n =
-            static_cast<size_t>(std::min<uint64_t>(entry.compressed_size - read, in.size()));
-        if (Status s = file_.ReadAt(entry.data_offset + read, in.data(), n); !s.ok()) return s;
+            static_cast<size_t>(std::min<uint64_t>(entry.compressed_size - read, in_size));
+        if (Status s = file_.ReadAt(entry.data_offset + read, in, n); !s.ok()) return s;
         read += n;
-        z->next_in = reinterpret_cast<Bytef*>(in.data());
+        z->next_in = reinterpret_cast<Bytef*>(in);
         z->avail_in = static_cast<uInt>(n);
       }
       const int rc = inflate(z, Z_NO_FLUSH);
@@ -324,18 +337,17 @@ Status ZipArchive::Inflate(const ZipEntry& entry, const ChunkFn& fn, uint32_t* c
     }
     return cap - z->avail_out;
   };
-  std::vector<char> out(static_cast<size_t>(std::min<uint64_t>(entry.size, kReadChunk)));
   for (uint64_t produced = 0; produced < entry.size;) {
     if (CancelRequested()) return CancelledStatus(Where(entry));
-    const size_t want = static_cast<size_t>(std::min<uint64_t>(entry.size - produced, out.size()));
-    Result<size_t> n = fill(out.data(), want);
+    const size_t want = static_cast<size_t>(std::min<uint64_t>(entry.size - produced, out_size));
+    Result<size_t> n = fill(out, want);
     if (!n.ok()) return n.status();
     if (*n < want) {
       return Status::Corrupt(Where(entry) + ": inflates to " + std::to_string(produced + *n) +
                              " bytes, its header says " + std::to_string(entry.size));
     }
-    *crc = static_cast<uint32_t>(crc32_z(*crc, reinterpret_cast<const Bytef*>(out.data()), *n));
-    if (Status s = fn(produced, out.data(), *n); !s.ok()) return s;
+    *crc = static_cast<uint32_t>(crc32_z(*crc, reinterpret_cast<const Bytef*>(out), *n));
+    if (Status s = fn(produced, out, *n); !s.ok()) return s;
     produced += *n;
   }
   // Every declared byte is out: the stream must end here, with nothing more.

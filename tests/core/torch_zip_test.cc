@@ -170,12 +170,16 @@ TEST_F(ZipArchiveTest, ReadsStoredAndDeflatedEntriesInBoundedPieces) {
   EXPECT_EQ(*zip.Read(*zip.Find("a/e"), 100, "test"), "");
   std::vector<size_t> pieces;
   std::string got;
-  Status s = zip.ReadChunks(*zip.Find("a/d"), [&](uint64_t offset, const char* data, size_t n) {
-    EXPECT_EQ(offset, got.size());
-    pieces.push_back(n);
-    got.append(data, n);
-    return Status::Ok();
-  });
+  std::vector<char> buffer;
+  Status s = zip.ReadChunks(
+      *zip.Find("a/d"),
+      [&](uint64_t offset, const char* data, size_t n) {
+        EXPECT_EQ(offset, got.size());
+        pieces.push_back(n);
+        got.append(data, n);
+        return Status::Ok();
+      },
+      &buffer);
   ASSERT_TRUE(s.ok()) << s.message();
   EXPECT_EQ(got, big);
   EXPECT_EQ(pieces, (std::vector<size_t>{kReadChunk, kReadChunk, big.size() - 2 * kReadChunk}));
