@@ -26,16 +26,40 @@ constexpr int64_t kStaleTmpSeconds = 3600;
 AverageCache::AverageCache(std::string dir, int64_t max_bytes)
     : dir_(std::move(dir)), max_bytes_(max_bytes) {}
 
-Result<std::string> AverageCache::KeyOf(const std::vector<std::string>& members) const {
+namespace {
+
+// What identifies a member's content: path, size, mtime, device, inode, ctime.
+Result<std::string> IdentityOf(const std::string& m) {
+  struct stat st {};
+  if (::stat(m.c_str(), &st) != 0) return Status::FromErrno(m, errno);
+  if (!S_ISREG(st.st_mode)) return Status::InvalidArgument(m + ": not a regular file");
+  return m + "|" + std::to_string(st.st_size) + "|" + std::to_string(st.st_mtim.tv_sec) + "." +
+         std::to_string(st.st_mtim.tv_nsec) + "|" + std::to_string(st.st_dev) + "|" +
+         std::to_string(st.st_ino) + "|" + std::to_string(st.st_ctim.tv_sec) + "." +
+         std::to_string(st.st_ctim.tv_nsec);
+}
+
+// The first member whose identity is not the one in `before` any more.
+Status CheckUnchanged(const std::vector<std::string>& members,
+                      const std::vector<std::string>& before) {
+  for (size_t i = 0; i < members.size(); ++i) {
+    Result<std::string> now = IdentityOf(members[i]);
+    if (!now.ok()) return now.status();
+    if (*now != before[i]) return Status::Corrupt(members[i] + ": changed while it was averaged");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<std::string> AverageCache::KeyOf(const std::vector<std::string>& members,
+                                        std::vector<std::string>* identities) const {
   std::string identity = kVersion;
   for (const std::string& m : members) {
-    struct stat st {};
-    if (::stat(m.c_str(), &st) != 0) return Status::FromErrno(m, errno);
-    if (!S_ISREG(st.st_mode)) return Status::InvalidArgument(m + ": not a regular file");
-    identity += "|" + m + "|" + std::to_string(st.st_size) + "|" + std::to_string(st.st_mtim.tv_sec) +
-                "." + std::to_string(st.st_mtim.tv_nsec) + "|" + std::to_string(st.st_dev) + "|" +
-                std::to_string(st.st_ino) + "|" + std::to_string(st.st_ctim.tv_sec) + "." +
-                std::to_string(st.st_ctim.tv_nsec);
+    Result<std::string> id = IdentityOf(m);
+    if (!id.ok()) return id.status();
+    identity += "|" + *id;
+    identities->push_back(std::move(*id));
   }
   char key[40];
   std::snprintf(key, sizeof(key), "%016llx%016llx",
@@ -47,7 +71,8 @@ Result<std::string> AverageCache::KeyOf(const std::vector<std::string>& members)
 Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
                                       const ProgressFn& progress) {
   if (members.empty()) return Status::InvalidArgument("an average needs members");
-  Result<std::string> key = KeyOf(members);
+  std::vector<std::string> identities;
+  Result<std::string> key = KeyOf(members, &identities);
   if (!key.ok()) return key.status();
   const std::string path = dir_ + "/" + *key;
   std::shared_ptr<std::mutex> slot;
@@ -64,15 +89,28 @@ Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
   }
   if (Status s = MakeDirs(dir_); !s.ok()) return s;
   auto start = std::chrono::steady_clock::now();
-  Log(LogLevel::kInfo, "averaging %zu member(s), newest %s", members.size(), members.front().c_str());
+  Log(LogLevel::kInfo, "averaging %zu member(s), newest %s", members.size(),
+      members.front().c_str());
   Result<AverageResult> r = AverageFiles(members, path, progress);
   if (!r.ok()) {
-    Log(LogLevel::kError, "average of %zu member(s) failed: %s", members.size(),
-        r.status().message().c_str());
+    // A cancelled average is the daemon stopping, not a fault of the members.
+    const bool cancelled = r.status().sys_errno() == ECANCELED;
+    Log(cancelled ? LogLevel::kInfo : LogLevel::kError, "average of %zu member(s) %s: %s",
+        members.size(), cancelled ? "stopped" : "failed", r.status().message().c_str());
     return r.status();
   }
-  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  Log(LogLevel::kInfo, "averaged %zu member(s) (%s, %d averaged, %d copied, %.1f MB) in %.2f s -> %s",
+  // The key names the members as they were before the average; a member
+  // that changed since (touched, replaced, rewritten) makes the result stale.
+  if (Status s = CheckUnchanged(members, identities); !s.ok()) {
+    ::unlink(path.c_str());
+    Log(LogLevel::kError, "average of %zu member(s) failed: %s", members.size(),
+        s.message().c_str());
+    return s;
+  }
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  Log(LogLevel::kInfo,
+      "averaged %zu member(s) (%s, %d averaged, %d copied, %.1f MB) in %.2f s -> %s",
       members.size(), TensorFormatName(r->format), r->tensors_averaged, r->tensors_copied,
       static_cast<double>(r->bytes) / 1e6, secs, path.c_str());
   Evict(path);
@@ -101,17 +139,20 @@ void AverageCache::Evict(const std::string& keep) {
       if (now - st.st_mtim.tv_sec > kStaleTmpSeconds) ::unlink(p.c_str());
       continue;
     }
-    entries.push_back({p, static_cast<int64_t>(st.st_size), static_cast<int64_t>(st.st_mtim.tv_sec)});
+    entries.push_back(
+        {p, static_cast<int64_t>(st.st_size), static_cast<int64_t>(st.st_mtim.tv_sec)});
     total += st.st_size;
   }
   ::closedir(d);
-  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return a.mtime < b.mtime; });
+  std::sort(entries.begin(), entries.end(),
+            [](const Entry& a, const Entry& b) { return a.mtime < b.mtime; });
   for (const Entry& e : entries) {
     if (total <= max_bytes_) break;
     if (e.path == keep) continue;
     if (::unlink(e.path.c_str()) == 0) {
       total -= e.size;
-      Log(LogLevel::kInfo, "average cache: evicted %s (%.1f MB)", e.path.c_str(), static_cast<double>(e.size) / 1e6);
+      Log(LogLevel::kInfo, "average cache: evicted %s (%.1f MB)", e.path.c_str(),
+          static_cast<double>(e.size) / 1e6);
     }
   }
 }

@@ -4,6 +4,9 @@
 // atomically (temporary file, fsync, rename); a crash leaves no half file.
 // The cache keeps under max_bytes by evicting the least recently used
 // results; a result open elsewhere stays readable after eviction (unlink).
+// A member that changes while it is averaged fails the average (kCorrupt
+// naming it) and leaves no result, as does any other failure: no temporary
+// file stays behind (one left by a crash is removed an hour later).
 //
 // Thread-safe: concurrent Get calls for the same members wait for one
 // computation; different members compute in parallel.
@@ -35,7 +38,9 @@ class AverageCache {
   const std::string& dir() const { return dir_; }
 
  private:
-  Result<std::string> KeyOf(const std::vector<std::string>& members) const;
+  // The cache file name for members; `identities` receives each member's.
+  Result<std::string> KeyOf(const std::vector<std::string>& members,
+                            std::vector<std::string>* identities) const;
   void Evict(const std::string& keep);
 
   const std::string dir_;

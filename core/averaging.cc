@@ -7,12 +7,15 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cstdlib>
-#include <mutex>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <mutex>
+#include <new>
 #include <random>
 
+#include "core/cancel.h"
 #include "core/safetensors.h"
 #include "core/tensor_io.h"
 
@@ -92,7 +95,7 @@ Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, O
   Result<AverageTorchZipFn> fn = TorchPlugin();
   if (!fn.ok()) return fn.status();
   Result<AverageResult> result = Status::Corrupt("plugin returned nothing");
-  (*fn)(&members, out, &progress, &result);
+  (*fn)(&members, out, &progress, &CancelRequested, &result);
   return result;
 }
 
@@ -186,7 +189,8 @@ Status CheckTensorFileComplete(const std::string& path) {
     // The end-of-central-directory record sits in the last 64 KiB + 22 bytes.
     const size_t tail = static_cast<size_t>(std::min<uint64_t>(size, 65557));
     std::vector<char> buf(tail);
-    if (::pread(fd, buf.data(), tail, static_cast<off_t>(size - tail)) != static_cast<ssize_t>(tail)) {
+    if (::pread(fd, buf.data(), tail, static_cast<off_t>(size - tail)) !=
+        static_cast<ssize_t>(tail)) {
       result = Status::FromErrno(path, errno);
     } else {
       bool found = false;
@@ -196,7 +200,9 @@ Status CheckTensorFileComplete(const std::string& path) {
           break;
         }
       }
-      if (!found) result = Status::Corrupt(path + ": zip file ends before its central directory (incomplete)");
+      if (!found)
+        result =
+            Status::Corrupt(path + ": zip file ends before its central directory (incomplete)");
     }
   } else if (*format == TensorFormat::kSafetensors) {
     unsigned char len[8];
@@ -248,24 +254,30 @@ Result<AverageResult> AverageFiles(const std::vector<std::string>& members,
   {
     OutputFile out(tmp);
     if (!out.status().ok()) return out.status();
-    switch (*format) {
-      case TensorFormat::kTorchZip:
-        result = AverageTorchZip(members, &out, progress);
-        break;
-      case TensorFormat::kSafetensors:
-        result = AverageSafetensors(members, &out, progress);
-        break;
-      default: {
-        Status s = CopyFile(members[0], &out);
-        if (s.ok()) {
-          AverageResult copied;
-          copied.format = *format;
-          result = copied;
-        } else {
-          result = s;
+    try {
+      switch (*format) {
+        case TensorFormat::kTorchZip:
+          result = AverageTorchZip(members, &out, progress);
+          break;
+        case TensorFormat::kSafetensors:
+          result = AverageSafetensors(members, &out, progress);
+          break;
+        default: {
+          Status s = CopyFile(members[0], &out);
+          if (s.ok()) {
+            AverageResult copied;
+            copied.format = *format;
+            result = copied;
+          } else {
+            result = s;
+          }
+          break;
         }
-        break;
       }
+    } catch (const std::bad_alloc&) {
+      result = Status::FromErrno("averaging " + members[0], ENOMEM);
+    } catch (const std::exception& e) {
+      result = Status::Corrupt("averaging " + members[0] + ": " + e.what());
     }
     if (result.ok()) {
       if (Status s = out.Finish(); !s.ok()) result = s;

@@ -12,8 +12,18 @@
 // Errors name the file and the tensor: kCorrupt for members that cannot be
 // parsed or disagree (keys, shapes, dtypes, storage layout), kUnsupported for
 // formats we do not handle (legacy pre-1.6 torch files, TorchScript
-// archives, quantized or sparse tensors). The output is written to a
-// temporary file beside out_path, fsynced and renamed: never half a file.
+// archives, quantized or sparse tensors) and for inputs over a budget
+// (zip_reader.h, kMaxPickleBytes in torch_zip.cc). The output is written to
+// a temporary file beside out_path, fsynced and renamed: never half a file;
+// on any failure the temporary file is removed.
+//
+// Untrusted and changing input: members are read with pread in pieces of
+// kReadChunk (never mapped), every size is checked for overflow and against
+// the file before anything is allocated, deflated zip entries are inflated
+// within budget and CRC-checked, and a member truncated or changed while it
+// is read (size, mtime, ctime, or the inode its path names) fails the average
+// with kCorrupt naming it. Between pieces the work polls CancelRequested
+// (core/cancel.h) and stops with ECANCELED. No exception escapes.
 // Thread-compatible: concurrent calls must use different out_paths.
 #ifndef CKPTFS_CORE_AVERAGING_H_
 #define CKPTFS_CORE_AVERAGING_H_
@@ -39,6 +49,8 @@ Result<TensorFormat> DetectFormat(const std::string& path);
 // kCorrupt names the file and what is missing; other files are Ok.
 Status CheckTensorFileComplete(const std::string& path);
 
+// Called between storages (torch) or tensors (safetensors), on the calling
+// thread.
 struct AverageProgress {
   const char* stage;  // "reading", "averaging", "writing", "done"
   int64_t done = 0;   // bytes of output produced so far
@@ -48,9 +60,9 @@ using ProgressFn = std::function<void(const AverageProgress&)>;
 
 struct AverageResult {
   TensorFormat format = TensorFormat::kUnknown;
-  int64_t bytes = 0;          // tensor bytes in the output
-  int tensors_averaged = 0;   // storages (torch) or tensors (safetensors)
-  int tensors_copied = 0;     // taken from the newest member
+  int64_t bytes = 0;         // tensor bytes in the output
+  int tensors_averaged = 0;  // storages (torch) or tensors (safetensors)
+  int tensors_copied = 0;    // taken from the newest member
 };
 
 // members: the same file of each member checkpoint, newest first (at least

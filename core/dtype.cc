@@ -12,10 +12,9 @@ namespace ckptfs::core {
 namespace {
 
 template <typename T, typename Acc>
-void AddAll(const void* input, std::vector<Acc>* acc) {
+void AddAll(const void* input, size_t first, size_t n, std::vector<Acc>* acc) {
   const T* src = static_cast<const T*>(input);
-  Acc* dst = acc->data();
-  const size_t n = acc->size();
+  Acc* dst = acc->data() + first;
   for (size_t i = 0; i < n; ++i) dst[i] += static_cast<Acc>(src[i]);
 }
 
@@ -59,19 +58,32 @@ bool IsAveraged(DType t) {
 
 const char* DTypeName(DType t) {
   switch (t) {
-    case DType::kF16: return "float16";
-    case DType::kBF16: return "bfloat16";
-    case DType::kF32: return "float32";
-    case DType::kF64: return "float64";
-    case DType::kC64: return "complex64";
-    case DType::kC128: return "complex128";
-    case DType::kBool: return "bool";
-    case DType::kU8: return "uint8";
-    case DType::kI8: return "int8";
-    case DType::kI16: return "int16";
-    case DType::kI32: return "int32";
-    case DType::kI64: return "int64";
-    case DType::kOpaque: return "bytes";
+    case DType::kF16:
+      return "float16";
+    case DType::kBF16:
+      return "bfloat16";
+    case DType::kF32:
+      return "float32";
+    case DType::kF64:
+      return "float64";
+    case DType::kC64:
+      return "complex64";
+    case DType::kC128:
+      return "complex128";
+    case DType::kBool:
+      return "bool";
+    case DType::kU8:
+      return "uint8";
+    case DType::kI8:
+      return "int8";
+    case DType::kI16:
+      return "int16";
+    case DType::kI32:
+      return "int32";
+    case DType::kI64:
+      return "int64";
+    case DType::kOpaque:
+      return "bytes";
   }
   return "?";
 }
@@ -102,15 +114,16 @@ std::optional<DType> DTypeFromSafetensors(std::string_view s) {
     DType type;
   };
   static const Entry kTable[] = {
-      {"F16", DType::kF16},   {"BF16", DType::kBF16}, {"F32", DType::kF32}, {"F64", DType::kF64},
-      {"C64", DType::kC64},   {"BOOL", DType::kBool}, {"U8", DType::kU8},   {"I8", DType::kI8},
-      {"I16", DType::kI16},   {"I32", DType::kI32},   {"I64", DType::kI64},
+      {"F16", DType::kF16}, {"BF16", DType::kBF16}, {"F32", DType::kF32}, {"F64", DType::kF64},
+      {"C64", DType::kC64}, {"BOOL", DType::kBool}, {"U8", DType::kU8},   {"I8", DType::kI8},
+      {"I16", DType::kI16}, {"I32", DType::kI32},   {"I64", DType::kI64},
   };
   for (const Entry& e : kTable) {
     if (s == e.name) return e.type;
   }
   // Types we carry as bytes from the newest member.
-  if (s == "F8_E5M2" || s == "F8_E4M3" || s == "U16" || s == "U32" || s == "U64") return DType::kOpaque;
+  if (s == "F8_E5M2" || s == "F8_E4M3" || s == "U16" || s == "U32" || s == "U64")
+    return DType::kOpaque;
   return std::nullopt;
 }
 
@@ -136,22 +149,29 @@ Accumulator::Accumulator(DType t, size_t count) : type_(t), count_(count) {
 }
 
 void Accumulator::Add(const void* input) {
-  ++added_;
+  AddPart(input, 0, count_);
+  EndInput();
+}
+
+void Accumulator::AddPart(const void* input, size_t first, size_t n) {
   switch (type_) {
     case DType::kF16:
-      return AddAll<c10::Half>(input, &f32_);
+      return AddAll<c10::Half>(input, first, n, &f32_);
     case DType::kBF16:
-      return AddAll<c10::BFloat16>(input, &f32_);
+      return AddAll<c10::BFloat16>(input, first, n, &f32_);
     case DType::kF32:
-    case DType::kC64:
-      return AddAll<float>(input, &f32_);
+      return AddAll<float>(input, first, n, &f32_);
+    case DType::kC64:  // (real, imag) pairs
+      return AddAll<float>(input, 2 * first, 2 * n, &f32_);
     case DType::kF64:
+      return AddAll<double>(input, first, n, &f64_);
     case DType::kC128:
-      return AddAll<double>(input, &f64_);
+      return AddAll<double>(input, 2 * first, 2 * n, &f64_);
     default:
-      if (added_ == 1) {
-        const char* p = static_cast<const char*>(input);
-        first_.assign(p, p + count_ * ItemSize(type_));
+      if (added_ == 0) {
+        const size_t item = ItemSize(type_);
+        first_.resize(count_ * item);
+        std::memcpy(first_.data() + first * item, input, n * item);
       }
       return;
   }

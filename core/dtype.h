@@ -15,9 +15,19 @@
 namespace ckptfs::core {
 
 enum class DType {
-  kF16, kBF16, kF32, kF64, kC64, kC128,   // averaged
-  kBool, kU8, kI8, kI16, kI32, kI64,      // taken from the newest member
-  kOpaque,                                // other types (float8, uint16, ...): from the newest
+  kF16,
+  kBF16,
+  kF32,
+  kF64,
+  kC64,
+  kC128,  // averaged
+  kBool,
+  kU8,
+  kI8,
+  kI16,
+  kI32,
+  kI64,     // taken from the newest member
+  kOpaque,  // other types (float8, uint16, ...): from the newest
 };
 
 size_t ItemSize(DType t);  // kOpaque: 1 (counted in bytes)
@@ -31,12 +41,18 @@ std::optional<DType> DTypeFromSafetensors(std::string_view name);
 
 // Sums inputs one at a time (in the order added) and writes their mean:
 // memory is one accumulator of `count` elements, whatever the number of
-// inputs. For types that are not averaged it keeps the first input.
+// inputs. For types that are not averaged it keeps the first input. An input
+// may come in parts (AddPart for each range of elements, then EndInput), so
+// that it is never held whole. Allocates `count` elements (throws
+// std::bad_alloc): callers check count against the file first.
 class Accumulator {
  public:
   Accumulator(DType t, size_t count);
-  void Add(const void* input);  // count elements of type t
-  void Finish(void* out) const;  // count elements of type t; Add called at least once
+  void Add(const void* input);  // count elements of type t: AddPart(input, 0, count) + EndInput()
+  // Elements [first, first + n) of the current input; first + n <= count.
+  void AddPart(const void* elements, size_t first, size_t n);
+  void EndInput() { ++added_; }
+  void Finish(void* out) const;  // count elements of type t; at least one input ended
 
  private:
   DType type_;

@@ -40,10 +40,13 @@ class OutputFile {
 Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, OutputFile* out,
                                       const ProgressFn& progress);
 
-// The plugin's entry point (extern "C" so dlsym finds it by this name).
+// The plugin's entry point (extern "C" so dlsym finds it by this name; the
+// name changes with the signature). The plugin holds its own copy of core,
+// so it asks the host's CancelRequested (core/cancel.h), passed here.
 using AverageTorchZipFn = void (*)(const std::vector<std::string>* members, OutputFile* out,
-                                   const ProgressFn* progress, Result<AverageResult>* result);
-inline constexpr char kTorchPluginEntry[] = "ckptfs_average_torch_zip";
+                                   const ProgressFn* progress, bool (*cancel_requested)(),
+                                   Result<AverageResult>* result);
+inline constexpr char kTorchPluginEntry[] = "ckptfs_average_torch_zip_v2";
 inline constexpr char kTorchPluginName[] = "libckptfs_torch.so";
 Result<AverageResult> AverageSafetensors(const std::vector<std::string>& members, OutputFile* out,
                                          const ProgressFn& progress);

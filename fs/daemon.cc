@@ -27,6 +27,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/cancel.h"
 #include "core/log.h"
 #include "core/retention.h"
 #include "fs/committer.h"
@@ -297,17 +298,20 @@ void DetachDeadMount(const std::string& mountpoint) {
             mountpoint.c_str());
   if (::geteuid() == 0) {
     if (::umount2(mountpoint.c_str(), MNT_DETACH) != 0) {
-      core::Log(LogLevel::kError, "%s: cannot detach: %s", mountpoint.c_str(), std::strerror(errno));
+      core::Log(LogLevel::kError, "%s: cannot detach: %s", mountpoint.c_str(),
+                std::strerror(errno));
     }
     return;
   }
   const pid_t pid = ::fork();
   if (pid == 0) {
-    ::execlp("fusermount3", "fusermount3", "-u", "-z", mountpoint.c_str(), static_cast<char*>(nullptr));
+    ::execlp("fusermount3", "fusermount3", "-u", "-z", mountpoint.c_str(),
+             static_cast<char*>(nullptr));
     ::_exit(127);
   }
   int status = 0;
-  if (pid < 0 || ::waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+  if (pid < 0 || ::waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
+      WEXITSTATUS(status) != 0) {
     core::Log(LogLevel::kError, "%s: fusermount3 -u -z failed", mountpoint.c_str());
   }
 }
@@ -328,10 +332,12 @@ int RunMount(const Options& opt) {
   }
   auto scan = (*idx)->Scan();
   if (!scan.ok()) {
-    core::Log(LogLevel::kError, "scan of %s: %s", opt.source.c_str(), scan.status().message().c_str());
+    core::Log(LogLevel::kError, "scan of %s: %s", opt.source.c_str(),
+              scan.status().message().c_str());
     return 1;
   }
-  core::Log(LogLevel::kInfo, "indexed %s: %d checkpoint(s) read, %d directories in %.0f ms (index %s)",
+  core::Log(LogLevel::kInfo,
+            "indexed %s: %d checkpoint(s) read, %d directories in %.0f ms (index %s)",
             opt.source.c_str(), scan->checkpoints_loaded, scan->dirs_visited, scan->seconds * 1e3,
             opt.index_path.c_str());
 
@@ -390,7 +396,8 @@ int RunMount(const Options& opt) {
       return;
     }
     for (const index::PruneEntry& e : report->entries) {
-      if (e.deleted) status.Record(EventKind::kDeletion, e.checkpoint.path + " (" + e.decision.why + ")");
+      if (e.deleted)
+        status.Record(EventKind::kDeletion, e.checkpoint.path + " (" + e.decision.why + ")");
     }
     if (report->deleted > 0) {
       send(table_ptr->ViewsChanged(experiments));
@@ -436,6 +443,14 @@ int RunMount(const Options& opt) {
     core::Log(LogLevel::kError, "cannot start a FUSE session (options: %s)", mount_opts.c_str());
     return 1;
   }
+  // An average in progress stops once the session ends (SIGTERM, an aborted
+  // connection): the loop waits for every request before it returns. Reset
+  // on return, when no request runs any more.
+  core::SetCancelCheck(
+      [](void* s) { return fuse_session_exited(static_cast<fuse_session*>(s)) != 0; }, se);
+  struct CancelCheckReset {
+    ~CancelCheckReset() { core::SetCancelCheck(nullptr, nullptr); }
+  } cancel_check_reset;
   StopSignals signals;
   if (!signals.Install()) {
     core::Log(LogLevel::kError, "cannot install signal handlers: %s", std::strerror(errno));

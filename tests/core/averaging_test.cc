@@ -1,11 +1,18 @@
 #include "core/averaging.h"
 
+#include <dirent.h>
 #include <gtest/gtest.h>
+#include <sys/mount.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
 #include <thread>
 
 #include "core/average_cache.h"
+#include "core/cancel.h"
 #include "test_util.h"
 
 namespace ckptfs::core {
@@ -17,12 +24,63 @@ std::string Fixture(const std::string& name) {
   return std::string(CKPTFS_TENSOR_FIXTURES) + "/" + name;
 }
 
+std::vector<std::string> Listing(const std::string& dir) {
+  std::vector<std::string> names;
+  if (DIR* d = ::opendir(dir.c_str())) {
+    while (struct dirent* e = ::readdir(d)) {
+      if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0)
+        names.push_back(e->d_name);
+    }
+    ::closedir(d);
+  }
+  return names;
+}
+
+// A safetensors file of one F32 tensor "w" of n elements, all `value`, and
+// an I64 "step".
+std::string Safetensors(const std::string& path, size_t n, float value) {
+  const std::string json = "{\"w\":{\"dtype\":\"F32\",\"shape\":[" + std::to_string(n) +
+                           "],\"data_offsets\":[0," + std::to_string(4 * n) +
+                           "]},\"step\":{\"dtype\":\"I64\",\"shape\":[1],\"data_offsets\":[" +
+                           std::to_string(4 * n) + "," + std::to_string(4 * n + 8) + "]}}";
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>(json.size() >> (8 * i));
+  bytes += json;
+  std::vector<float> w(n, value);
+  bytes.append(reinterpret_cast<const char*>(w.data()), 4 * n);
+  bytes.append(8, '\x01');
+  testing::WriteFile(path, bytes);
+  return path;
+}
+
+// torch.save(EXPR, path) by Debian's python3-torch; false when unavailable.
+bool TorchSave(const std::string& expr, const std::string& path) {
+  const std::string cmd = "/usr/bin/python3 -c 'import sys, torch; torch.save(" + expr +
+                          ", sys.argv[1])' '" + path + "' 2>/dev/null";
+  return std::system(cmd.c_str()) == 0;
+}
+
+// Installs a cancellation check for the test's scope.
+class ScopedCancelCheck {
+ public:
+  ScopedCancelCheck(CancelCheck check, void* arg) { SetCancelCheck(check, arg); }
+  ~ScopedCancelCheck() { SetCancelCheck(nullptr, nullptr); }
+};
+
 class AveragingTest : public ::testing::Test {
  protected:
   std::string Copy(const std::string& name, const std::string& as) {
     std::string to = dir_.path() + "/" + as;
     testing::CopyFile(Fixture(name), to);
     return to;
+  }
+  // Only the named files are left in the test's directory: no output, no
+  // temporary file.
+  void ExpectOnly(const std::vector<std::string>& names) {
+    std::vector<std::string> got = Listing(dir_.path()), want = names;
+    std::sort(got.begin(), got.end());
+    std::sort(want.begin(), want.end());
+    EXPECT_EQ(got, want);
   }
   TempDir dir_;
 };
@@ -130,6 +188,142 @@ TEST_F(AveragingTest, CacheComputesOnceAndFollowsMembers) {
   ASSERT_TRUE(third.ok());
   EXPECT_EQ(::access(third->c_str(), F_OK), 0);
   EXPECT_NE(::access(paths[0].c_str(), F_OK), 0);
+}
+
+TEST_F(AveragingTest, MemberTruncatedWhileReadFailsNamingIt) {
+  // Truncated between two reads (from the progress callback, which runs
+  // between storages): a read error naming the file, never SIGBUS.
+  struct Case {
+    std::string fixture, ext;
+    size_t victim;  // the member truncated
+  } cases[] = {{"lightning.ckpt", ".ckpt", 1}, {"small.safetensors", ".safetensors", 0}};
+  for (const Case& c : cases) {
+    std::string a = Copy(c.fixture, "a" + c.ext), b = Copy(c.fixture, "b" + c.ext);
+    const std::string victim = c.victim == 0 ? a : b;
+    bool truncated = false;
+    Result<AverageResult> r =
+        AverageFiles({a, b}, dir_.path() + "/out" + c.ext, [&](const AverageProgress& p) {
+          if (!truncated && std::string(p.stage) == "averaging" && p.done > 0) {
+            ASSERT_EQ(::truncate(victim.c_str(), 0), 0);
+            truncated = true;
+          }
+        });
+    ASSERT_TRUE(truncated) << c.fixture;
+    ASSERT_FALSE(r.ok()) << c.fixture;
+    EXPECT_EQ(r.status().code(), StatusCode::kCorrupt) << r.status().message();
+    EXPECT_NE(r.status().message().find(victim + ": ends at"), std::string::npos)
+        << r.status().message();
+    EXPECT_NE(r.status().message().find("truncated while being read"), std::string::npos)
+        << r.status().message();
+    ExpectOnly({"a" + c.ext, "b" + c.ext});
+    ::unlink(a.c_str());
+    ::unlink(b.c_str());
+  }
+}
+
+TEST_F(AveragingTest, MemberChangedWhileReadFailsNamingIt) {
+  struct Case {
+    std::string fixture, ext;
+    bool replace;  // renamed over, else touched
+    const char* says;
+  } cases[] = {{"lightning.ckpt", ".ckpt", false, "modified"},
+               {"lightning.ckpt", ".ckpt", true, "replaced by another file"},
+               {"small.safetensors", ".safetensors", false, "modified"},
+               {"small.safetensors", ".safetensors", true, "replaced by another file"}};
+  for (const Case& c : cases) {
+    std::string a = Copy(c.fixture, "a" + c.ext), b = Copy(c.fixture, "b" + c.ext);
+    bool changed = false;
+    Result<AverageResult> r =
+        AverageFiles({a, b}, dir_.path() + "/out" + c.ext, [&](const AverageProgress& p) {
+          if (changed || std::string(p.stage) != "averaging") return;
+          if (c.replace) {
+            testing::CopyFile(b, b + ".new");
+            ASSERT_EQ(::rename((b + ".new").c_str(), b.c_str()), 0);
+          } else {
+            testing::SetMtime(b, 12345);
+          }
+          changed = true;
+        });
+    ASSERT_FALSE(r.ok()) << c.fixture << " " << c.says;
+    EXPECT_EQ(r.status().message(), b + ": changed while it was read (" + c.says + ")");
+    ExpectOnly({"a" + c.ext, "b" + c.ext});
+    ::unlink(a.c_str());
+    ::unlink(b.c_str());
+  }
+}
+
+TEST_F(AveragingTest, CancellationStopsAnAverageWithinATensor) {
+  // One tensor of 16 MiB: four pieces per member. Cancelled at the third
+  // poll, the average stops before that tensor is done.
+  std::string a = Safetensors(dir_.path() + "/a.safetensors", 4 << 20, 1.0f);
+  std::string b = Safetensors(dir_.path() + "/b.safetensors", 4 << 20, 3.0f);
+  std::vector<std::string> inputs = {"a.safetensors", "b.safetensors"};
+  std::string big = dir_.path() + "/big.pt";
+  if (TorchSave("{\"w\": torch.ones(4 << 20)}", big)) inputs.push_back("big.pt");
+  struct Poll {
+    int polls = 0;
+  } poll;
+  ScopedCancelCheck check([](void* arg) { return ++static_cast<Poll*>(arg)->polls >= 3; }, &poll);
+  std::vector<std::vector<std::string>> runs = {{a, b}};
+  if (inputs.size() == 3) runs.push_back({big, big});
+  for (const auto& members : runs) {
+    poll.polls = 0;
+    int64_t done = 0;
+    Result<AverageResult> r =
+        AverageFiles(members, members[0] + ".out",
+                     [&](const AverageProgress& p) { done = std::max(done, p.done); });
+    ASSERT_FALSE(r.ok()) << members[0];
+    EXPECT_EQ(r.status().sys_errno(), ECANCELED) << r.status().message();
+    EXPECT_NE(r.status().message().find("cancelled (ckptfs is stopping)"), std::string::npos);
+    EXPECT_EQ(done, 0) << "stopped within the first tensor";
+    EXPECT_EQ(poll.polls, 3);
+    ExpectOnly(inputs);
+  }
+  if (inputs.size() == 2) GTEST_SKIP() << "torch part skipped: no /usr/bin/python3 with torch";
+}
+
+TEST_F(AveragingTest, CacheOnAFullDiskFailsAndLeavesNothing) {
+  // A real ENOSPC: the cache on a 1 MiB tmpfs, outputs of 8 MiB. libtorch's
+  // writer must not throw from its destructor (std::terminate), and the
+  // temporary file must go.
+  const std::string cache = dir_.path() + "/cache";
+  testing::MakeDirs(cache);
+  if (::mount("tmpfs", cache.c_str(), "tmpfs", 0, "size=1m") != 0) {
+    GTEST_SKIP() << "cannot mount a tmpfs for the cache (needs root): " << std::strerror(errno);
+  }
+  struct Unmount {
+    std::string dir;
+    ~Unmount() { ::umount2(dir.c_str(), MNT_DETACH); }
+  } unmount{cache};
+  std::vector<std::vector<std::string>> runs;
+  runs.push_back({Safetensors(dir_.path() + "/a.safetensors", 2 << 20, 1.0f),
+                  Safetensors(dir_.path() + "/b.safetensors", 2 << 20, 2.0f)});
+  const std::string t = dir_.path() + "/t.pt";
+  if (TorchSave("{\"a\": torch.ones(1 << 20), \"b\": torch.ones(1 << 20)}", t))
+    runs.push_back({t, t});
+  AverageCache averages(cache, int64_t{1} << 30);
+  for (const auto& members : runs) {
+    Result<std::string> r = averages.Get(members, nullptr);
+    ASSERT_FALSE(r.ok()) << members[0];
+    EXPECT_EQ(r.status().sys_errno(), ENOSPC) << r.status().message();
+    EXPECT_NE(r.status().message().find(cache + "/"), std::string::npos) << r.status().message();
+    EXPECT_EQ(Listing(cache), std::vector<std::string>{}) << "the temporary file is removed";
+  }
+  if (runs.size() == 1) GTEST_SKIP() << "torch part skipped: no /usr/bin/python3 with torch";
+}
+
+TEST_F(AveragingTest, SafetensorsWhoseSizesOverflowAreCorrupt) {
+  const std::string corpus =
+      std::string(CKPTFS_TENSOR_FIXTURES) + "/../../fuzz/corpus/safetensors/";
+  for (const char* name : {"overflow_shape.safetensors", "overflow_numel.safetensors"}) {
+    Result<AverageResult> r =
+        AverageFiles({corpus + name, corpus + name}, dir_.path() + "/out", nullptr);
+    ASSERT_FALSE(r.ok()) << name;
+    EXPECT_EQ(r.status().code(), StatusCode::kCorrupt);
+    EXPECT_NE(r.status().message().find(name), std::string::npos) << r.status().message();
+    EXPECT_NE(r.status().message().find("shape overflows"), std::string::npos)
+        << r.status().message();
+  }
 }
 
 }  // namespace
