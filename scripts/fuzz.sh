@@ -77,6 +77,11 @@ for target in "${targets[@]}"; do
       cp "$file" "$corpus/$(echo "${file#tests/}" | tr '/' '_')"
     done < <(find "$dir" -type f -print0 | sort -z)
   done
+  if ((${#seeds[@]} == 0)); then  # libFuzzer without inputs would fuzz forever
+    echo "fuzz: $target: no seeds in $(seeds_of "$target")"
+    status=1
+    continue
+  fi
   bin="build-fuzz/tests/fuzz/${target}_fuzzer"
   log="build-fuzz/logs/$target.log"
   common=(-artifact_prefix="build-fuzz/crashes/$target/" -print_final_stats=0)
@@ -89,7 +94,7 @@ for target in "${targets[@]}"; do
   fi
   echo "fuzz: $target for ${seconds}s $(dict_of "$target")"
   # shellcheck disable=SC2046  # the dictionary option is one word or none
-  if ! "$bin" "${common[@]}" -max_total_time="$seconds" -max_len=65536 -timeout=20 \
+  if ! "$bin" "${common[@]}" -max_total_time="$seconds" -max_len=65536 -timeout=60 \
       $(dict_of "$target") "$corpus" >"$log" 2>&1; then
     echo "fuzz: $target: crash (log $log, input in build-fuzz/crashes/$target/):"
     tail -n 60 "$log"

@@ -15,6 +15,11 @@
 #include "core/averaging.h"
 #include "fuzz_files.h"
 
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  ckptfs::fuzz::PreloadTorchPlugin();
+  return 0;
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using ckptfs::fuzz::ScratchDir;
   const std::string in = ScratchDir() + "/member.pt";
