@@ -1,0 +1,32 @@
+// libFuzzer target: a PyTorch zip checkpoint (torch.save since 1.6) averaged
+// end to end, exactly as avg/ views do: DetectFormat, the completeness check,
+// then AverageFiles with the input as both members. That dlopens
+// libckptfs_torch.so (built instrumented in the fuzz build, like the code
+// under test) and runs caffe2's zip reader (libtorch's own code, not
+// instrumented), our pickle reader on data.pkl, tensor extents against
+// storages, our record bounds over the zip directory (Map/View in
+// core/torch_zip.cc), the float accumulation and the zip writer.
+#include <unistd.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include "core/averaging.h"
+#include "fuzz_files.h"
+
+extern "C" int LLVMFuzzerInitialize(int*, char***) {
+  ckptfs::fuzz::PreloadTorchPlugin();
+  return 0;
+}
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  using ckptfs::fuzz::ScratchDir;
+  const std::string in = ScratchDir() + "/member.pt";
+  const std::string out = ScratchDir() + "/avg.pt";
+  ckptfs::fuzz::WriteFileOrDie(in, data, size);
+  (void)ckptfs::core::CheckTensorFileComplete(in);
+  (void)ckptfs::core::AverageFiles({in, in}, out, nullptr);
+  ::unlink(out.c_str());
+  return 0;
+}
