@@ -10,9 +10,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
-#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -121,17 +121,20 @@ void DetachDeadMount(const std::string& mountpoint) {
             mountpoint.c_str());
   if (::geteuid() == 0) {
     if (::umount2(mountpoint.c_str(), MNT_DETACH) != 0) {
-      core::Log(LogLevel::kError, "%s: cannot detach: %s", mountpoint.c_str(), std::strerror(errno));
+      core::Log(LogLevel::kError, "%s: cannot detach: %s", mountpoint.c_str(),
+                std::strerror(errno));
     }
     return;
   }
   const pid_t pid = ::fork();
   if (pid == 0) {
-    ::execlp("fusermount3", "fusermount3", "-u", "-z", mountpoint.c_str(), static_cast<char*>(nullptr));
+    ::execlp("fusermount3", "fusermount3", "-u", "-z", mountpoint.c_str(),
+             static_cast<char*>(nullptr));
     ::_exit(127);
   }
   int status = 0;
-  if (pid < 0 || ::waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+  if (pid < 0 || ::waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
+      WEXITSTATUS(status) != 0) {
     core::Log(LogLevel::kError, "%s: fusermount3 -u -z failed", mountpoint.c_str());
   }
 }
@@ -152,10 +155,12 @@ int RunMount(const Options& opt) {
   }
   auto scan = (*idx)->Scan();
   if (!scan.ok()) {
-    core::Log(LogLevel::kError, "scan of %s: %s", opt.source.c_str(), scan.status().message().c_str());
+    core::Log(LogLevel::kError, "scan of %s: %s", opt.source.c_str(),
+              scan.status().message().c_str());
     return 1;
   }
-  core::Log(LogLevel::kInfo, "indexed %s: %d checkpoint(s) read, %d directories in %.0f ms (index %s)",
+  core::Log(LogLevel::kInfo,
+            "indexed %s: %d checkpoint(s) read, %d directories in %.0f ms (index %s)",
             opt.source.c_str(), scan->checkpoints_loaded, scan->dirs_visited, scan->seconds * 1e3,
             opt.index_path.c_str());
 
@@ -168,6 +173,13 @@ int RunMount(const Options& opt) {
   // The watcher starts after the fork; until then nothing is watched.
   std::atomic<index::Watcher*> watcher_ptr{nullptr};
   core::AverageCache averages(opt.avg_cache, opt.avg_cache_bytes);
+  // Everything under SOURCE that retention, new/ and cleanup touch is reached
+  // beneath this descriptor (core/beneath.h).
+  auto source = core::Beneath::Open((*idx)->source());
+  if (!source.ok()) {
+    core::Log(LogLevel::kError, "%s", source.status().message().c_str());
+    return 1;
+  }
   // What a killed daemon left half-written in new/ is never committed.
   {
     auto all = (*idx)->List(opt.source);
@@ -176,8 +188,10 @@ int RunMount(const Options& opt) {
       for (const core::Checkpoint& c : *all) experiments.insert(c.experiment);
     }
     for (const std::string& e : experiments) {
-      Committer::RecoverStaging(e);
-      core::RemoveTrash(e);
+      Committer::RecoverStaging(*source, e);
+      if (core::Status s = core::RemoveTrash(*source, e); !s.ok()) {
+        core::Log(LogLevel::kError, "trash cleanup skipped: %s", s.message().c_str());
+      }
     }
   }
   std::unique_ptr<Committer> committer;
@@ -203,24 +217,26 @@ int RunMount(const Options& opt) {
   auto prune = [&](const std::vector<std::string>& experiments) {
     if (opt.policy.empty() || experiments.empty()) return;
     std::lock_guard<std::mutex> lock(prune_mu);
-    auto report = index::Prune(idx->get(), opt.policy, experiments, false,
+    auto report = index::Prune(idx->get(), *source, opt.policy, experiments, false,
                                [&](const std::string& path) { return table_ptr->IsOpen(path); });
     if (!report.ok()) {
       core::Log(LogLevel::kError, "retention: %s", report.status().message().c_str());
       return;
     }
     for (const index::PruneEntry& e : report->entries) {
-      if (e.deleted) status.Record(EventKind::kDeletion, e.checkpoint.path + " (" + e.decision.why + ")");
+      if (e.deleted)
+        status.Record(EventKind::kDeletion, e.checkpoint.path + " (" + e.decision.why + ")");
     }
     if (report->deleted > 0 && session != nullptr) {
       Notify(session, table_ptr->ViewsChanged(experiments));
       for (const index::PruneEntry& e : report->entries) {
-        if (e.deleted) Notify(session, table_ptr->PathChanged(e.checkpoint.experiment, e.checkpoint.name));
+        if (e.deleted)
+          Notify(session, table_ptr->PathChanged(e.checkpoint.experiment, e.checkpoint.name));
       }
     }
   };
   committer = std::make_unique<Committer>(
-      commit_settings, [&](const std::string& experiment, const std::string& name) {
+      &*source, commit_settings, [&](const std::string& experiment, const std::string& name) {
         if (session != nullptr) {
           Notify(session, table_ptr->PathChanged(index::StagingDir(experiment), name));
         }
@@ -265,7 +281,8 @@ int RunMount(const Options& opt) {
   }
   DetachDeadMount(opt.mountpoint);
   if (fuse_session_mount(se, opt.mountpoint.c_str()) != 0) {
-    core::Log(LogLevel::kError, "cannot mount %s at %s (is /dev/fuse available, fusermount3 "
+    core::Log(LogLevel::kError,
+              "cannot mount %s at %s (is /dev/fuse available, fusermount3 "
               "installed, the mountpoint empty and not mounted?)",
               opt.source.c_str(), opt.mountpoint.c_str());
     fuse_remove_signal_handlers(se);

@@ -1,11 +1,13 @@
 #include "index/index.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
 
+#include "index/pruner.h"
 #include "test_util.h"
 
 namespace ckptfs::index {
@@ -37,7 +39,7 @@ class IndexTest : public ::testing::Test {
     AddSb(exp_, "CKPT+1", "unixtime: 100\nloss: 0.5\nepoch: 1\nsplit: full\nend-of-epoch: true\n");
     AddSb(exp_, "CKPT+2", "unixtime: 200\nloss: 0.3\nepoch: 2\nsplit: quick\nend-of-epoch: true\n");
     AddSb(exp_, "CKPT+3", "unixtime: 300\nloss: 0.4\nepoch: 3\nsplit: full\nend-of-epoch: false\n");
-    AddSb(exp_, "CKPT+4", "unixtime: 400\nepoch: 4\n");  // no loss
+    AddSb(exp_, "CKPT+4", "unixtime: 400\nepoch: 4\n");                     // no loss
     AddSb(exp_, "CKPT+5", "unixtime: 500\nloss: 0.1\n\n@ garbage (N,M){");  // invalid
     Open();
   }
@@ -68,7 +70,8 @@ class IndexTest : public ::testing::Test {
 TEST_F(IndexTest, ListsEveryCheckpointNewestFirstWithInvalidOnes) {
   auto all = index_->List(dir_.path() + "/src");
   ASSERT_TRUE(all.ok());
-  EXPECT_EQ(Names(*all), (std::vector<std::string>{"CKPT+5", "CKPT+4", "CKPT+3", "CKPT+2", "CKPT+1"}));
+  EXPECT_EQ(Names(*all),
+            (std::vector<std::string>{"CKPT+5", "CKPT+4", "CKPT+3", "CKPT+2", "CKPT+1"}));
   EXPECT_FALSE((*all)[0].valid);
   EXPECT_NE((*all)[0].error.find("CKPT+5/CKPT.yaml"), std::string::npos) << (*all)[0].error;
   EXPECT_EQ(*(*all)[1].meta.Number("epoch"), 4);
@@ -93,7 +96,8 @@ TEST_F(IndexTest, SelectsLikeSpeechBrainFindCheckpoint) {
 TEST_F(IndexTest, WhereWithEveryOperator) {
   EXPECT_EQ(Select({Pred("split=full")}, true, Order::kMin, "loss"),
             (std::vector<std::string>{"CKPT+3", "CKPT+1"}));
-  EXPECT_EQ(Select({Pred("split!=full")}, false, Order::kMin, ""), std::vector<std::string>{"CKPT+2"});
+  EXPECT_EQ(Select({Pred("split!=full")}, false, Order::kMin, ""),
+            std::vector<std::string>{"CKPT+2"});
   EXPECT_EQ(Select({Pred("epoch<2")}, false, Order::kMin, ""), std::vector<std::string>{"CKPT+1"});
   EXPECT_EQ(Select({Pred("epoch<=2")}, false, Order::kMin, ""),
             (std::vector<std::string>{"CKPT+2", "CKPT+1"}));
@@ -165,7 +169,9 @@ TEST_F(IndexTest, TargetedScanTouchesOnlyTheNamedChanges) {
   testing::RemoveTree(exp_ + "/CKPT+7");
   WriteFile(exp_ + "/epoch=9-loss=0.01.ckpt", "w");
   AddSb(exp_ + "/.staging", "CKPT+x", "loss: 0.0\n");
-  scan = index_->ScanChanges({{exp_, "CKPT+7"}, {exp_ + "/CKPT+7", ""}, {exp_, "epoch=9-loss=0.01.ckpt"},
+  scan = index_->ScanChanges({{exp_, "CKPT+7"},
+                              {exp_ + "/CKPT+7", ""},
+                              {exp_, "epoch=9-loss=0.01.ckpt"},
                               {exp_, ".staging"}});
   ASSERT_TRUE(scan.ok());
   EXPECT_EQ(scan->checkpoints_removed, 1);
@@ -213,7 +219,8 @@ TEST_F(IndexTest, TreeOfExperimentsAndLayouts) {
   WriteFile(src + "/native/run1/meta.json", R"({"loss": 0.02, "unixtime": 10})");
   WriteFile(src + "/.hidden/CKPT+1/CKPT.yaml", "loss: 0.0\n");
   Open();
-  EXPECT_EQ(Select({}, true, Order::kMin, "eval_loss", 1), std::vector<std::string>{"checkpoint-1000"});
+  EXPECT_EQ(Select({}, true, Order::kMin, "eval_loss", 1),
+            std::vector<std::string>{"checkpoint-1000"});
   EXPECT_EQ(Select({}, true, Order::kMin, "val_loss", 1),
             std::vector<std::string>{"epoch=2-step=20-val_loss=0.6.ckpt"});
   auto loss = index_->Select(src, {}, true, Order::kMin, "loss", 1);
@@ -302,6 +309,78 @@ TEST(WildFixturesTest, SpeechBrainMetaWithTrailingGarbageIsInvalidOthersServe) {
   auto best = (*idx)->Select(src, {}, true, Order::kMax, "BLEU", 1);
   EXPECT_EQ(Names(*best), std::vector<std::string>{"CKPT+s2st"});
   EXPECT_TRUE((*idx)->Select(src, {}, true, Order::kMin, "loss", 1)->empty());
+}
+
+// Attack B: in a shared experiment another user adds checkpoints claiming
+// to be the newest. Retention neither counts them (root's newest stay) nor
+// deletes them (they are not the experiment owner's to delete).
+TEST(PrunerTest, RanksAndDeletesOnlyTheExperimentOwnersCheckpoints) {
+  if (::geteuid() != 0) GTEST_SKIP() << "another owner needs root to chown";
+  TempDir dir;
+  const std::string src = dir.path() + "/src", exp = src + "/exp";
+  AddSb(exp, "CKPT+1", "unixtime: 100\n");
+  AddSb(exp, "CKPT+2", "unixtime: 200\n");
+  AddSb(exp, "CKPT+3", "unixtime: 300\n");
+  AddSb(exp, "CKPT+8", "unixtime: 9999999999\n");
+  AddSb(exp, "CKPT+9", "unixtime: 9999999999\n");
+  for (const char* fake : {"CKPT+8", "CKPT+9"}) {
+    ASSERT_EQ(::chown((exp + "/" + fake).c_str(), 65534, 65534), 0);
+  }
+  auto idx = Index::Open(src, dir.path() + "/index.sqlite");
+  ASSERT_TRUE(idx.ok()) << idx.status().message();
+  ASSERT_TRUE((*idx)->Scan().ok());
+  auto source = core::Beneath::Open(src);
+  ASSERT_TRUE(source.ok());
+  core::RetentionPolicy policy;
+  policy.keep_last = 2;
+  auto report = Prune(idx->get(), *source, policy, {}, false, nullptr);
+  ASSERT_TRUE(report.ok()) << report.status().message();
+  EXPECT_EQ(report->deleted, 1);
+  EXPECT_TRUE(report->refused.empty());
+  auto exists = [&](const std::string& n) { return ::access((exp + "/" + n).c_str(), F_OK) == 0; };
+  EXPECT_FALSE(exists("CKPT+1"));  // the policy's own decision
+  EXPECT_TRUE(exists("CKPT+2"));
+  EXPECT_TRUE(exists("CKPT+3"));
+  EXPECT_TRUE(exists("CKPT+8"));
+  EXPECT_TRUE(exists("CKPT+9"));
+  int ignored = 0;
+  for (const PruneEntry& e : report->entries) {
+    if (e.checkpoint.name == "CKPT+8" || e.checkpoint.name == "CKPT+9") {
+      EXPECT_TRUE(e.decision.keep);
+      EXPECT_NE(e.decision.why.find("owned by uid 65534"), std::string::npos) << e.decision.why;
+      ++ignored;
+    }
+  }
+  EXPECT_EQ(ignored, 2);
+}
+
+// Attack A through `ckptfs prune`: a symbolic link named .ckptfs-trash makes
+// the experiment's retention stop, naming it; nothing is deleted anywhere.
+TEST(PrunerTest, SkipsAnExperimentWhoseTrashIsRefused) {
+  TempDir dir;
+  const std::string src = dir.path() + "/src", exp = src + "/exp";
+  const std::string victim = dir.path() + "/victim";
+  AddSb(exp, "CKPT+1", "unixtime: 100\n");
+  AddSb(exp, "CKPT+2", "unixtime: 200\n");
+  WriteFile(victim + "/precious.txt", "keep me");
+  ASSERT_EQ(::symlink(victim.c_str(), (exp + "/" + core::kTrashDir).c_str()), 0);
+  auto idx = Index::Open(src, dir.path() + "/index.sqlite");
+  ASSERT_TRUE(idx.ok()) << idx.status().message();
+  ASSERT_TRUE((*idx)->Scan().ok());
+  auto source = core::Beneath::Open(src);
+  ASSERT_TRUE(source.ok());
+  core::RetentionPolicy policy;
+  policy.keep_last = 1;
+  for (bool dry_run : {true, false}) {
+    auto report = Prune(idx->get(), *source, policy, {}, dry_run, nullptr);
+    ASSERT_TRUE(report.ok()) << report.status().message();
+    ASSERT_EQ(report->refused.size(), 1u);
+    EXPECT_NE(report->refused[0].find(exp + "/" + core::kTrashDir), std::string::npos)
+        << report->refused[0];
+    EXPECT_EQ(report->deleted, 0);
+  }
+  EXPECT_EQ(::access((exp + "/CKPT+1").c_str(), F_OK), 0);
+  EXPECT_EQ(testing::ReadFile(victim + "/precious.txt"), "keep me");
 }
 
 }  // namespace
