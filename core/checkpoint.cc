@@ -6,8 +6,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cmath>
+#include <cerrno>
 #include <cstring>
 #include <ctime>
 #include <memory>

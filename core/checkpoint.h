@@ -35,7 +35,7 @@ struct Checkpoint {
   Layout layout = Layout::kNative;
   Meta meta;
   bool valid = true;
-  std::string error;   // why it is invalid
+  std::string error;  // why it is invalid
   double recency = 0;  // unixtime from meta, else newest file mtime (seconds); see RecencyOf
   std::optional<double> step;
   std::vector<CheckpointFile> files;  // for kSingleFile: the one file

@@ -3,8 +3,8 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <sys/sendfile.h>
-#include <sys/stat.h>
 #include <unistd.h>
+#include <sys/stat.h>
 
 #include <cerrno>
 #include <cmath>
@@ -88,8 +88,7 @@ const char kUsage[] =
     "  --keep-hourly N, --keep-daily N, --keep-weekly N\n"
     "                           the newest of each of the last N hours / days / weeks\n"
     "  --max-bytes SIZE         the newest that fit in SIZE (K, M, G, T)\n"
-    "  --policy FILE.json       rules from a file: {\"keep_last\": 3, \"keep_best\": "
-    "[\"min:loss:2\"]}\n"
+    "  --policy FILE.json       rules from a file: {\"keep_last\": 3, \"keep_best\": [\"min:loss:2\"]}\n"
     "\n"
     "mount options:\n"
     "  -f               stay in the foreground, logs on stderr\n"
@@ -184,8 +183,8 @@ int RunResolve(const Options& opt) {
       for (const std::string& f : index::MemberFiles(*r)) std::printf("%s\n", f.c_str());
       return 0;
     case index::NodeType::kIndexJson:
-      return Fail(
-          Status::InvalidArgument(opt.vpath + ": index.json is generated; see 'ckptfs ls --json'"));
+      return Fail(Status::InvalidArgument(opt.vpath +
+                                          ": index.json is generated; see 'ckptfs ls --json'"));
     case index::NodeType::kVirtualDir:
       if (r->checkpoint) {
         std::printf("%s\n", r->checkpoint->path.c_str());
@@ -196,9 +195,8 @@ int RunResolve(const Options& opt) {
         return 0;
       }
       return Fail(Status::InvalidArgument(
-          opt.vpath +
-          ": a directory of the query namespace, not a checkpoint (complete it, "
-          "e.g. best/min/KEY)"));
+          opt.vpath + ": a directory of the query namespace, not a checkpoint (complete it, "
+                      "e.g. best/min/KEY)"));
   }
   return kExitFailure;
 }
@@ -250,12 +248,11 @@ core::ProgressFn ProgressBar() {
   if (::isatty(STDERR_FILENO) == 0) return nullptr;
   return [](const core::AverageProgress& p) {
     const int width = 40;
-    const double frac =
-        p.total > 0 ? static_cast<double>(p.done) / static_cast<double>(p.total) : 1;
+    const double frac = p.total > 0 ? static_cast<double>(p.done) / static_cast<double>(p.total) : 1;
     const int filled = static_cast<int>(frac * width);
-    std::fprintf(stderr, "\r%-9s [%s%s] %5.1f%% %8.1f MB", p.stage,
-                 std::string(filled, '#').c_str(), std::string(width - filled, ' ').c_str(),
-                 frac * 100, static_cast<double>(p.done) / 1e6);
+    std::fprintf(stderr, "\r%-9s [%s%s] %5.1f%% %8.1f MB", p.stage, std::string(filled, '#').c_str(),
+                 std::string(width - filled, ' ').c_str(), frac * 100,
+                 static_cast<double>(p.done) / 1e6);
     if (std::string(p.stage) == "done") std::fputc('\n', stderr);
   };
 }
@@ -294,12 +291,10 @@ int RunPrune(const Options& opt) {
   for (const index::PruneEntry& e : report->entries) {
     const char* what = e.decision.keep ? "keep" : (opt.dry_run || e.deleted ? "delete" : "KEPT");
     std::string why = e.error.empty() ? e.decision.why : e.error;
-    std::printf("%-40s %-8s %s\n", Relative(opt.source, e.checkpoint.path).c_str(), what,
-                why.c_str());
+    std::printf("%-40s %-8s %s\n", Relative(opt.source, e.checkpoint.path).c_str(), what, why.c_str());
   }
   std::printf("policy: %s; %zu checkpoint(s), %d deleted%s\n", opt.policy.ToString().c_str(),
-              report->entries.size(), report->deleted,
-              opt.dry_run ? " (dry run: nothing changed)" : "");
+              report->entries.size(), report->deleted, opt.dry_run ? " (dry run: nothing changed)" : "");
   for (const std::string& why : report->refused) std::fprintf(stderr, "ckptfs: %s\n", why.c_str());
   return report->failed == 0 && report->refused.empty() ? 0 : kExitFailure;
 }
@@ -329,8 +324,7 @@ int RunStatus(const Options& opt) {
     return 0;
   }
   nlohmann::json j = nlohmann::json::parse(*text, nullptr, false);
-  if (j.is_discarded() || !j.is_object())
-    return Fail(Status::Corrupt(path + ": not a status object"));
+  if (j.is_discarded() || !j.is_object()) return Fail(Status::Corrupt(path + ": not a status object"));
   const nlohmann::json& idx = j.value("index", nlohmann::json::object());
   const nlohmann::json& totals = j.value("totals", nlohmann::json::object());
   const double up = j.value("uptime_s", 0.0);
@@ -339,14 +333,12 @@ int RunStatus(const Options& opt) {
               j.value("source", "?").c_str(), j.value("mountpoint", "?").c_str(),
               static_cast<long long>(j.value("pid", 0)), static_cast<int>(up / 3600),
               static_cast<int>(up / 60) % 60);
-  std::printf(
-      "index:  %s (%s): %lld checkpoint(s), %lld invalid, %lld experiment(s), %s in %lld file(s)\n",
-      idx.value("path", "?").c_str(), HumanBytes(idx.value("file_bytes", 0.0)).c_str(),
-      static_cast<long long>(idx.value("checkpoints", 0)),
-      static_cast<long long>(idx.value("invalid", 0)),
-      static_cast<long long>(idx.value("experiments", 0)),
-      HumanBytes(idx.value("checkpoint_bytes", 0.0)).c_str(),
-      static_cast<long long>(idx.value("files", 0)));
+  std::printf("index:  %s (%s): %lld checkpoint(s), %lld invalid, %lld experiment(s), %s in %lld file(s)\n",
+              idx.value("path", "?").c_str(), HumanBytes(idx.value("file_bytes", 0.0)).c_str(),
+              static_cast<long long>(idx.value("checkpoints", 0)), static_cast<long long>(idx.value("invalid", 0)),
+              static_cast<long long>(idx.value("experiments", 0)),
+              HumanBytes(idx.value("checkpoint_bytes", 0.0)).c_str(),
+              static_cast<long long>(idx.value("files", 0)));
   const std::string policy = j.value("policy", "");
   std::printf("policy: %s\n", policy.empty() ? "none (nothing is pruned)" : policy.c_str());
   std::printf("totals: %lld commit(s), %lld deletion(s), %lld average(s) served, %lld error(s)\n",
@@ -359,8 +351,7 @@ int RunStatus(const Options& opt) {
     if (list.empty()) continue;
     std::printf("last %s:\n", kind);
     for (const auto& e : list) {
-      std::printf("  %s  %s\n", FormatTime(e.value("time", 0.0)).c_str(),
-                  e.value("what", "").c_str());
+      std::printf("  %s  %s\n", FormatTime(e.value("time", 0.0)).c_str(), e.value("what", "").c_str());
     }
   }
   return 0;

@@ -10,9 +10,9 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -121,20 +121,17 @@ void DetachDeadMount(const std::string& mountpoint) {
             mountpoint.c_str());
   if (::geteuid() == 0) {
     if (::umount2(mountpoint.c_str(), MNT_DETACH) != 0) {
-      core::Log(LogLevel::kError, "%s: cannot detach: %s", mountpoint.c_str(),
-                std::strerror(errno));
+      core::Log(LogLevel::kError, "%s: cannot detach: %s", mountpoint.c_str(), std::strerror(errno));
     }
     return;
   }
   const pid_t pid = ::fork();
   if (pid == 0) {
-    ::execlp("fusermount3", "fusermount3", "-u", "-z", mountpoint.c_str(),
-             static_cast<char*>(nullptr));
+    ::execlp("fusermount3", "fusermount3", "-u", "-z", mountpoint.c_str(), static_cast<char*>(nullptr));
     ::_exit(127);
   }
   int status = 0;
-  if (pid < 0 || ::waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
-      WEXITSTATUS(status) != 0) {
+  if (pid < 0 || ::waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
     core::Log(LogLevel::kError, "%s: fusermount3 -u -z failed", mountpoint.c_str());
   }
 }
@@ -155,12 +152,10 @@ int RunMount(const Options& opt) {
   }
   auto scan = (*idx)->Scan();
   if (!scan.ok()) {
-    core::Log(LogLevel::kError, "scan of %s: %s", opt.source.c_str(),
-              scan.status().message().c_str());
+    core::Log(LogLevel::kError, "scan of %s: %s", opt.source.c_str(), scan.status().message().c_str());
     return 1;
   }
-  core::Log(LogLevel::kInfo,
-            "indexed %s: %d checkpoint(s) read, %d directories in %.0f ms (index %s)",
+  core::Log(LogLevel::kInfo, "indexed %s: %d checkpoint(s) read, %d directories in %.0f ms (index %s)",
             opt.source.c_str(), scan->checkpoints_loaded, scan->dirs_visited, scan->seconds * 1e3,
             opt.index_path.c_str());
 
@@ -224,14 +219,12 @@ int RunMount(const Options& opt) {
       return;
     }
     for (const index::PruneEntry& e : report->entries) {
-      if (e.deleted)
-        status.Record(EventKind::kDeletion, e.checkpoint.path + " (" + e.decision.why + ")");
+      if (e.deleted) status.Record(EventKind::kDeletion, e.checkpoint.path + " (" + e.decision.why + ")");
     }
     if (report->deleted > 0 && session != nullptr) {
       Notify(session, table_ptr->ViewsChanged(experiments));
       for (const index::PruneEntry& e : report->entries) {
-        if (e.deleted)
-          Notify(session, table_ptr->PathChanged(e.checkpoint.experiment, e.checkpoint.name));
+        if (e.deleted) Notify(session, table_ptr->PathChanged(e.checkpoint.experiment, e.checkpoint.name));
       }
     }
   };
@@ -281,8 +274,7 @@ int RunMount(const Options& opt) {
   }
   DetachDeadMount(opt.mountpoint);
   if (fuse_session_mount(se, opt.mountpoint.c_str()) != 0) {
-    core::Log(LogLevel::kError,
-              "cannot mount %s at %s (is /dev/fuse available, fusermount3 "
+    core::Log(LogLevel::kError, "cannot mount %s at %s (is /dev/fuse available, fusermount3 "
               "installed, the mountpoint empty and not mounted?)",
               opt.source.c_str(), opt.mountpoint.c_str());
     fuse_remove_signal_handlers(se);

@@ -24,8 +24,7 @@ void NodeTable::Released(const OpenedFile& file) {
     auto it = open_.find(file.real_path);
     if (it != open_.end()) open_.erase(it);
   }
-  if (file.writer && options_.committer != nullptr)
-    options_.committer->ClosedForWrite(file.real_path);
+  if (file.writer && options_.committer != nullptr) options_.committer->ClosedForWrite(file.real_path);
 }
 
 bool NodeTable::IsOpen(const std::string& path) const {
@@ -65,10 +64,8 @@ Result<std::string> NodeTable::StagedDir(uint64_t parent, const std::string& nam
 Status NodeTable::RefuseSpecial(uint64_t parent, const std::string& name, const char* what) {
   Result<Node> p = Snapshot(parent);
   if (!p.ok()) return p.status();
-  if (!p->staged)
-    return Status::Permission(p->vpath + ": read-only (write checkpoints through new/)");
-  return Status::FromErrno(
-      p->vpath + "/" + name + ": a " + what + " cannot be part of a checkpoint", EPERM);
+  if (!p->staged) return Status::Permission(p->vpath + ": read-only (write checkpoints through new/)");
+  return Status::FromErrno(p->vpath + "/" + name + ": a " + what + " cannot be part of a checkpoint", EPERM);
 }
 
 Result<NodeAttr> NodeTable::Mkdir(uint64_t parent, const std::string& name, mode_t mode) {
