@@ -283,4 +283,15 @@ Result<ScopedFd> OpenOwnDir(int dir_fd, const std::string& dir, const std::strin
   return out;
 }
 
+bool IsOwnDirName(const std::string& name) {
+  return name == kTrashDir || name == kStagingDir || name == kAbandonedDir;
+}
+
+Result<ScopedFd> OpenOwnDirUnder(const Beneath& source, const std::string& dir,
+                                 const std::string& name, bool create) {
+  Result<ScopedFd> parent = source.OpenAt(dir, O_RDONLY | O_DIRECTORY);
+  if (!parent.ok()) return parent.status();
+  return OpenOwnDir(parent->get(), dir, name, ::geteuid(), create);
+}
+
 }  // namespace ckptfs::core

@@ -121,6 +121,17 @@ Result<ScopedFd> OpenBeneathFd(int dir_fd, const std::string& name, int flags, m
 // an error. what names the entry in messages.
 Status RemoveTreeAt(int dir_fd, const std::string& name, const std::string& what);
 
+// ckptfs's own hidden directories in an experiment directory. They are
+// created and opened only through OpenOwnDir (or OpenOwnDirUnder), never by
+// a path string: a user who can write the experiment directory could have
+// put a symbolic link or a directory of their own under one of these names.
+inline constexpr char kTrashDir[] = ".ckptfs-trash";          // deletions in flight
+inline constexpr char kStagingDir[] = ".ckptfs-staging";      // what new/ is writing
+inline constexpr char kAbandonedDir[] = ".ckptfs-abandoned";  // staging left by a stopped run
+
+// Whether name is one of the three above (the mount hides them).
+bool IsOwnDirName(const std::string& name);
+
 // One of ckptfs's own hidden directories (kTrashDir, kStagingDir,
 // kAbandonedDir) in the directory dir_fd (whose path is dir, for messages):
 // created mode 0700 with mkdirat when create is set and it is missing, then
@@ -132,6 +143,11 @@ Status RemoveTreeAt(int dir_fd, const std::string& name, const std::string& what
 // create.
 Result<ScopedFd> OpenOwnDir(int dir_fd, const std::string& dir, const std::string& name,
                             uid_t owner, bool create);
+
+// OpenOwnDir for the directory dir (absolute, under source's root, reached
+// beneath it with no symbolic link), owned by the daemon's effective uid.
+Result<ScopedFd> OpenOwnDirUnder(const Beneath& source, const std::string& dir,
+                                 const std::string& name, bool create);
 
 }  // namespace ckptfs::core
 

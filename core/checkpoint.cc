@@ -9,7 +9,12 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <ctime>
 #include <memory>
+#include <mutex>
+#include <set>
+
+#include "core/log.h"
 
 namespace ckptfs::core {
 namespace {
@@ -78,7 +83,32 @@ Result<Meta> ParseMetaFile(Layout layout, const std::string& file) {
   return Status::InvalidArgument(file + ": layout has no meta file");
 }
 
+// Logs once per checkpoint path (a checkpoint is reloaded whenever it
+// changes; the warning says nothing new the second time).
+void WarnFutureOnce(const std::string& path, double unixtime, double now) {
+  static std::mutex mu;
+  static std::set<std::string> warned;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!warned.insert(path).second) return;
+  }
+  Log(LogLevel::kWarning,
+      "%s: unixtime %.0f is %.0f s in the future (more than %lld s ahead of this clock); "
+      "its recency is its newest file's mtime instead",
+      path.c_str(), unixtime, unixtime - now, static_cast<long long>(kMaxFutureUnixtimeSeconds));
+}
+
 }  // namespace
+
+double RecencyOf(const std::string& path, std::optional<double> unixtime, double newest_mtime,
+                 double now) {
+  if (!unixtime) return newest_mtime;
+  if (*unixtime > now + static_cast<double>(kMaxFutureUnixtimeSeconds)) {
+    WarnFutureOnce(path, *unixtime, now);
+    return newest_mtime;
+  }
+  return *unixtime;
+}
 
 const char* LayoutName(Layout layout) {
   switch (layout) {
@@ -177,8 +207,8 @@ Result<Checkpoint> LoadCheckpoint(const std::string& path, Layout layout) {
       c.error = meta.status().message();
     }
   }
-  c.recency = static_cast<double>(newest_ns) / 1e9;
-  if (auto unixtime = c.meta.Number("unixtime")) c.recency = *unixtime;
+  c.recency = RecencyOf(path, c.meta.Number("unixtime"), static_cast<double>(newest_ns) / 1e9,
+                        static_cast<double>(std::time(nullptr)));
   c.step = StepOf(c.meta);
   return c;
 }

@@ -36,7 +36,7 @@ struct Checkpoint {
   Meta meta;
   bool valid = true;
   std::string error;  // why it is invalid
-  double recency = 0;  // unixtime from meta, else newest file mtime (seconds)
+  double recency = 0;  // unixtime from meta, else newest file mtime (seconds); see RecencyOf
   std::optional<double> step;
   std::vector<CheckpointFile> files;  // for kSingleFile: the one file
   // Change detection: mtimes of the directory and meta file, meta size.
@@ -54,6 +54,18 @@ std::optional<Layout> DirectoryLayout(std::string_view dir_name, bool has_ckpt_y
 // Reads the checkpoint at path (a directory of the given layout, or a single
 // file). Fails only when path itself cannot be read (vanished, no access).
 Result<Checkpoint> LoadCheckpoint(const std::string& path, Layout layout);
+
+// A meta unixtime further than this ahead of the daemon's clock is not
+// trusted for recency: anyone who can write a checkpoint could otherwise
+// make it "newest" for ever and push real ones out of keep_last.
+inline constexpr int64_t kMaxFutureUnixtimeSeconds = 86400;
+
+// The recency of the checkpoint at path (DESIGN.md §1, §6): its meta
+// unixtime, unless missing or more than kMaxFutureUnixtimeSeconds after now;
+// then newest_mtime (the newest file's mtime, seconds), and a future
+// unixtime is logged once per path as a warning.
+double RecencyOf(const std::string& path, std::optional<double> unixtime, double newest_mtime,
+                 double now);
 
 // The stamp LoadCheckpoint would record, from a couple of stat calls: if it
 // equals the stored one, the checkpoint need not be reloaded.

@@ -1,5 +1,6 @@
 #include "core/retention.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -9,7 +10,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
-#include <filesystem>
+#include <cstdio>  // renameat2, RENAME_NOREPLACE
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -20,8 +21,9 @@ namespace ckptfs::core {
 namespace {
 
 Result<int> ParseCountValue(const std::string& name, const std::string& text) {
-  if (text.empty() || text.size() > 9 ||
-      !std::all_of(text.begin(), text.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); })) {
+  if (text.empty() || text.size() > 9 || !std::all_of(text.begin(), text.end(), [](char c) {
+        return std::isdigit(static_cast<unsigned char>(c));
+      })) {
     return Status::InvalidArgument(name + ": expected a whole number, got '" + text + "'");
   }
   return std::stoi(text);
@@ -89,7 +91,7 @@ std::string RetentionPolicy::ToString() const {
 }
 
 bool IsPolicyOption(const std::string& name) {
-  static const std::set<std::string> kNames = {"--keep-last",  "--keep-best",  "--keep-every",
+  static const std::set<std::string> kNames = {"--keep-last",   "--keep-best",  "--keep-every",
                                                "--keep-hourly", "--keep-daily", "--keep-weekly",
                                                "--max-bytes"};
   return kNames.count(name) != 0;
@@ -116,7 +118,8 @@ Status AddPolicyOption(const std::string& name, const std::string& value, Retent
   const std::vector<std::string> parts = SplitColons(value);
   if (name == "--keep-best") {
     if (parts.size() != 3 || (parts[0] != "min" && parts[0] != "max") || parts[1].empty()) {
-      return Status::InvalidArgument(name + ": expected min:KEY:N or max:KEY:N, got '" + value + "'");
+      return Status::InvalidArgument(name + ": expected min:KEY:N or max:KEY:N, got '" + value +
+                                     "'");
     }
     KeepBest b;
     b.order = parts[0] == "min" ? Order::kMin : Order::kMax;
@@ -150,7 +153,8 @@ Result<RetentionPolicy> ParsePolicyJson(std::string_view text, const std::string
   for (const auto& [key, value] : doc.items()) {
     std::string option = "--" + key;
     std::replace(option.begin(), option.end(), '_', '-');
-    if (!IsPolicyOption(option)) return Status::InvalidArgument(origin + ": unknown rule '" + key + "'");
+    if (!IsPolicyOption(option))
+      return Status::InvalidArgument(origin + ": unknown rule '" + key + "'");
     std::vector<nlohmann::json> values;
     if (value.is_array()) {
       values.assign(value.begin(), value.end());
@@ -209,8 +213,9 @@ std::vector<RetentionDecision> DecideRetention(const RetentionPolicy& policy,
     }
   }
   for (const KeepBest& b : policy.keep_best) {
-    const std::string rule = std::string("keep_best=") + (b.order == Order::kMin ? "min:" : "max:") +
-                             b.key + ":" + std::to_string(b.n);
+    const std::string rule = std::string("keep_best=") +
+                             (b.order == Order::kMin ? "min:" : "max:") + b.key + ":" +
+                             std::to_string(b.n);
     std::vector<size_t> having;
     for (size_t i : newest) {
       if (candidates[i].checkpoint.meta.Number(b.key)) having.push_back(i);
@@ -250,7 +255,8 @@ std::vector<RetentionDecision> DecideRetention(const RetentionPolicy& policy,
     std::set<int64_t> seen;
     for (size_t i : newest) {
       rank(i, rule);
-      const int64_t bucket = Bucket(candidates[i].checkpoint.recency + static_cast<double>(br.offset), br.seconds);
+      const int64_t bucket =
+          Bucket(candidates[i].checkpoint.recency + static_cast<double>(br.offset), br.seconds);
       if (seen.count(bucket) == 0 && static_cast<int>(seen.size()) < br.count) {
         seen.insert(bucket);
         keep(i, rule);
@@ -291,50 +297,91 @@ std::vector<RetentionDecision> DecideRetention(const RetentionPolicy& policy,
   return out;
 }
 
-bool IsPinned(const Checkpoint& c) {
-  const std::string marker = c.layout == Layout::kSingleFile ? c.path + kPinMarker
-                                                            : c.path + "/" + kPinMarker;
-  return ::access(marker.c_str(), F_OK) == 0;
+namespace {
+
+// Whether name exists in dir_fd, not following a link at any component.
+bool ExistsAt(int dir_fd, const std::string& name) {
+  return OpenBeneathFd(dir_fd, name, O_PATH, 0, name).ok();
 }
 
-Status DeleteCheckpoint(const Checkpoint& c) {
+}  // namespace
+
+bool IsPinned(const Beneath& source, const Checkpoint& c) {
+  Result<ScopedFd> exp = source.OpenAt(c.experiment, O_PATH | O_DIRECTORY);
+  if (!exp.ok()) return false;
+  return ExistsAt(exp->get(), c.layout == Layout::kSingleFile ? c.name + kPinMarker
+                                                              : c.name + "/" + kPinMarker);
+}
+
+Status DeleteCheckpoint(const Beneath& source, const Checkpoint& c) {
+  Result<ScopedFd> exp = source.OpenAt(c.experiment, O_RDONLY | O_DIRECTORY);
+  if (!exp.ok()) return exp.status();
   // Only what is still, right now, the checkpoint we decided about.
-  struct stat st {};
-  if (::lstat(c.path.c_str(), &st) != 0) return Status::FromErrno(c.path, errno);
+  struct stat est {
+  }, st{};
+  if (::fstat(exp->get(), &est) != 0) return Status::FromErrno(c.experiment, errno);
+  if (::fstatat(exp->get(), c.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+    return Status::FromErrno(c.path, errno);
+  }
   if (c.layout != Layout::kSingleFile) {
-    const std::string meta = c.path + "/" + MetaFileName(c.layout);
-    if (!S_ISDIR(st.st_mode) || ::access(meta.c_str(), F_OK) != 0) {
+    if (!S_ISDIR(st.st_mode) || !ExistsAt(exp->get(), c.name + "/" + MetaFileName(c.layout))) {
       return Status::InvalidArgument(c.path + ": no longer looks like a checkpoint; not deleted");
     }
   } else if (!S_ISREG(st.st_mode)) {
     return Status::InvalidArgument(c.path + ": not a regular file; not deleted");
   }
-  if (IsPinned(c)) return Status::Permission(c.path + ": pinned; not deleted");
-  const std::string trash = c.experiment + "/" + kTrashDir;
-  if (::mkdir(trash.c_str(), 0700) != 0 && errno != EEXIST) {
-    return Status::FromErrno("cannot create " + trash, errno);
+  if (!CountsForRetention(est.st_uid, st.st_uid)) {
+    return Status::Permission(c.path + ": owned by uid " + std::to_string(st.st_uid) +
+                              ", not the experiment's owner (uid " + std::to_string(est.st_uid) +
+                              "); not deleted");
   }
+  if (IsPinned(source, c)) return Status::Permission(c.path + ": pinned; not deleted");
+  Result<ScopedFd> trash = OpenOwnDir(exp->get(), c.experiment, kTrashDir, ::geteuid(), true);
+  if (!trash.ok()) return trash.status();
   const auto now = std::chrono::system_clock::now().time_since_epoch();
   const std::string target =
-      trash + "/" + c.name + "." + std::to_string(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
-  if (::rename(c.path.c_str(), target.c_str()) != 0) {
-    return Status::FromErrno("cannot move " + c.path + " to " + trash, errno);
+      c.name + "." +
+      std::to_string(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
+  const std::string trash_path = c.experiment + "/" + kTrashDir;
+  if (::renameat2(exp->get(), c.name.c_str(), trash->get(), target.c_str(), RENAME_NOREPLACE) !=
+      0) {
+    return Status::FromErrno("cannot move " + c.path + " to " + trash_path, errno);
   }
-  std::error_code ec;
-  std::filesystem::remove_all(target, ec);
-  if (ec) return Status::FromErrno("cannot remove " + target, ec.value());
-  return Status::Ok();
+  return RemoveTreeAt(trash->get(), target, trash_path + "/" + target);
 }
 
-void RemoveTrash(const std::string& experiment) {
-  const std::string trash = experiment + "/" + kTrashDir;
-  std::error_code ec;
-  if (!std::filesystem::exists(trash, ec)) return;
-  for (const auto& entry : std::filesystem::directory_iterator(trash, ec)) {
-    Log(LogLevel::kInfo, "removing %s left by an interrupted deletion", entry.path().c_str());
-    std::filesystem::remove_all(entry.path(), ec);
+Status RemoveTrash(const Beneath& source, const std::string& experiment) {
+  Result<ScopedFd> exp = source.OpenAt(experiment, O_RDONLY | O_DIRECTORY);
+  if (!exp.ok()) return exp.status();
+  Result<ScopedFd> trash = OpenOwnDir(exp->get(), experiment, kTrashDir, ::geteuid(), false);
+  if (!trash.ok()) {
+    return trash.status().code() == StatusCode::kNotFound ? Status::Ok() : trash.status();
   }
-  ::rmdir(trash.c_str());
+  const std::string trash_path = experiment + "/" + kTrashDir;
+  std::vector<std::string> names;
+  {
+    const int dup_fd = ::dup(trash->get());
+    DIR* d = dup_fd < 0 ? nullptr : ::fdopendir(dup_fd);
+    if (d == nullptr) {
+      const int err = errno;
+      if (dup_fd >= 0) ::close(dup_fd);
+      return Status::FromErrno(trash_path, err);
+    }
+    while (struct dirent* e = ::readdir(d)) {
+      std::string n = e->d_name;
+      if (n != "." && n != "..") names.push_back(std::move(n));
+    }
+    ::closedir(d);
+  }
+  Status status;
+  for (const std::string& n : names) {
+    const std::string what = trash_path + "/" + n;
+    Log(LogLevel::kInfo, "removing %s left by an interrupted deletion", what.c_str());
+    Status s = RemoveTreeAt(trash->get(), n, what);
+    if (!s.ok() && status.ok()) status = s;
+  }
+  if (status.ok()) ::unlinkat(exp->get(), kTrashDir, AT_REMOVEDIR);
+  return status;
 }
 
 }  // namespace ckptfs::core

@@ -17,6 +17,7 @@
 #include <string_view>
 #include <vector>
 
+#include "core/beneath.h"
 #include "core/checkpoint.h"
 #include "core/query_path.h"
 #include "core/status.h"
@@ -77,16 +78,31 @@ struct RetentionDecision {
 std::vector<RetentionDecision> DecideRetention(const RetentionPolicy& policy,
                                                const std::vector<RetentionCandidate>& candidates);
 
-// Whether the checkpoint at path carries a pin marker.
-bool IsPinned(const Checkpoint& checkpoint);
+// Whether the checkpoint carries a pin marker (looked up beneath source,
+// never following a link).
+bool IsPinned(const Beneath& source, const Checkpoint& checkpoint);
+
+// Ownership rule (DESIGN.md §6): retention ranks, counts and deletes only the
+// checkpoints owned by the experiment directory's owner. experiment_owner
+// and checkpoint_owner are the st_uid of the experiment directory and of
+// the checkpoint (its directory, or its single file).
+inline bool CountsForRetention(uid_t experiment_owner, uid_t checkpoint_owner) {
+  return experiment_owner == checkpoint_owner;
+}
 
 // Moves the checkpoint out of its experiment (into `.ckptfs-trash/` beside
-// it, one rename), then removes it. A crash leaves it in the trash, never
-// half inside the experiment; RemoveTrash finishes the job later.
-Status DeleteCheckpoint(const Checkpoint& checkpoint);
-void RemoveTrash(const std::string& experiment);
+// it, one renameat2 between directory descriptors), then removes it with
+// RemoveTreeAt. Everything is reached beneath source without following a
+// link; the trash directory is opened with OpenOwnDir (a symbolic link or a
+// directory that is not the daemon's own is refused: kPermission naming
+// it). A checkpoint not owned by the experiment's owner is refused too. A
+// crash leaves it in the trash, never half inside the experiment;
+// RemoveTrash finishes the job later.
+Status DeleteCheckpoint(const Beneath& source, const Checkpoint& checkpoint);
+// Empties and removes experiment's trash directory. Missing: Ok. Refused by
+// OpenOwnDir: kPermission naming it, and nothing is touched.
+Status RemoveTrash(const Beneath& source, const std::string& experiment);
 
-inline constexpr char kTrashDir[] = ".ckptfs-trash";
 inline constexpr char kPinMarker[] = ".keep";
 
 }  // namespace ckptfs::core

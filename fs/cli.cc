@@ -283,7 +283,10 @@ int RunCat(const Options& opt) {
 int RunPrune(const Options& opt) {
   Result<std::unique_ptr<index::Index>> idx = OpenIndex(opt);
   if (!idx.ok()) return Fail(idx.status());
-  Result<index::PruneReport> report = index::Prune(idx->get(), opt.policy, {}, opt.dry_run, nullptr);
+  Result<core::Beneath> source = core::Beneath::Open((*idx)->source());
+  if (!source.ok()) return Fail(source.status());
+  Result<index::PruneReport> report =
+      index::Prune(idx->get(), *source, opt.policy, {}, opt.dry_run, nullptr);
   if (!report.ok()) return Fail(report.status());
   std::printf("%-40s %-8s %s\n", "CHECKPOINT", opt.dry_run ? "WOULD" : "DID", "RULE");
   for (const index::PruneEntry& e : report->entries) {
@@ -293,7 +296,8 @@ int RunPrune(const Options& opt) {
   }
   std::printf("policy: %s; %zu checkpoint(s), %d deleted%s\n", opt.policy.ToString().c_str(),
               report->entries.size(), report->deleted, opt.dry_run ? " (dry run: nothing changed)" : "");
-  return report->failed == 0 ? 0 : kExitFailure;
+  for (const std::string& why : report->refused) std::fprintf(stderr, "ckptfs: %s\n", why.c_str());
+  return report->failed == 0 && report->refused.empty() ? 0 : kExitFailure;
 }
 
 std::string HumanBytes(double bytes) {

@@ -7,9 +7,10 @@
 
 #include <cerrno>
 #include <cstdio>  // renameat2, RENAME_NOREPLACE (glibc >= 2.28, _GNU_SOURCE)
+#include <cstring>
 #include <ctime>
-#include <filesystem>
 #include <fstream>
+#include <map>
 
 #include "core/averaging.h"
 #include "core/checkpoint.h"
@@ -26,80 +27,114 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-Status FsyncPath(const std::string& path, bool directory) {
-  int fd = ::open(path.c_str(), (directory ? O_RDONLY | O_DIRECTORY : O_RDONLY) | O_CLOEXEC);
-  if (fd < 0) return Status::FromErrno(path, errno);
-  int rc = ::fsync(fd);
-  int err = errno;
-  ::close(fd);
-  return rc == 0 ? Status::Ok() : Status::FromErrno("fsync " + path, err);
-}
-
-// Walks a staged tree: regular files and directories only; fsyncs each when
-// `sync`, checks tensor files are complete when `check`, and mixes every
-// entry's name, size and mtime into *fingerprint when given.
-Status Walk(const std::string& path, bool sync, bool check, int depth = 0, uint64_t* fingerprint = nullptr) {
-  if (depth > 32) return Status::InvalidArgument(path + ": nested too deeply");
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) != 0) return Status::FromErrno(path, errno);
-  if (fingerprint != nullptr) {
-    *fingerprint = core::Fnv1a(path + ':' + std::to_string(st.st_size) + ':' +
-                                   std::to_string(st.st_mtim.tv_sec) + '.' + std::to_string(st.st_mtim.tv_nsec),
-                               *fingerprint);
+// Names in the directory dir_fd, without "." and "..".
+core::Result<std::vector<std::string>> ListAt(int dir_fd, const std::string& what) {
+  const int fd = ::dup(dir_fd);
+  DIR* d = fd < 0 ? nullptr : ::fdopendir(fd);
+  if (d == nullptr) {
+    const int err = errno;
+    if (fd >= 0) ::close(fd);
+    return Status::FromErrno(what, err);
   }
-  if (S_ISREG(st.st_mode)) {
-    if (check) {
-      if (Status s = core::CheckTensorFileComplete(path); !s.ok()) return s;
-    }
-    return sync ? FsyncPath(path, false) : Status::Ok();
-  }
-  if (!S_ISDIR(st.st_mode)) {
-    return Status::InvalidArgument(path + ": a symbolic link or special file cannot be committed");
-  }
-  DIR* d = ::opendir(path.c_str());
-  if (d == nullptr) return Status::FromErrno(path, errno);
+  ::rewinddir(d);
   std::vector<std::string> names;
   while (struct dirent* e = ::readdir(d)) {
     std::string n = e->d_name;
-    if (n != "." && n != "..") names.push_back(n);
+    if (n != "." && n != "..") names.push_back(std::move(n));
   }
   ::closedir(d);
-  for (const std::string& n : names) {
-    if (Status s = Walk(path + "/" + n, sync, check, depth + 1, fingerprint); !s.ok()) return s;
-  }
-  return sync ? FsyncPath(path, true) : Status::Ok();
+  return names;
 }
 
-// rename(2) that never replaces `to`: kExists when `to` is taken. Filesystems
-// without RENAME_NOREPLACE (EINVAL) get a check and a plain rename, the best
-// they allow.
-Status RenameNoReplace(const std::string& from, const std::string& to) {
-  if (::renameat2(AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), RENAME_NOREPLACE) == 0) {
+bool ExistsAt(int dir_fd, const std::string& rel) {
+  return core::OpenBeneathFd(dir_fd, rel, O_PATH, 0, rel).ok();
+}
+
+// Walks the staged entry `name` of dir_fd (what: its path, for messages):
+// regular files and directories only, each opened beneath its parent's
+// descriptor without following a link; fsyncs each when `sync`, checks
+// tensor files are complete when `check`, and mixes every entry's name, size
+// and mtime into *fingerprint when given.
+Status Walk(int dir_fd, const std::string& name, const std::string& what, bool sync, bool check,
+            int depth = 0, uint64_t* fingerprint = nullptr) {
+  if (depth > 32) return Status::InvalidArgument(what + ": nested too deeply");
+  struct stat st {};
+  if (::fstatat(dir_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+    return Status::FromErrno(what, errno);
+  }
+  if (fingerprint != nullptr) {
+    *fingerprint = core::Fnv1a(what + ':' + std::to_string(st.st_size) + ':' +
+                                   std::to_string(st.st_mtim.tv_sec) + '.' +
+                                   std::to_string(st.st_mtim.tv_nsec),
+                               *fingerprint);
+  }
+  if (!S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) {
+    return Status::InvalidArgument(what + ": a symbolic link or special file cannot be committed");
+  }
+  if (S_ISREG(st.st_mode) && !sync && !check) return Status::Ok();
+  const int flags = S_ISDIR(st.st_mode) ? O_RDONLY | O_DIRECTORY : O_RDONLY | O_NONBLOCK;
+  const int raw = ::openat(dir_fd, name.c_str(), flags | O_NOFOLLOW | O_CLOEXEC);
+  if (raw < 0) return Status::FromErrno(what, errno);
+  core::ScopedFd fd(raw);
+  struct stat again {};
+  if (::fstat(fd.get(), &again) != 0) return Status::FromErrno(what, errno);
+  if (again.st_ino != st.st_ino || again.st_dev != st.st_dev) {
+    return Status::InvalidArgument(what + ": replaced while it was read; not committed");
+  }
+  if (S_ISREG(st.st_mode)) {
+    if (check) {
+      // The very file opened above, whatever its name now points to.
+      const std::string self = "/proc/self/fd/" + std::to_string(fd.get());
+      if (Status s = core::CheckTensorFileComplete(self); !s.ok()) {
+        std::string message = s.message();
+        for (size_t at = message.find(self); at != std::string::npos; at = message.find(self)) {
+          message.replace(at, self.size(), what);
+        }
+        return Status::InvalidArgument(message);
+      }
+    }
+    if (sync && ::fsync(fd.get()) != 0) return Status::FromErrno("fsync " + what, errno);
+    return Status::Ok();
+  }
+  core::Result<std::vector<std::string>> names = ListAt(fd.get(), what);
+  if (!names.ok()) return names.status();
+  for (const std::string& n : *names) {
+    if (Status s = Walk(fd.get(), n, what + "/" + n, sync, check, depth + 1, fingerprint);
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (sync && ::fsync(fd.get()) != 0) return Status::FromErrno("fsync " + what, errno);
+  return Status::Ok();
+}
+
+// renameat2 between directory descriptors that never replaces `to`: kExists
+// when `to` is taken. Filesystems without RENAME_NOREPLACE (EINVAL) get a
+// check and a plain rename, the best they allow.
+Status RenameNoReplace(int from_dir, const std::string& from, int to_dir, const std::string& to,
+                       const std::string& what) {
+  if (::renameat2(from_dir, from.c_str(), to_dir, to.c_str(), RENAME_NOREPLACE) == 0) {
     return Status::Ok();
   }
   int err = errno;
   if (err == EINVAL || err == ENOSYS) {
     struct stat st {};
-    if (::lstat(to.c_str(), &st) == 0) {
+    if (::fstatat(to_dir, to.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
       err = EEXIST;
     } else {
-      err = ::rename(from.c_str(), to.c_str()) == 0 ? 0 : errno;
+      err = ::renameat(from_dir, from.c_str(), to_dir, to.c_str()) == 0 ? 0 : errno;
     }
   }
   if (err == 0) return Status::Ok();
-  if (err == EEXIST) return Status::Exists(to + " already exists");
-  return Status::FromErrno("commit " + from + " -> " + to, err);
-}
-
-bool Exists(const std::string& path) {
-  struct stat st {};
-  return ::lstat(path.c_str(), &st) == 0;
+  if (err == EEXIST) return Status::Exists(what + " already exists");
+  return Status::FromErrno("commit " + what, err);
 }
 
 // What a staged tree looks like now (names, sizes, mtimes).
-uint64_t FingerprintOf(const std::string& top) {
+uint64_t FingerprintOf(int staging_fd, const std::string& name, const std::string& top) {
   uint64_t fp = core::Fnv1a("");
-  (void)Walk(top, false, false, 0, &fp);  // a tree that cannot be walked still changes its print
+  // A tree that cannot be walked still changes its print.
+  (void)Walk(staging_fd, name, top, false, false, 0, &fp);
   return fp;
 }
 
@@ -155,8 +190,25 @@ bool WriterOpenBelow(const std::string& top) {
 
 }  // namespace
 
-Committer::Committer(Settings settings, OnCommitted on_committed)
-    : settings_(settings), on_committed_(std::move(on_committed)) {}
+Committer::Committer(const core::Beneath* source, Settings settings, OnCommitted on_committed)
+    : source_(source), settings_(settings), on_committed_(std::move(on_committed)) {}
+
+core::Result<core::ScopedFd> Committer::OpenStaging(const std::string& experiment, bool create) {
+  core::Result<core::ScopedFd> fd =
+      core::OpenOwnDirUnder(*source_, experiment, core::kStagingDir, create);
+  if (!fd.ok() && fd.status().code() == core::StatusCode::kPermission) {
+    bool first;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      first = refusals_.insert(fd.status().message()).second;
+    }
+    if (first) {
+      core::Log(LogLevel::kError, "new/ disabled for %s: %s", experiment.c_str(),
+                fd.status().message().c_str());
+    }
+  }
+  return fd;
+}
 
 Committer::~Committer() {
   {
@@ -219,34 +271,44 @@ void Committer::ClosedForWrite(const std::string& path) {
   wake_.notify_all();
 }
 
-Status Committer::CheckReady(const std::string& top) {
-  const std::string name = top.substr(top.rfind('/') + 1);
+Status Committer::CheckReady(int staging_fd, const std::string& staging, const std::string& name) {
+  const std::string top = staging + "/" + name;
   struct stat st {};
-  if (::lstat(top.c_str(), &st) != 0) return Status::FromErrno(top, errno);
+  if (::fstatat(staging_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+    return Status::FromErrno(top, errno);
+  }
   if (S_ISDIR(st.st_mode)) {
-    auto has = [&](const char* f) { return Exists(top + "/" + f); };
-    if (!core::DirectoryLayout(name, has("CKPT.yaml"), has("meta.json"), has("trainer_state.json"))) {
-      return Status::NotFound(top + ": not a checkpoint yet (no CKPT.yaml, meta.json, or "
+    auto has = [&](const char* f) { return ExistsAt(staging_fd, name + "/" + f); };
+    if (!core::DirectoryLayout(name, has("CKPT.yaml"), has("meta.json"),
+                               has("trainer_state.json"))) {
+      return Status::NotFound(top +
+                              ": not a checkpoint yet (no CKPT.yaml, meta.json, or "
                               "trainer_state.json in a checkpoint-N directory)");
     }
   } else if (S_ISREG(st.st_mode)) {
     if (!core::ParseSingleFileName(name)) {
-      return Status::InvalidArgument(top + ": not a checkpoint file name (e.g. epoch=3-step=100.ckpt)");
+      return Status::InvalidArgument(top +
+                                     ": not a checkpoint file name (e.g. epoch=3-step=100.ckpt)");
     }
   }
-  return Walk(top, /*sync=*/false, /*check=*/true);
+  return Walk(staging_fd, name, top, /*sync=*/false, /*check=*/true);
 }
 
 Status Committer::Commit(const std::string& experiment, const std::string& name) {
-  const std::string staging = index::StagingDir(experiment);
-  const std::string top = staging + "/" + name;
+  core::Result<core::ScopedFd> exp = source_->OpenAt(experiment, O_RDONLY | O_DIRECTORY);
+  if (!exp.ok()) return exp.status();
+  core::Result<core::ScopedFd> staging =
+      core::OpenOwnDir(exp->get(), experiment, core::kStagingDir, ::geteuid(), false);
+  if (!staging.ok()) return staging.status();
+  const std::string top = index::StagingDir(experiment) + "/" + name;
   const std::string target = experiment + "/" + name;
-  if (Status s = Walk(top, /*sync=*/true, /*check=*/false); !s.ok()) return s;
+  if (Status s = Walk(staging->get(), name, top, /*sync=*/true, /*check=*/false); !s.ok()) return s;
   // The name is claimed by the rename itself: a check before it would leave
   // a window in which a checkpoint written straight into the source under
   // the same name is silently replaced (a file) or made to fail later (a
   // directory). RENAME_NOREPLACE makes "exists" and "moved" one decision.
-  if (Status s = RenameNoReplace(top, target); !s.ok()) {
+  if (Status s = RenameNoReplace(staging->get(), name, exp->get(), name, top + " -> " + target);
+      !s.ok()) {
     if (s.code() == core::StatusCode::kExists) {
       return Status::Exists(
           "cannot commit " + top + " as " + target +
@@ -255,25 +317,53 @@ Status Committer::Commit(const std::string& experiment, const std::string& name)
     }
     return s;
   }
-  return FsyncPath(experiment, true);
+  if (::fsync(exp->get()) != 0) return Status::FromErrno("fsync " + experiment, errno);
+  return Status::Ok();
 }
 
 int Committer::CommitReady() {
   std::vector<std::pair<std::string, std::string>> candidates;
   // With the print and whether a writer was open at the last look.
   std::vector<std::pair<std::pair<std::string, std::string>, std::pair<uint64_t, bool>>> quiet_ones;
+  std::vector<std::pair<std::string, std::string>> maybe_marked;
   const auto now = Clock::now();
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [key, s] : staged_) {
-      const std::string top = index::StagingDir(key.first) + "/" + key.second;
-      const bool marked = Exists(top + "/" + kCommitMarker) || Exists(top + kCommitMarker);
-      const bool quiet = !settings_.explicit_only && s.writers == 0 && now - s.last >= settings_.quiet;
-      if (marked || (quiet && !settings_.direct)) {
+      const bool quiet =
+          !settings_.explicit_only && s.writers == 0 && now - s.last >= settings_.quiet;
+      if (quiet && !settings_.direct) {
         candidates.push_back(key);
       } else if (quiet) {
         quiet_ones.push_back({key, {s.fingerprint, s.writer_seen}});
+      } else {
+        maybe_marked.push_back(key);
       }
+    }
+  }
+  // Staging directories, opened (and checked) once per experiment per look.
+  std::map<std::string, core::Result<core::ScopedFd>> stagings;
+  auto staging_of = [&](const std::string& exp) -> int {
+    auto it = stagings.find(exp);
+    if (it == stagings.end()) it = stagings.emplace(exp, OpenStaging(exp, false)).first;
+    return it->second.ok() ? it->second->get() : -1;
+  };
+  // An explicit marker commits at once, quiet or not.
+  for (const auto& key : maybe_marked) {
+    const int fd = staging_of(key.first);
+    if (fd >= 0 && (ExistsAt(fd, key.second + "/" + kCommitMarker) ||
+                    ExistsAt(fd, key.second + kCommitMarker))) {
+      candidates.push_back(key);
+    }
+  }
+  for (auto it = quiet_ones.begin(); it != quiet_ones.end();) {
+    const int fd = staging_of(it->first.first);
+    if (fd >= 0 && (ExistsAt(fd, it->first.second + "/" + kCommitMarker) ||
+                    ExistsAt(fd, it->first.second + kCommitMarker))) {
+      candidates.push_back(it->first);
+      it = quiet_ones.erase(it);
+    } else {
+      ++it;
     }
   }
   // --direct-new: quiet as far as the daemon saw; the disk and /proc must
@@ -281,7 +371,8 @@ int Committer::CommitReady() {
   // another quiet period.
   for (const auto& [key, last] : quiet_ones) {
     const std::string top = index::StagingDir(key.first) + "/" + key.second;
-    const uint64_t print = FingerprintOf(top);
+    const int fd = staging_of(key.first);
+    const uint64_t print = fd >= 0 ? FingerprintOf(fd, key.second, top) : 0;
     const bool writer = WriterOpenBelow(top);
     // A writer seen at the last look has closed since: the quiet period
     // starts now, as it does when the daemon sees a close.
@@ -297,26 +388,41 @@ int Committer::CommitReady() {
   }
   int committed = 0;
   for (const auto& [exp, name] : candidates) {
-    const std::string top = index::StagingDir(exp) + "/" + name;
-    if (!Exists(top)) {  // removed by the writer, or already committed
+    const int staging_fd = staging_of(exp);
+    struct stat top_st {};
+    if (staging_fd >= 0 && ::fstatat(staging_fd, name.c_str(), &top_st, AT_SYMLINK_NOFOLLOW) != 0) {
+      // Removed by the writer, or already committed.
       std::lock_guard<std::mutex> lock(mu_);
       staged_.erase({exp, name});
       continue;
     }
-    // The marker is the writer's signal, not part of the checkpoint.
-    ::unlink((top + "/" + kCommitMarker).c_str());
-    const bool was_marked = ::unlink((top + kCommitMarker).c_str()) == 0;
-    Status s = CheckReady(top);
-    if (s.ok()) s = Commit(exp, name);
+    bool was_marked = false;
+    Status s;
+    if (staging_fd < 0) {
+      s = stagings.at(exp).status();
+    } else {
+      // The marker is the writer's signal, not part of the checkpoint.
+      if (S_ISDIR(top_st.st_mode)) {
+        if (auto top = core::OpenBeneathFd(staging_fd, name, O_RDONLY | O_DIRECTORY, 0, name);
+            top.ok()) {
+          ::unlinkat(top->get(), kCommitMarker, 0);
+        }
+      }
+      was_marked = ::unlinkat(staging_fd, (name + kCommitMarker).c_str(), 0) == 0;
+      s = CheckReady(staging_fd, index::StagingDir(exp), name);
+      if (s.ok()) s = Commit(exp, name);
+    }
     if (!s.ok()) {
       std::lock_guard<std::mutex> lock(mu_);
       Staged& st = staged_[{exp, name}];
       if (st.reported != s.message()) {
-        core::Log(LogLevel::kWarning, "new/%s not committed: %s", name.c_str(), s.message().c_str());
+        core::Log(LogLevel::kWarning, "new/%s not committed: %s", name.c_str(),
+                  s.message().c_str());
         st.reported = s.message();
       }
       st.last = Clock::now();  // look again after another quiet period
-      if (was_marked) core::Log(LogLevel::kWarning, "new/%s: explicit commit refused", name.c_str());
+      if (was_marked)
+        core::Log(LogLevel::kWarning, "new/%s: explicit commit refused", name.c_str());
       continue;
     }
     {
@@ -342,29 +448,49 @@ void Committer::Loop() {
   }
 }
 
-std::vector<std::string> Committer::RecoverStaging(const std::string& experiment) {
+std::vector<std::string> Committer::RecoverStaging(const core::Beneath& source,
+                                                   const std::string& experiment) {
   std::vector<std::string> moved;
-  const std::string staging = index::StagingDir(experiment);
-  DIR* d = ::opendir(staging.c_str());
-  if (d == nullptr) return moved;
-  std::vector<std::string> names;
-  while (struct dirent* e = ::readdir(d)) {
-    std::string n = e->d_name;
-    if (n != "." && n != "..") names.push_back(n);
+  core::Result<core::ScopedFd> exp = source.OpenAt(experiment, O_RDONLY | O_DIRECTORY);
+  if (!exp.ok()) return moved;
+  const uid_t self = ::geteuid();
+  core::Result<core::ScopedFd> staging =
+      core::OpenOwnDir(exp->get(), experiment, core::kStagingDir, self, false);
+  if (!staging.ok()) {
+    if (staging.status().code() != core::StatusCode::kNotFound) {
+      core::Log(LogLevel::kError, "staging recovery skipped: %s",
+                staging.status().message().c_str());
+    }
+    return moved;
   }
-  ::closedir(d);
-  const std::string abandoned = experiment + "/" + index::kAbandonedDir;
-  for (const std::string& n : names) {
-    ::mkdir(abandoned.c_str(), 0700);
-    const std::string to = abandoned + "/" + n + "." + std::to_string(std::time(nullptr));
-    if (::rename((staging + "/" + n).c_str(), to.c_str()) == 0) {
+  const std::string staging_path = index::StagingDir(experiment);
+  core::Result<std::vector<std::string>> names = ListAt(staging->get(), staging_path);
+  if (!names.ok() || names->empty()) {
+    if (names.ok()) ::unlinkat(exp->get(), core::kStagingDir, AT_REMOVEDIR);
+    return moved;
+  }
+  core::Result<core::ScopedFd> abandoned =
+      core::OpenOwnDir(exp->get(), experiment, core::kAbandonedDir, self, true);
+  if (!abandoned.ok()) {
+    core::Log(LogLevel::kError, "staging recovery skipped (what %s holds stays there): %s",
+              staging_path.c_str(), abandoned.status().message().c_str());
+    return moved;
+  }
+  const std::string abandoned_path = experiment + "/" + core::kAbandonedDir;
+  for (const std::string& n : *names) {
+    const std::string to = n + "." + std::to_string(std::time(nullptr));
+    if (::renameat2(staging->get(), n.c_str(), abandoned->get(), to.c_str(), RENAME_NOREPLACE) ==
+        0) {
       core::Log(LogLevel::kWarning,
-                "new/%s was being written when ckptfs stopped; not committed, moved to %s",
-                n.c_str(), to.c_str());
-      moved.push_back(to);
+                "new/%s was being written when ckptfs stopped; not committed, moved to %s/%s",
+                n.c_str(), abandoned_path.c_str(), to.c_str());
+      moved.push_back(abandoned_path + "/" + to);
+    } else {
+      core::Log(LogLevel::kError, "cannot move %s/%s to %s: %s", staging_path.c_str(), n.c_str(),
+                abandoned_path.c_str(), std::strerror(errno));
     }
   }
-  ::rmdir(staging.c_str());
+  ::unlinkat(exp->get(), core::kStagingDir, AT_REMOVEDIR);
   return moved;
 }
 

@@ -350,6 +350,13 @@ int RunMount(const Options& opt) {
   // The watcher starts after the fork; until then nothing is watched.
   std::atomic<index::Watcher*> watcher_ptr{nullptr};
   core::AverageCache averages(opt.avg_cache, opt.avg_cache_bytes);
+  // Everything under SOURCE that retention, new/ and cleanup touch is reached
+  // beneath this descriptor (core/beneath.h).
+  auto source = core::Beneath::Open((*idx)->source());
+  if (!source.ok()) {
+    core::Log(LogLevel::kError, "%s", source.status().message().c_str());
+    return 1;
+  }
   // What a killed daemon left half-written in new/ is never committed.
   {
     auto all = (*idx)->List(opt.source);
@@ -358,8 +365,10 @@ int RunMount(const Options& opt) {
       for (const core::Checkpoint& c : *all) experiments.insert(c.experiment);
     }
     for (const std::string& e : experiments) {
-      Committer::RecoverStaging(e);
-      core::RemoveTrash(e);
+      Committer::RecoverStaging(*source, e);
+      if (core::Status s = core::RemoveTrash(*source, e); !s.ok()) {
+        core::Log(LogLevel::kError, "trash cleanup skipped: %s", s.message().c_str());
+      }
     }
   }
   // Notifications need the session, made below; threads that send them
@@ -389,7 +398,7 @@ int RunMount(const Options& opt) {
   auto prune = [&](const std::vector<std::string>& experiments) {
     if (opt.policy.empty() || experiments.empty()) return;
     std::lock_guard<std::mutex> lock(prune_mu);
-    auto report = index::Prune(idx->get(), opt.policy, experiments, false,
+    auto report = index::Prune(idx->get(), *source, opt.policy, experiments, false,
                                [&](const std::string& path) { return table_ptr->IsOpen(path); });
     if (!report.ok()) {
       core::Log(LogLevel::kError, "retention: %s", report.status().message().c_str());
@@ -407,7 +416,7 @@ int RunMount(const Options& opt) {
     }
   };
   committer = std::make_unique<Committer>(
-      commit_settings, [&](const std::string& experiment, const std::string& name) {
+      &*source, commit_settings, [&](const std::string& experiment, const std::string& name) {
         // Runs on the committer's thread: its wall.
         core::CatchAndLog("after commit", [&] {
           send(table_ptr->PathChanged(index::StagingDir(experiment), name));

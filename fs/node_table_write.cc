@@ -47,16 +47,16 @@ Result<std::string> NodeTable::StagedDir(uint64_t parent, const std::string& nam
       index::IsHiddenName(name)) {
     return Status::InvalidArgument(p->vpath + "/" + name + ": not a valid name");
   }
-  // new/ itself: the staging directory, made on first use; a new checkpoint
-  // may not take a name the experiment already has.
-  if (p->real_path == index::StagingDir(p->scope)) {
-    if (::mkdir(p->real_path.c_str(), 0755) != 0 && errno != EEXIST) {
-      return Status::FromErrno("cannot create staging directory " + p->real_path, errno);
-    }
-    struct stat st {};
-    if (creating && ::lstat((p->scope + "/" + name).c_str(), &st) == 0) {
-      return Status::Exists(p->scope + "/" + name + " already exists in the experiment");
-    }
+  // The staging directory must be the daemon's own (core::OpenOwnDir; made
+  // on first use through new/ itself): never a link a user planted, nor a
+  // directory of theirs. Below it everything is reached beneath SOURCE.
+  const bool top = p->real_path == index::StagingDir(p->scope);
+  Result<core::ScopedFd> staging = options_.committer->OpenStaging(p->scope, top);
+  if (!staging.ok()) return staging.status();
+  // A new checkpoint may not take a name the experiment already has.
+  struct stat st {};
+  if (top && creating && options_.committer->source().Lstat(p->scope + "/" + name, &st).ok()) {
+    return Status::Exists(p->scope + "/" + name + " already exists in the experiment");
   }
   return p->real_path;
 }
@@ -72,7 +72,11 @@ Result<NodeAttr> NodeTable::Mkdir(uint64_t parent, const std::string& name, mode
   Result<std::string> dir = StagedDir(parent, name, true);
   if (!dir.ok()) return dir.status();
   const std::string path = *dir + "/" + name;
-  if (::mkdir(path.c_str(), mode & 07777) != 0) return Status::FromErrno(path, errno);
+  auto in = options_.committer->source().OpenParent(path);
+  if (!in.ok()) return in.status();
+  if (::mkdirat(in->first.get(), in->second.c_str(), mode & 07777) != 0) {
+    return Status::FromErrno(path, errno);
+  }
   options_.committer->Touched(path);
   return Lookup(parent, name, /*redirect=*/false);  // mkdir must answer with a directory
 }
@@ -85,8 +89,10 @@ Result<std::pair<NodeAttr, OpenedFile>> NodeTable::Create(uint64_t parent, const
   f.real_path = *dir + "/" + name;
   f.writer = true;
   const int open_flags = (flags & (O_ACCMODE | O_TRUNC | O_APPEND | O_EXCL)) | O_CREAT;
-  f.fd = ::open(f.real_path.c_str(), open_flags | O_CLOEXEC | O_NOFOLLOW, mode & 07777);
-  if (f.fd < 0) return Status::FromErrno(f.real_path, errno);
+  Result<core::ScopedFd> fd =
+      options_.committer->source().OpenAt(f.real_path, open_flags | O_NOFOLLOW, mode & 07777);
+  if (!fd.ok()) return fd.status();
+  f.fd = fd->release();
   options_.committer->OpenedForWrite(f.real_path);
   Result<NodeAttr> attr = Lookup(parent, name);
   if (!attr.ok()) {
@@ -105,7 +111,9 @@ Status NodeTable::Unlink(uint64_t parent, const std::string& name, bool director
   Result<std::string> dir = StagedDir(parent, name, false);
   if (!dir.ok()) return dir.status();
   const std::string path = *dir + "/" + name;
-  if ((directory ? ::rmdir(path.c_str()) : ::unlink(path.c_str())) != 0) {
+  auto in = options_.committer->source().OpenParent(path);
+  if (!in.ok()) return in.status();
+  if (::unlinkat(in->first.get(), in->second.c_str(), directory ? AT_REMOVEDIR : 0) != 0) {
     return Status::FromErrno(path, errno);
   }
   options_.committer->Touched(path);
@@ -124,13 +132,8 @@ Status NodeTable::Rename(uint64_t parent, const std::string& name, uint64_t new_
     return Status::FromErrno(*from + "/" + name + " -> " + *to + "/" + new_name, EXDEV);
   }
   const std::string a = *from + "/" + name, b = *to + "/" + new_name;
-  if (flags & RENAME_NOREPLACE) {
-    struct stat st {};
-    if (::lstat(b.c_str(), &st) == 0) return Status::FromErrno(b, EEXIST);
-  } else if (flags != 0) {
-    return Status::FromErrno(a, EINVAL);
-  }
-  if (::rename(a.c_str(), b.c_str()) != 0) return Status::FromErrno(a + " -> " + b, errno);
+  if (flags != 0 && flags != RENAME_NOREPLACE) return Status::FromErrno(a, EINVAL);
+  if (Status s = options_.committer->source().Rename(a, b, flags); !s.ok()) return s;
   options_.committer->Touched(a);
   options_.committer->Touched(b);
   return Status::Ok();

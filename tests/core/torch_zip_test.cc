@@ -353,8 +353,8 @@ TEST_F(TorchZipTest, CraftedMembersFailNamingFileAndCause) {
     StatusCode code;
     const char* says;
   } cases[] = {
-      {Seed("overflow_numel.pt"), StatusCode::kCorrupt, "impossible size"},
-      {Seed("overflow_stride.pt"), StatusCode::kCorrupt, "reaches past its storage"},
+      {Seed("overflow_numel.pt"), StatusCode::kCorrupt, "storage size overflows int64"},
+      {Seed("overflow_stride.pt"), StatusCode::kCorrupt, "tensor size arithmetic overflows int64"},
       {Seed("bomb_declared.pt"), StatusCode::kCorrupt, "more than deflate can produce"},
       {Seed("bomb_lying.pt"), StatusCode::kCorrupt, "more than its declared 1024 bytes"},
       {Seed("bomb_small.pt"), StatusCode::kCorrupt, "data.pkl"},

@@ -1,11 +1,13 @@
 #include "index/index.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
 
+#include "index/pruner.h"
 #include "test_util.h"
 
 namespace ckptfs::index {
@@ -393,6 +395,78 @@ TEST(ScannerTest, MetaBeyondItsBudgetOrRefusedByPyYamlIsInvalid) {
   }
   auto best = (*idx)->Select(exp, {}, true, Order::kMin, "loss", 1);
   EXPECT_EQ(Names(*best), std::vector<std::string>{"CKPT+4"});
+}
+
+// Attack B: in a shared experiment another user adds checkpoints claiming
+// to be the newest. Retention neither counts them (root's newest stay) nor
+// deletes them (they are not the experiment owner's to delete).
+TEST(PrunerTest, RanksAndDeletesOnlyTheExperimentOwnersCheckpoints) {
+  if (::geteuid() != 0) GTEST_SKIP() << "another owner needs root to chown";
+  TempDir dir;
+  const std::string src = dir.path() + "/src", exp = src + "/exp";
+  AddSb(exp, "CKPT+1", "unixtime: 100\n");
+  AddSb(exp, "CKPT+2", "unixtime: 200\n");
+  AddSb(exp, "CKPT+3", "unixtime: 300\n");
+  AddSb(exp, "CKPT+8", "unixtime: 9999999999\n");
+  AddSb(exp, "CKPT+9", "unixtime: 9999999999\n");
+  for (const char* fake : {"CKPT+8", "CKPT+9"}) {
+    ASSERT_EQ(::chown((exp + "/" + fake).c_str(), 65534, 65534), 0);
+  }
+  auto idx = Index::Open(src, dir.path() + "/index.sqlite");
+  ASSERT_TRUE(idx.ok()) << idx.status().message();
+  ASSERT_TRUE((*idx)->Scan().ok());
+  auto source = core::Beneath::Open(src);
+  ASSERT_TRUE(source.ok());
+  core::RetentionPolicy policy;
+  policy.keep_last = 2;
+  auto report = Prune(idx->get(), *source, policy, {}, false, nullptr);
+  ASSERT_TRUE(report.ok()) << report.status().message();
+  EXPECT_EQ(report->deleted, 1);
+  EXPECT_TRUE(report->refused.empty());
+  auto exists = [&](const std::string& n) { return ::access((exp + "/" + n).c_str(), F_OK) == 0; };
+  EXPECT_FALSE(exists("CKPT+1"));  // the policy's own decision
+  EXPECT_TRUE(exists("CKPT+2"));
+  EXPECT_TRUE(exists("CKPT+3"));
+  EXPECT_TRUE(exists("CKPT+8"));
+  EXPECT_TRUE(exists("CKPT+9"));
+  int ignored = 0;
+  for (const PruneEntry& e : report->entries) {
+    if (e.checkpoint.name == "CKPT+8" || e.checkpoint.name == "CKPT+9") {
+      EXPECT_TRUE(e.decision.keep);
+      EXPECT_NE(e.decision.why.find("owned by uid 65534"), std::string::npos) << e.decision.why;
+      ++ignored;
+    }
+  }
+  EXPECT_EQ(ignored, 2);
+}
+
+// Attack A through `ckptfs prune`: a symbolic link named .ckptfs-trash makes
+// the experiment's retention stop, naming it; nothing is deleted anywhere.
+TEST(PrunerTest, SkipsAnExperimentWhoseTrashIsRefused) {
+  TempDir dir;
+  const std::string src = dir.path() + "/src", exp = src + "/exp";
+  const std::string victim = dir.path() + "/victim";
+  AddSb(exp, "CKPT+1", "unixtime: 100\n");
+  AddSb(exp, "CKPT+2", "unixtime: 200\n");
+  WriteFile(victim + "/precious.txt", "keep me");
+  ASSERT_EQ(::symlink(victim.c_str(), (exp + "/" + core::kTrashDir).c_str()), 0);
+  auto idx = Index::Open(src, dir.path() + "/index.sqlite");
+  ASSERT_TRUE(idx.ok()) << idx.status().message();
+  ASSERT_TRUE((*idx)->Scan().ok());
+  auto source = core::Beneath::Open(src);
+  ASSERT_TRUE(source.ok());
+  core::RetentionPolicy policy;
+  policy.keep_last = 1;
+  for (bool dry_run : {true, false}) {
+    auto report = Prune(idx->get(), *source, policy, {}, dry_run, nullptr);
+    ASSERT_TRUE(report.ok()) << report.status().message();
+    ASSERT_EQ(report->refused.size(), 1u);
+    EXPECT_NE(report->refused[0].find(exp + "/" + core::kTrashDir), std::string::npos)
+        << report->refused[0];
+    EXPECT_EQ(report->deleted, 0);
+  }
+  EXPECT_EQ(::access((exp + "/CKPT+1").c_str(), F_OK), 0);
+  EXPECT_EQ(testing::ReadFile(victim + "/precious.txt"), "keep me");
 }
 
 }  // namespace
