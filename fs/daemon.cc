@@ -559,6 +559,9 @@ int RunMount(const Options& opt) {
   if (watcher.ok()) watcher->reset();
   fuse_session_unmount(se);
   fuse_session_destroy(se);
+  // A forced unmount that found the mount busy aborts the connection, and
+  // fuse_session_unmount skips an aborted one: detach what is left.
+  DetachDeadMount(opt.mountpoint);
   core::Log(LogLevel::kInfo, "unmounted %s", opt.mountpoint.c_str());
   // A stop signal ends the loop as an unmount does: a clean stop.
   return started.ok() && rc == 0 ? 0 : 1;
