@@ -1,7 +1,6 @@
 """End-to-end robustness of a mount: names that are not UTF-8, listings
 that never show a name lookup refuses, and stopping on SIGTERM while a
 reader keeps the daemon busy. Real /dev/fuse, real torch.save files."""
-import contextlib
 import json
 import os
 import shutil
@@ -15,7 +14,7 @@ import unittest
 import torch
 
 import experiments
-from mount_util import CKPTFS, unmount, wait_for
+from mount_util import CKPTFS, mounted, unmount, wait_for
 
 BASE = 1_700_000_000
 # Not UTF-8: two bytes that never start a sequence, then U+DCFF encoded as
@@ -39,33 +38,6 @@ def read_log(path):
     """The daemon's log; it names paths that are not UTF-8."""
     with open(path, encoding="utf-8", errors="backslashreplace") as f:
         return f.read()
-
-
-@contextlib.contextmanager
-def mounted(source, *options):
-    """As mount_util.mounted (runs `ckptfs mount -f`, always unmounts, checks
-    the daemon exited 0), for sources and logs that are not UTF-8."""
-    mnt = tempfile.mkdtemp(prefix="ckptfs-mnt-")
-    log_path = mnt + ".log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([CKPTFS, "mount", "-f", "--index", mnt + ".sqlite", *options, source, mnt],
-                                stdout=log, stderr=subprocess.STDOUT)
-    try:
-        if not wait_for(lambda: os.path.ismount(mnt) or proc.poll() is not None, timeout=30):
-            raise AssertionError("mount did not come up")
-        if proc.poll() is not None:
-            raise AssertionError("ckptfs mount exited %s: %s" % (proc.returncode, read_log(log_path)))
-        yield mnt, proc, log_path
-    finally:
-        unmount(mnt)
-        try:
-            rc = proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-        os.rmdir(mnt)
-        if rc != 0:
-            raise AssertionError("daemon exited %s: %s" % (rc, read_log(log_path)))
 
 
 def status_json(mnt):
