@@ -6,7 +6,6 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <nlohmann/json.hpp>
-#include <regex>
 #include <unordered_map>
 
 #include "core/meta.h"
