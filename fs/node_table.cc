@@ -164,11 +164,12 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
   // Writers change new/; the status file changes with every event. With
   // other users on the mount, what a view shows depends on who asks, and
   // the kernel's caches are shared: such entries are never cached.
-  const bool per_caller = options_.multi_user && (node.in_view || node.type == NodeType::kIndexJson ||
-                                                  !node.members.empty());
+  const bool per_caller =
+      options_.multi_user &&
+      (node.in_view || node.type == NodeType::kIndexJson || !node.members.empty());
   a.timeout = node.staged || IsStatusFile(node) || per_caller ? 0
-              : watched                                     ? kLongTimeout
-                                                            : kShortTimeout;
+              : watched                                       ? kLongTimeout
+                                                              : kShortTimeout;
   return a;
 }
 
@@ -390,9 +391,9 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags, const core::Caller* 
       // the source's descriptor (a symbolic link at any component refused).
       Status allowed = Status::Ok();
       if (caller != nullptr) {
-        const int mask = (flags & O_ACCMODE) == O_RDONLY ? R_OK
+        const int mask = (flags & O_ACCMODE) == O_RDONLY   ? R_OK
                          : (flags & O_ACCMODE) == O_WRONLY ? W_OK
-                                                          : R_OK | W_OK;
+                                                           : R_OK | W_OK;
         allowed = average ? MembersAllowed(*caller, node->members)
                           : Allowed(*caller, node->real_path, mask);
       }

@@ -246,7 +246,7 @@ Result<std::vector<Checkpoint>> Resolver::SelectExisting(const std::string& scop
     for (Checkpoint& c : *rows) {
       struct stat st {};
       if (::lstat(c.path.c_str(), &st) != 0) continue;  // deleted, not rescanned yet
-      if (!Visible(c, caller)) continue;                  // not this caller's to see
+      if (!Visible(c, caller)) continue;                // not this caller's to see
       out.push_back(std::move(c));
       if (static_cast<int>(out.size()) == count) return out;
     }

@@ -107,8 +107,7 @@ class Resolver {
   // disk: between a deletion and the rescan that follows it, the index may
   // name a checkpoint that is gone, and a view must skip it, not fail.
   core::Result<std::vector<core::Checkpoint>> SelectExisting(const std::string& scope,
-                                                             const core::Query& q,
-                                                             int count,
+                                                             const core::Query& q, int count,
                                                              const core::Caller* caller) const;
   // The virtual root's names for scope under these predicates (new/ only
   // when with_new), leaving out those a lookup would refuse.

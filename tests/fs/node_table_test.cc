@@ -243,8 +243,9 @@ class NodeTableSecurityTest : public NodeTableTest {
 
 TEST_F(NodeTableSecurityTest, ViewsSelectOnlyWhatTheCallerCanRead) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to act for another uid";
-  EXPECT_EQ(*table_->GetXattr(Walk({"exp", "best", "min", "loss"}, &root_), "user.ckptfs.checkpoint"),
-            src_ + "/exp/CKPT+2");
+  EXPECT_EQ(
+      *table_->GetXattr(Walk({"exp", "best", "min", "loss"}, &root_), "user.ckptfs.checkpoint"),
+      src_ + "/exp/CKPT+2");
   const uint64_t best = Walk({"exp", "best", "min", "loss"}, &nobody_);
   EXPECT_EQ(*table_->GetXattr(best, "user.ckptfs.checkpoint", &nobody_), src_ + "/exp/CKPT+1");
   const uint64_t latest = Walk({"exp", "latest"}, &nobody_);
