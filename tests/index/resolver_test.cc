@@ -221,8 +221,8 @@ TEST_F(ResolverTest, IndexJsonNamesEveryCheckpoint) {
 
 TEST_F(ResolverTest, ARestrictedCallerSeesOnlyReadableCheckpoints) {
   if (::geteuid() != 0) GTEST_SKIP() << "needs root to own what another uid cannot read";
-  ASSERT_EQ(::chmod((exp_ + "/CKPT+2").c_str(), 0700), 0);            // best by loss
-  ASSERT_EQ(::chmod((exp_ + "/CKPT+3/mdl.ckpt").c_str(), 0600), 0);   // dir still readable
+  ASSERT_EQ(::chmod((exp_ + "/CKPT+2").c_str(), 0700), 0);           // best by loss
+  ASSERT_EQ(::chmod((exp_ + "/CKPT+3/mdl.ckpt").c_str(), 0600), 0);  // dir still readable
   ASSERT_EQ(::chmod((src_ + "/pl/epoch=2-step=20-val_loss=0.6.ckpt").c_str(), 0600), 0);
   core::Caller nobody;
   nobody.uid = nobody.gid = 65534;
