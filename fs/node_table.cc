@@ -210,6 +210,13 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
   if (parent->type != NodeType::kRealDir && parent->type != NodeType::kVirtualDir) {
     return Status::FromErrno(parent->vpath, ENOTDIR);
   }
+  if (caller != nullptr && parent->type == NodeType::kRealDir && !parent->staged &&
+      Under(parent->real_path, source())) {
+    // The kernel checked search permission against attributes it may have
+    // cached before a chmod or a swap: check the real directory again.
+    Status allowed = Allowed(*caller, parent->real_path, X_OK);
+    if (!allowed.ok()) return allowed;
+  }
   Node node;
   node.parent = parent_ino;
   node.name = name;

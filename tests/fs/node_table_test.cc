@@ -287,6 +287,11 @@ TEST_F(NodeTableSecurityTest, ChmodAfterLookupIsSeenAtOpen) {
   const uint64_t ino = Walk({"exp", "CKPT+1", "mdl.ckpt"}, &nobody_);
   ASSERT_EQ(::chmod((src_ + "/exp/CKPT+1/mdl.ckpt").c_str(), 0600), 0);
   EXPECT_EQ(ToErrno(table_->Open(ino, O_RDONLY, &nobody_).status()), EACCES);
+  // And a directory closed after the kernel cached it refuses lookups in it.
+  const uint64_t dir = Walk({"exp", "CKPT+1"}, &nobody_);
+  ASSERT_EQ(::chmod((src_ + "/exp/CKPT+1").c_str(), 0700), 0);
+  EXPECT_EQ(ToErrno(table_->Lookup(dir, "CKPT.yaml", true, &nobody_).status()), EACCES);
+  EXPECT_TRUE(table_->Lookup(dir, "CKPT.yaml", true, &root_).ok());
 }
 
 TEST_F(NodeTableTest, OpenNeverFollowsADirectorySwappedForALink) {
