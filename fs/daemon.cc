@@ -379,6 +379,16 @@ int RunMount(const Options& opt) {
   NodeTableOptions table_options;
   table_options.links = opt.links;
   table_options.direct_new = opt.direct_new;
+  // allow_other: other users reach the mount, so views answer per caller.
+  for (const std::string& o : opt.fuse_options) {
+    size_t pos = 0;
+    while (pos <= o.size()) {
+      size_t end = o.find(',', pos);
+      if (end == std::string::npos) end = o.size();
+      if (o.compare(pos, end - pos, "allow_other") == 0) table_options.multi_user = true;
+      pos = end + 1;
+    }
+  }
   table_options.reinvalidate = [&later](Invalidation inv) { later.Push(std::move(inv)); };
   table_options.status = &status;
   table_options.averages = &averages;

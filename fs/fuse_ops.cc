@@ -22,6 +22,29 @@ using core::LogLevel;
 
 NodeTable* Table(fuse_req_t req) { return static_cast<NodeTable*>(fuse_req_userdata(req)); }
 
+// Who sends req: its uid and gid, and (on a multi-user mount, for a caller
+// other than root) its supplementary groups, which libfuse reads from /proc.
+core::Caller CallerOf(fuse_req_t req) {
+  core::Caller c;
+  const struct fuse_ctx* ctx = fuse_req_ctx(req);
+  if (ctx == nullptr) return c;
+  c.uid = ctx->uid;
+  c.gid = ctx->gid;
+  if (!Table(req)->multi_user() || c.uid == 0) return c;
+  std::vector<gid_t> groups(64);
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    const int n = fuse_req_getgroups(req, static_cast<int>(groups.size()), groups.data());
+    if (n < 0) break;  // unknown: only the primary group counts
+    if (static_cast<size_t>(n) <= groups.size()) {
+      groups.resize(static_cast<size_t>(n));
+      c.groups = std::move(groups);
+      break;
+    }
+    groups.resize(static_cast<size_t>(n));
+  }
+  return c;
+}
+
 // Logs what the user will see as an errno, once per failing request; ENOENT
 // is the normal answer of lookups and is not logged above debug.
 int Errno(const core::Status& s) {
@@ -147,7 +170,8 @@ void Lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   Serve(req, "lookup", [&](Reply& reply) {
     NodeTable* table = Table(req);
     const uint64_t generation = table->generation();
-    auto a = table->Lookup(parent, name);
+    const core::Caller caller = CallerOf(req);
+    auto a = table->Lookup(parent, name, true, &caller);
     if (!a.ok()) return reply.Fail(a.status());
     reply.Entry(*a);
     table->AfterLookupReply(parent, name, generation);
@@ -186,7 +210,8 @@ void ReadLink(fuse_req_t req, fuse_ino_t ino) {
 
 void OpenDirOp(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
   Serve(req, "opendir", [&](Reply& reply) {
-    auto entries = Table(req)->ReadDir(ino);
+    const core::Caller caller = CallerOf(req);
+    auto entries = Table(req)->ReadDir(ino, &caller);
     if (!entries.ok()) return reply.Fail(entries.status());
     auto dir = std::make_unique<OpenDir>(OpenDir{std::move(*entries)});
     fi->fh = reinterpret_cast<uint64_t>(dir.get());
@@ -254,7 +279,8 @@ void ReplyOpen(fuse_req_t req, Reply& reply, struct fuse_file_info* fi, OpenedFi
 
 void Open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
   Serve(req, "open", [&](Reply& reply) {
-    auto f = Table(req)->Open(ino, fi->flags);
+    const core::Caller caller = CallerOf(req);
+    auto f = Table(req)->Open(ino, fi->flags, &caller);
     if (!f.ok()) return reply.Fail(f.status());
     ReplyOpen(req, reply, fi, std::move(*f));
   });
@@ -395,7 +421,8 @@ void ReplyXattr(Reply& reply, const std::string& value, size_t size) {
 
 void GetXattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
   Serve(req, "getxattr", [&](Reply& reply) {
-    auto v = Table(req)->GetXattr(ino, name);
+    const core::Caller caller = CallerOf(req);
+    auto v = Table(req)->GetXattr(ino, name, &caller);
     if (!v.ok()) return reply.Fail(v.status());
     ReplyXattr(reply, *v, size);
   });
@@ -404,7 +431,8 @@ void GetXattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
 void ListXattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
   Serve(req, "listxattr", [&](Reply& reply) {
     std::string names;
-    for (const std::string& n : Table(req)->ListXattr(ino)) names += n + '\0';
+    const core::Caller caller = CallerOf(req);
+    for (const std::string& n : Table(req)->ListXattr(ino, &caller)) names += n + '\0';
     ReplyXattr(reply, names, size);
   });
 }

@@ -29,7 +29,8 @@ void MountStatus::Record(EventKind kind, const std::string& what) {
   if (recent_[k].size() > kRecentPerKind) recent_[k].pop_front();
 }
 
-std::string MountStatus::ToJson(index::Index* index) const {
+std::string MountStatus::ToJson(index::Index* index,
+                                const std::function<bool(const std::string&)>& keep) const {
   nlohmann::ordered_json j;
   if (!identity_.name.empty()) j["name"] = identity_.name;
   j["source"] = identity_.source;
@@ -62,6 +63,7 @@ std::string MountStatus::ToJson(index::Index* index) const {
   for (size_t k = 0; k < 4; ++k) {
     nlohmann::ordered_json list = nlohmann::ordered_json::array();
     for (auto it = recent_[k].rbegin(); it != recent_[k].rend(); ++it) {  // newest first
+      if (keep && !keep(it->what)) continue;
       list.push_back({{"time", it->time}, {"what", it->what}});
     }
     j[std::string("last_") + kKindNames[k]] = list;

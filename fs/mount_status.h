@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <string>
 
@@ -36,7 +37,10 @@ class MountStatus {
 
   // The status as JSON (one object, pretty-printed), with the index's counts.
   // Paths and messages that are not UTF-8 are escaped as core::DumpJson does.
-  std::string ToJson(index::Index* index) const;
+  // keep: when set, only the recent entries for which it answers true are
+  // listed (a caller's view: docs/DESIGN.md, "Security"); counts stay.
+  std::string ToJson(index::Index* index,
+                     const std::function<bool(const std::string& what)>& keep = nullptr) const;
 
  private:
   struct Event {

@@ -38,6 +38,18 @@ bool Covers(const std::string& scope, const std::string& experiment) {
   return experiment == scope || experiment.rfind(scope + "/", 0) == 0;
 }
 
+// A refusal as the caller sees it: EACCES, or ENOENT for what is gone.
+Status Denied(const Status& s, const std::string& path) {
+  if (s.code() == StatusCode::kNotFound || s.sys_errno() == ENOENT) {
+    return Status::FromErrno(path, ENOENT);
+  }
+  return Status::FromErrno(path + " (" + s.message() + ")", EACCES);
+}
+
+bool Under(const std::string& path, const std::string& root) {
+  return path == root || path.rfind(root + "/", 0) == 0;
+}
+
 }  // namespace
 
 int ToErrno(const Status& status) {
@@ -112,14 +124,33 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
     st.st_uid = ::getuid();
     st.st_gid = ::getgid();
   } else {
-    if (::lstat(node.real_path.c_str(), &st) != 0) {
-      const int err = errno;
-      if (err == ENOENT && node.in_view && node.has_last) {
+    // Under the source: beneath its descriptor, so a directory swapped for
+    // a symbolic link shows nothing of what the link points to.
+    const bool beneath_source = !node.staged && node.members.empty();
+    Status got = beneath_source ? beneath().Lstat(node.real_path, &st)
+                 : ::lstat(node.real_path.c_str(), &st) == 0
+                     ? Status::Ok()
+                     : Status::FromErrno(node.real_path, errno);
+    if (!got.ok()) {
+      const bool gone = got.sys_errno() == ENOENT || got.code() == StatusCode::kNotFound;
+      if (gone && node.in_view && node.has_last) {
         a.st = node.last;
         a.timeout = 0;
         return a;
       }
-      return Status::FromErrno(node.real_path, err);
+      if (gone) return Status::FromErrno(node.real_path, ENOENT);
+      return got.code() == StatusCode::kPermission ? Denied(got, node.real_path) : got;
+    }
+    if (!node.members.empty()) {
+      // An average carries the owner and mode of its newest member, so the
+      // kernel's default_permissions applies to it as to that file.
+      struct stat newest {};
+      const std::string first = node.members.substr(0, node.members.find('\n'));
+      if (beneath().Lstat(first, &newest).ok()) {
+        st.st_uid = newest.st_uid;
+        st.st_gid = newest.st_gid;
+        st.st_mode = (st.st_mode & S_IFMT) | (newest.st_mode & 07777);
+      }
     }
     if (!node.staged) st.st_mode &= ~static_cast<mode_t>(0222);  // read-only outside new/
   }
@@ -130,12 +161,20 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
   const bool watched = !real || node.as_link || !options_.is_watched ||
                        options_.is_watched(DirOf(node.real_path)) ||
                        (node.type == NodeType::kRealDir && options_.is_watched(node.real_path));
-  // Writers change new/; the status file changes with every event.
-  a.timeout = node.staged || IsStatusFile(node) ? 0 : watched ? kLongTimeout : kShortTimeout;
+  // Writers change new/; the status file changes with every event. With
+  // other users on the mount, what a view shows depends on who asks, and
+  // the kernel's caches are shared: such entries are never cached.
+  const bool per_caller =
+      options_.multi_user &&
+      (node.in_view || node.type == NodeType::kIndexJson || !node.members.empty());
+  a.timeout = node.staged || IsStatusFile(node) || per_caller ? 0
+              : watched                                       ? kLongTimeout
+                                                              : kShortTimeout;
   return a;
 }
 
-Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name, bool redirect) {
+Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name, bool redirect,
+                                   const core::Caller* caller) {
   // Every index query a lookup makes reads one snapshot of the index, so a
   // commit or a pruning that lands meanwhile cannot fail it half-way. What
   // the index cannot make consistent is the disk: a view's checkpoint can be
@@ -147,7 +186,7 @@ Result<NodeAttr> NodeTable::Lookup(uint64_t parent_ino, const std::string& name,
   for (int attempt = 0;; ++attempt) {
     const uint64_t generation = generation_.load();
     bool view = false;
-    Result<NodeAttr> attr = LookupOnce(parent_ino, name, redirect, &view);
+    Result<NodeAttr> attr = LookupOnce(parent_ino, name, redirect, Restrict(caller), &view);
     const bool vanished = !attr.ok() && view && attr.status().code() == StatusCode::kIoError &&
                           attr.status().sys_errno() == ENOENT;
     const bool raced = !attr.ok() && generation != generation_.load();
@@ -164,12 +203,19 @@ void NodeTable::AfterLookupReply(uint64_t parent, const std::string& name, uint6
 }
 
 Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& name, bool redirect,
-                                       bool* view) {
+                                       const core::Caller* caller, bool* view) {
   Result<Node> parent = Snapshot(parent_ino);
   if (!parent.ok()) return parent.status();
   *view = parent->in_view;
   if (parent->type != NodeType::kRealDir && parent->type != NodeType::kVirtualDir) {
     return Status::FromErrno(parent->vpath, ENOTDIR);
+  }
+  if (caller != nullptr && parent->type == NodeType::kRealDir && !parent->staged &&
+      Under(parent->real_path, source())) {
+    // The kernel checked search permission against attributes it may have
+    // cached before a chmod or a swap: check the real directory again.
+    Status allowed = Allowed(*caller, parent->real_path, X_OK);
+    if (!allowed.ok()) return allowed;
   }
   Node node;
   node.parent = parent_ino;
@@ -179,7 +225,7 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
     node.type = NodeType::kIndexJson;
     return Remember(std::move(node));
   }
-  Result<index::Resolution> r = resolver_.Resolve(node.vpath);
+  Result<index::Resolution> r = resolver_.Resolve(node.vpath, caller);
   if (!r.ok()) return r.status();
   *view = *view || r->in_view;
   node.type = r->type;
@@ -205,6 +251,12 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
     }
     const std::vector<std::string> members = index::MemberFiles(*r);
     for (const std::string& m : members) node.members += m + "\n";
+    // Only for a caller who can read every member; checked again after the
+    // computation (a member swapped meanwhile) and at every open.
+    if (caller != nullptr) {
+      Status allowed = MembersAllowed(*caller, node.members);
+      if (!allowed.ok()) return allowed;
+    }
     Result<std::string> avg = options_.averages->Get(members, [&](const core::AverageProgress& p) {
       if (std::string(p.stage) != "averaging" || p.total == 0) return;
       core::Log(core::LogLevel::kDebug, "%s: %.0f%%", node.vpath.c_str(),
@@ -215,6 +267,10 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
       core::Log(core::LogLevel::kError, "%s: %s", node.vpath.c_str(), avg.status().message().c_str());
       return avg.status().code() == StatusCode::kUnsupported ? avg.status()
                                                              : Status::Corrupt(avg.status().message());
+    }
+    if (caller != nullptr) {
+      Status allowed = MembersAllowed(*caller, node.members);
+      if (!allowed.ok()) return allowed;
     }
     node.type = NodeType::kRealFile;
     node.real_path = *avg;
@@ -302,18 +358,28 @@ void NodeTable::Forget(uint64_t ino, uint64_t nlookup) {
   nodes_.erase(it);
 }
 
-Result<std::vector<index::DirEntry>> NodeTable::ReadDir(uint64_t ino) {
+Result<std::vector<index::DirEntry>> NodeTable::ReadDir(uint64_t ino, const core::Caller* caller) {
+  caller = Restrict(caller);
   Result<Node> node = Snapshot(ino);
   if (!node.ok()) return node.status();
-  Result<index::Resolution> r = resolver_.Resolve(node->vpath);
+  Result<index::Resolution> r = resolver_.Resolve(node->vpath, caller);
   if (!r.ok()) return r.status();
   if (r->type != NodeType::kRealDir && r->type != NodeType::kVirtualDir) {
     return Status::FromErrno(node->vpath, ENOTDIR);
   }
-  return resolver_.List(*r);
+  if (caller != nullptr && r->type == NodeType::kRealDir) {
+    Status allowed = Allowed(*caller, r->real_path, R_OK | X_OK);
+    if (!allowed.ok()) return allowed;
+  }
+  Result<std::vector<index::DirEntry>> entries = resolver_.List(*r, caller);
+  if (!entries.ok() && entries.status().code() == StatusCode::kPermission) {
+    return Denied(entries.status(), r->real_path);
+  }
+  return entries;
 }
 
-Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags) {
+Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags, const core::Caller* caller) {
+  caller = Restrict(caller);
   Result<Node> node = Snapshot(ino);
   if (!node.ok()) return node.status();
   const bool writing = (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC) != 0;
@@ -326,15 +392,42 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags) {
   switch (node->type) {
     case NodeType::kRealFile: {
       const int open_flags = writing ? (flags & (O_ACCMODE | O_TRUNC | O_APPEND)) : O_RDONLY;
-      f.fd = ::open(node->real_path.c_str(), open_flags | O_CLOEXEC | O_NOFOLLOW);
-      if (f.fd < 0 && errno == ENOENT && node->in_view) {
-        // The view's checkpoint went away after the kernel looked it up
-        // (pruned, or deleted on disk). ESTALE makes the kernel walk the
-        // path again, forcing fresh lookups, so the open lands on what the
-        // view selects now instead of failing.
-        return Status::FromErrno(node->real_path, ESTALE);
+      const bool average = !node->members.empty();
+      // The inode and its attributes may be cached from before a chmod or
+      // a swap: every open checks again, as the caller, and opens beneath
+      // the source's descriptor (a symbolic link at any component refused).
+      Status allowed = Status::Ok();
+      if (caller != nullptr) {
+        const int mask = (flags & O_ACCMODE) == O_RDONLY   ? R_OK
+                         : (flags & O_ACCMODE) == O_WRONLY ? W_OK
+                                                           : R_OK | W_OK;
+        allowed = average ? MembersAllowed(*caller, node->members)
+                          : Allowed(*caller, node->real_path, mask);
       }
-      if (f.fd < 0) return Status::FromErrno(node->real_path, errno);
+      Result<core::ScopedFd> fd = core::ScopedFd();
+      if (!allowed.ok()) {
+        fd = allowed;
+      } else if (average) {  // the daemon's own cache file, outside the source
+        const int raw = ::open(node->real_path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        fd = raw >= 0 ? Result<core::ScopedFd>(core::ScopedFd(raw))
+                      : Result<core::ScopedFd>(Status::FromErrno(node->real_path, errno));
+      } else {
+        fd = beneath().OpenAt(node->real_path, open_flags | O_NOFOLLOW);
+      }
+      if (!fd.ok()) {
+        const Status& e = fd.status();
+        const bool gone = e.code() == StatusCode::kNotFound || e.sys_errno() == ENOENT;
+        if (gone && node->in_view) {
+          // The view's checkpoint went away after the kernel looked it up
+          // (pruned, or deleted on disk). ESTALE makes the kernel walk the
+          // path again, forcing fresh lookups, so the open lands on what the
+          // view selects now instead of failing.
+          return Status::FromErrno(node->real_path, ESTALE);
+        }
+        if (e.code() == StatusCode::kPermission) return Denied(e, node->real_path);
+        return e;
+      }
+      f.fd = fd->release();
       struct stat st {};
       if (::fstat(f.fd, &st) != 0) {
         int err = errno;
@@ -359,10 +452,16 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags) {
     case NodeType::kIndexJson: {
       f.generated = true;
       if (IsStatusFile(*node)) {
-        f.content = options_.status->ToJson(index_);
+        if (caller != nullptr && caller->uid != ::geteuid()) {
+          const core::Caller who = *caller;
+          f.content = options_.status->ToJson(
+              index_, [&](const std::string& what) { return StatusEntryVisible(what, who); });
+        } else {
+          f.content = options_.status->ToJson(index_);
+        }
         return f;
       }
-      Result<index::Resolution> r = resolver_.Resolve(node->vpath);
+      Result<index::Resolution> r = resolver_.Resolve(node->vpath, caller);
       if (!r.ok()) return r.status();
       f.content = std::move(r->content);
       return f;
@@ -384,24 +483,34 @@ Result<std::string> NodeTable::ReadLink(uint64_t ino) {
   if (node->as_link) return node->real_path;
   if (node->type != NodeType::kRealOther) return Status::FromErrno(node->vpath, EINVAL);
   char buf[4096];
-  ssize_t n = ::readlink(node->real_path.c_str(), buf, sizeof(buf));
+  auto parent = beneath().OpenParent(node->real_path);  // no link above it followed
+  if (!parent.ok()) return Denied(parent.status(), node->real_path);
+  ssize_t n = ::readlinkat(parent->first.get(), parent->second.c_str(), buf, sizeof(buf));
   if (n < 0) return Status::FromErrno(node->real_path, errno);
   return std::string(buf, static_cast<size_t>(n));
 }
 
-Result<std::string> NodeTable::GetXattr(uint64_t ino, const std::string& name) {
+Result<std::string> NodeTable::GetXattr(uint64_t ino, const std::string& name,
+                                        const core::Caller* caller) {
+  caller = Restrict(caller);
   Result<Node> node = Snapshot(ino);
   if (!node.ok()) return node.status();
+  if (caller != nullptr) {
+    Status reach = Reachable(*node, *caller);
+    if (!reach.ok()) return reach;
+  }
   if (name == kXattrRealPath && !node->real_path.empty()) return node->real_path;
   if (name == kXattrCheckpoint && !node->checkpoint.empty()) return node->checkpoint;
   if (name == kXattrMembers && !node->members.empty()) return node->members;
   return Status::FromErrno(node->vpath + ": " + name, ENODATA);
 }
 
-std::vector<std::string> NodeTable::ListXattr(uint64_t ino) {
+std::vector<std::string> NodeTable::ListXattr(uint64_t ino, const core::Caller* caller) {
+  caller = Restrict(caller);
   Result<Node> node = Snapshot(ino);
   std::vector<std::string> names;
   if (!node.ok()) return names;
+  if (caller != nullptr && !Reachable(*node, *caller).ok()) return names;
   if (!node->real_path.empty()) names.push_back(kXattrRealPath);
   if (!node->checkpoint.empty()) names.push_back(kXattrCheckpoint);
   if (!node->members.empty()) names.push_back(kXattrMembers);
@@ -443,6 +552,75 @@ std::vector<Invalidation> NodeTable::PathChanged(const std::string& dir, const s
     }
   }
   return out;
+}
+
+Status NodeTable::Allowed(const core::Caller& caller, const std::string& path, int mask) const {
+  Status s = beneath().CheckAccess(caller, path, mask);
+  return s.ok() ? s : Denied(s, path);
+}
+
+Status NodeTable::MembersAllowed(const core::Caller& caller, const std::string& members) const {
+  size_t start = 0;
+  while (start < members.size()) {
+    size_t end = members.find('\n', start);
+    if (end == std::string::npos) end = members.size();
+    const std::string m = members.substr(start, end - start);
+    start = end + 1;
+    if (m.empty()) continue;
+    Status s = Allowed(caller, m, R_OK);
+    if (!s.ok()) return s;
+    // CheckAccess reads a final symbolic link's own mode: a member must be
+    // a regular file.
+    struct stat st {};
+    Status got = beneath().Lstat(m, &st);
+    if (!got.ok()) return Denied(got, m);
+    if (!S_ISREG(st.st_mode)) return Status::FromErrno(m + ": not a regular file", EACCES);
+  }
+  return Status::Ok();
+}
+
+Status NodeTable::Reachable(const Node& node, const core::Caller& caller) const {
+  if (!node.members.empty()) return MembersAllowed(caller, node.members);
+  if (!node.checkpoint.empty()) {
+    Status s = Allowed(caller, node.checkpoint, 0);
+    if (!s.ok()) return s;
+    struct stat st {};
+    Status got = beneath().Lstat(node.checkpoint, &st);
+    if (!got.ok()) return Denied(got, node.checkpoint);
+    s = Allowed(caller, node.checkpoint, S_ISDIR(st.st_mode) ? R_OK | X_OK : R_OK);
+    if (!s.ok()) return s;
+  }
+  if (!node.real_path.empty() && Under(node.real_path, source())) {
+    return Allowed(caller, node.real_path, 0);  // search permission down to it
+  }
+  return Status::Ok();
+}
+
+bool NodeTable::StatusEntryVisible(const std::string& what, const core::Caller& caller) const {
+  // Every absolute path the entry names (a real path under the source, or a
+  // path of the mount) must lead to something the caller can read: its
+  // deepest part that still exists (a deleted checkpoint: its experiment).
+  size_t pos = 0;
+  while (pos < what.size()) {
+    size_t end = what.find(' ', pos);
+    if (end == std::string::npos) end = what.size();
+    std::string token = what.substr(pos, end - pos);
+    pos = end + 1;
+    while (!token.empty() && (token.back() == ':' || token.back() == ',' || token.back() == ')')) {
+      token.pop_back();
+    }
+    if (token.empty() || token[0] != '/') continue;
+    if (options_.averages != nullptr && Under(token, options_.averages->dir())) continue;
+    std::string path = Under(token, source()) ? token : source() + token;
+    struct stat st {};
+    while (path.size() > source().size() && !beneath().Lstat(path, &st).ok()) {
+      path = DirOf(path);
+    }
+    if (!Under(path, source()) || !beneath().Lstat(path, &st).ok()) return false;
+    const int mask = S_ISDIR(st.st_mode) ? R_OK | X_OK : R_OK;
+    if (!beneath().CheckAccess(caller, path, mask).ok()) return false;
+  }
+  return true;
 }
 
 size_t NodeTable::size() const {

@@ -8,6 +8,16 @@
 // pages of two files. Inodes live while the kernel holds a lookup on them.
 // Thread-safety: all methods may be called concurrently; one internal mutex
 // guards the table and is never held while the index is queried.
+//
+// Callers (docs/DESIGN.md, "Security"): the request methods take the user
+// who asks (nullptr: unrestricted, for the daemon itself and tests). With
+// options.multi_user (the mount has allow_other), a caller other than root
+// sees through views only what it could read in the source; every open of a
+// real file re-checks its access (core::Beneath::CheckAccess) and opens it
+// beneath the source's descriptor, never by a path string; view entries get
+// timeout 0, since the kernel's caches are shared by all users. Without
+// multi_user nothing is filtered (only the mounting user reaches the mount),
+// but real files are still opened beneath the source.
 #ifndef CKPTFS_FS_NODE_TABLE_H_
 #define CKPTFS_FS_NODE_TABLE_H_
 
@@ -23,6 +33,7 @@
 #include <vector>
 
 #include "core/average_cache.h"
+#include "core/beneath.h"
 #include "core/status.h"
 #include "fs/mount_status.h"
 #include "index/index.h"
@@ -78,6 +89,8 @@ struct NodeTableOptions {
   std::function<void(Invalidation)> reinvalidate;
   // Serves /.ckptfs-status and is told of averages served; nullptr: no status file.
   MountStatus* status = nullptr;
+  // The mount has allow_other: other users reach it, views answer per caller.
+  bool multi_user = false;
 };
 
 class NodeTable {
@@ -86,7 +99,8 @@ class NodeTable {
 
   // Resolves name in parent; on success the inode's lookup count grows by one.
   // redirect=false: never a --direct-new symbolic link (for mkdir's answer).
-  core::Result<NodeAttr> Lookup(uint64_t parent, const std::string& name, bool redirect = true);
+  core::Result<NodeAttr> Lookup(uint64_t parent, const std::string& name, bool redirect = true,
+                                const core::Caller* caller = nullptr);
   // Counts index changes (ViewsChanged, PathChanged). Read it before Lookup
   // and pass it to AfterLookupReply once the reply is sent: a lookup that
   // raced with a change is invalidated again (options.reinvalidate), so the
@@ -95,9 +109,11 @@ class NodeTable {
   void AfterLookupReply(uint64_t parent, const std::string& name, uint64_t generation);
   core::Result<NodeAttr> GetAttr(uint64_t ino);
   void Forget(uint64_t ino, uint64_t nlookup);
-  core::Result<std::vector<index::DirEntry>> ReadDir(uint64_t ino);
+  core::Result<std::vector<index::DirEntry>> ReadDir(uint64_t ino,
+                                                     const core::Caller* caller = nullptr);
   // Read-only outside new/: any write access there is kPermission (EROFS).
-  core::Result<OpenedFile> Open(uint64_t ino, int flags);
+  // A caller who may not access the file with the open's mode: EACCES.
+  core::Result<OpenedFile> Open(uint64_t ino, int flags, const core::Caller* caller = nullptr);
   // Every Open that succeeded is matched by one Released.
   void Released(const OpenedFile& file);
   // Whether a file at or below `path` is open through the mount.
@@ -122,8 +138,10 @@ class NodeTable {
   // user.ckptfs.real_path (the file or directory served),
   // user.ckptfs.checkpoint (the selected checkpoint) and user.ckptfs.members
   // (an average's member files, newest first, one per line), for view nodes.
-  core::Result<std::string> GetXattr(uint64_t ino, const std::string& name);
-  std::vector<std::string> ListXattr(uint64_t ino);
+  // Only for entries the caller can reach (EACCES / an empty list otherwise).
+  core::Result<std::string> GetXattr(uint64_t ino, const std::string& name,
+                                     const core::Caller* caller = nullptr);
+  std::vector<std::string> ListXattr(uint64_t ino, const core::Caller* caller = nullptr);
 
   // What the kernel must forget after the index changed in these experiments:
   // every view entry whose scope covers one of them.
@@ -132,6 +150,7 @@ class NodeTable {
   std::vector<Invalidation> PathChanged(const std::string& dir, const std::string& name);
 
   size_t size() const;
+  bool multi_user() const { return options_.multi_user; }
   const std::string& source() const { return index_->source(); }
 
  private:
@@ -164,7 +183,23 @@ class NodeTable {
   // *view: the name was resolved through a view (its failure may be a
   // checkpoint deleted meanwhile, worth resolving again).
   core::Result<NodeAttr> LookupOnce(uint64_t parent, const std::string& name, bool redirect,
-                                    bool* view);
+                                    const core::Caller* caller, bool* view);
+  // The caller whose access is checked: nullptr when unrestricted (not
+  // multi_user, or root).
+  const core::Caller* Restrict(const core::Caller* caller) const {
+    return options_.multi_user && caller != nullptr && caller->uid != 0 ? caller : nullptr;
+  }
+  // Ok when caller may access path (under the source) with mask; EACCES
+  // otherwise (ENOENT when it is gone).
+  core::Status Allowed(const core::Caller& caller, const std::string& path, int mask) const;
+  // Ok when caller may read every member of an average (newline-separated
+  // member files, each a regular file reached without a symbolic link).
+  core::Status MembersAllowed(const core::Caller& caller, const std::string& members) const;
+  // Ok when caller can reach node (its real path, checkpoint or members).
+  core::Status Reachable(const Node& node, const core::Caller& caller) const;
+  // Whether a status entry names only paths caller can read.
+  bool StatusEntryVisible(const std::string& what, const core::Caller& caller) const;
+  const core::Beneath& beneath() const { return resolver_.beneath(); }
   core::Result<NodeAttr> Remember(Node node);
   bool IsStatusFile(const Node& node) const {
     return options_.status != nullptr && node.parent == kRootIno && node.name == kStatusFile;

@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -76,11 +77,27 @@ bool IsHiddenName(const std::string& name) {
   return name == kStagingDir || name == core::kTrashDir || name == kAbandonedDir;
 }
 
+Resolver::Resolver(Index* index) : index_(index) {
+  Result<core::Beneath> b = core::Beneath::Open(index_->source());
+  if (b.ok()) beneath_ = std::move(*b);
+}
+
+bool Resolver::Visible(const Checkpoint& c, const core::Caller* caller) const {
+  if (caller == nullptr) return true;
+  if (beneath_.root_fd() < 0) return false;  // fail closed
+  const int mask = c.layout == core::Layout::kSingleFile ? R_OK : R_OK | X_OK;
+  if (!beneath_.CheckAccess(*caller, c.path, mask).ok()) return false;
+  // CheckAccess reads a final symbolic link's own mode: the checkpoint must
+  // be the real thing, not a link put in its place.
+  struct stat st {};
+  return beneath_.Lstat(c.path, &st).ok() && !S_ISLNK(st.st_mode);
+}
+
 bool Resolver::HasNamespace(const std::string& dir) const {
   return dir == index_->source() || index_->IsExperiment(dir);
 }
 
-Result<Resolution> Resolver::Resolve(std::string_view vpath) const {
+Result<Resolution> Resolver::Resolve(std::string_view vpath, const core::Caller* caller) const {
   Result<std::vector<std::string>> segments = core::SplitPath(vpath);
   if (!segments.ok()) return segments.status();
   Resolution r;
@@ -103,7 +120,7 @@ Result<Resolution> Resolver::Resolve(std::string_view vpath) const {
     if (core::IsVirtualRootName(seg) && HasNamespace(r.real_path)) {
       std::vector<std::string> rest(segments->begin() + static_cast<std::ptrdiff_t>(i),
                                     segments->end());
-      return ResolveQuery(r.real_path, rest);
+      return ResolveQuery(r.real_path, rest, caller);
     }
     return Status::NotFound(next + ": no such file or directory");
   }
@@ -111,7 +128,8 @@ Result<Resolution> Resolver::Resolve(std::string_view vpath) const {
 }
 
 Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
-                                          const std::vector<std::string>& segments) const {
+                                          const std::vector<std::string>& segments,
+                                          const core::Caller* caller) const {
   Result<Query> q = core::ParseQuery(segments);
   if (!q.ok()) return q.status();
   Resolution r;
@@ -133,7 +151,7 @@ Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
     case QueryNode::kAvgBestOrder:
       return r;
     case QueryNode::kTopKey: {
-      Result<std::vector<Checkpoint>> top = SelectExisting(scope, *q, q->k);
+      Result<std::vector<Checkpoint>> top = SelectExisting(scope, *q, q->k, caller);
       if (!top.ok()) return top.status();
       if (top->empty()) return Status::NotFound(where + ": no checkpoint has numeric " + q->key);
       r.members = std::move(*top);
@@ -141,7 +159,7 @@ Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
     }
     case QueryNode::kSelected: {
       const int rank = q->selector == core::Selector::kLatest ? 1 : q->rank;
-      Result<std::vector<Checkpoint>> chosen = SelectExisting(scope, *q, rank);
+      Result<std::vector<Checkpoint>> chosen = SelectExisting(scope, *q, rank, caller);
       if (!chosen.ok()) return chosen.status();
       if (static_cast<int>(chosen->size()) < rank) {
         return Status::NotFound(where + ": no checkpoint matches");
@@ -150,7 +168,7 @@ Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
       return ResolveInside(std::move(r), q->rest);
     }
     case QueryNode::kAverage: {
-      Result<std::vector<Checkpoint>> members = SelectExisting(scope, *q, q->n);
+      Result<std::vector<Checkpoint>> members = SelectExisting(scope, *q, q->n, caller);
       if (!members.ok()) return members.status();
       if (static_cast<int>(members->size()) < q->n) {
         return Status::NotFound(where + ": " + std::to_string(members->size()) +
@@ -202,6 +220,11 @@ Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
               ? index_->List(scope)
               : index_->Select(scope, q->where, false, core::Order::kMin, "", kMaxListed);
       if (!all.ok()) return all.status();
+      if (caller != nullptr) {
+        all->erase(std::remove_if(all->begin(), all->end(),
+                                  [&](const Checkpoint& c) { return !Visible(c, caller); }),
+                   all->end());
+      }
       r.type = NodeType::kIndexJson;
       r.content = CheckpointsToJson(*all);
       return r;
@@ -211,7 +234,8 @@ Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
 }
 
 Result<std::vector<Checkpoint>> Resolver::SelectExisting(const std::string& scope, const Query& q,
-                                                         int count) const {
+                                                         int count,
+                                                         const core::Caller* caller) const {
   std::vector<Checkpoint> out;
   int offset = 0;
   int batch = count + 2;
@@ -222,6 +246,7 @@ Result<std::vector<Checkpoint>> Resolver::SelectExisting(const std::string& scop
     for (Checkpoint& c : *rows) {
       struct stat st {};
       if (::lstat(c.path.c_str(), &st) != 0) continue;  // deleted, not rescanned yet
+      if (!Visible(c, caller)) continue;                // not this caller's to see
       out.push_back(std::move(c));
       if (static_cast<int>(out.size()) == count) return out;
     }
@@ -257,11 +282,17 @@ Result<Resolution> Resolver::ResolveInside(Resolution r,
   return r;
 }
 
-Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir) const {
+Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir,
+                                             const core::Caller* caller) const {
   std::vector<DirEntry> out;
   if (dir.type == NodeType::kRealDir) {
-    DIR* d = ::opendir(dir.real_path.c_str());
+    // Beneath the source's descriptor: a directory swapped for a symbolic
+    // link is refused, never followed.
+    Result<core::ScopedFd> fd = beneath_.OpenAt(dir.real_path, O_RDONLY | O_DIRECTORY);
+    if (!fd.ok()) return fd.status();
+    DIR* d = ::fdopendir(fd->get());
     if (d == nullptr) return Status::FromErrno(dir.real_path, errno);
+    fd->release();  // the DIR owns it now
     std::unique_ptr<DIR, int (*)(DIR*)> guard(d, ::closedir);
     std::set<std::string> real;
     while (struct dirent* e = ::readdir(d)) {
@@ -278,7 +309,7 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir) const {
       out.push_back({std::move(name), is_dir});
     }
     if (!dir.in_view && !dir.staged && HasNamespace(dir.real_path)) {
-      Result<std::vector<DirEntry>> names = VirtualRootEntries(dir.real_path, {}, true);
+      Result<std::vector<DirEntry>> names = VirtualRootEntries(dir.real_path, {}, true, caller);
       if (!names.ok()) return names.status();
       for (DirEntry& e : *names) {
         if (real.count(e.name) == 0) out.push_back(std::move(e));
@@ -290,7 +321,7 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir) const {
   const Query& q = dir.query;
   switch (q.node) {
     case QueryNode::kRoot: {  // new/ is not under where/
-      Result<std::vector<DirEntry>> names = VirtualRootEntries(dir.scope, q.where, false);
+      Result<std::vector<DirEntry>> names = VirtualRootEntries(dir.scope, q.where, false, caller);
       if (!names.ok()) return names.status();
       out = std::move(*names);
       break;
@@ -333,13 +364,14 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir) const {
 }
 
 Result<std::vector<DirEntry>> Resolver::VirtualRootEntries(
-    const std::string& scope, const std::vector<core::Predicate>& where, bool with_new) const {
+    const std::string& scope, const std::vector<core::Predicate>& where, bool with_new,
+    const core::Caller* caller) const {
   // latest/ is the one root name that a lookup refuses when nothing matches.
   Query latest;
   latest.where = where;
   latest.node = QueryNode::kSelected;
   latest.selector = core::Selector::kLatest;
-  Result<std::vector<Checkpoint>> newest = SelectExisting(scope, latest, 1);
+  Result<std::vector<Checkpoint>> newest = SelectExisting(scope, latest, 1, caller);
   if (!newest.ok()) return newest.status();
   std::vector<DirEntry> out;
   for (const std::string& name : core::VirtualRootNames()) {

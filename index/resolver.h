@@ -8,6 +8,14 @@
 // nothing resolves outside the source tree. Thread-safe if the Index is.
 // Errors: kNotFound (ENOENT) for unknown names and selectors that match
 // nothing, kInvalidArgument (EINVAL) for malformed query paths.
+//
+// Callers (docs/DESIGN.md, "Security"): Resolve and List take the user who
+// asks, or nullptr for "unrestricted" (the daemon itself, root, a mount
+// without allow_other). A restricted caller's views select, list and resolve
+// only checkpoints that user can read in the source: search permission on
+// every directory from the source down to the checkpoint and read permission
+// on it (a directory also needs search). Real directories are listed through
+// a core::Beneath descriptor of the source, never a path string.
 #ifndef CKPTFS_INDEX_RESOLVER_H_
 #define CKPTFS_INDEX_RESOLVER_H_
 
@@ -16,6 +24,7 @@
 #include <string_view>
 #include <vector>
 
+#include "core/beneath.h"
 #include "core/checkpoint.h"
 #include "core/query_path.h"
 #include "core/status.h"
@@ -64,16 +73,26 @@ struct DirEntry {
 
 class Resolver {
  public:
-  explicit Resolver(Index* index) : index_(index) {}  // index must outlive this
+  // index must outlive this. Opens the source beneath which checkpoints
+  // are checked; if that fails, restricted callers see no checkpoint.
+  explicit Resolver(Index* index);
 
-  core::Result<Resolution> Resolve(std::string_view vpath) const;
+  core::Result<Resolution> Resolve(std::string_view vpath,
+                                   const core::Caller* caller = nullptr) const;
 
   // The entries of a directory resolution (real or virtual), virtual root
   // names included where the directory has a query namespace. A listing
   // never shows a name that Resolve refuses: latest/ only when a checkpoint
   // matches, keys only when they are entry names (not "val/loss") and, under
   // avg/bestN/min/, only when N checkpoints hold them.
-  core::Result<std::vector<DirEntry>> List(const Resolution& dir) const;
+  core::Result<std::vector<DirEntry>> List(const Resolution& dir,
+                                           const core::Caller* caller = nullptr) const;
+
+  // Whether caller (nullptr: anyone) may read checkpoint c in the source.
+  bool Visible(const core::Checkpoint& c, const core::Caller* caller) const;
+
+  // The source directory, opened once (root_fd() < 0 if that failed).
+  const core::Beneath& beneath() const { return beneath_; }
 
   // Whether `dir` (a real directory) has the virtual namespace: the source
   // root and every experiment directory.
@@ -81,21 +100,24 @@ class Resolver {
 
  private:
   core::Result<Resolution> ResolveQuery(const std::string& scope,
-                                        const std::vector<std::string>& segments) const;
+                                        const std::vector<std::string>& segments,
+                                        const core::Caller* caller) const;
   core::Result<Resolution> ResolveInside(Resolution r, const std::vector<std::string>& rest) const;
   // The first `count` checkpoints of the query's order that still exist on
   // disk: between a deletion and the rescan that follows it, the index may
   // name a checkpoint that is gone, and a view must skip it, not fail.
   core::Result<std::vector<core::Checkpoint>> SelectExisting(const std::string& scope,
-                                                             const core::Query& q,
-                                                             int count) const;
+                                                             const core::Query& q, int count,
+                                                             const core::Caller* caller) const;
   // The virtual root's names for scope under these predicates (new/ only
   // when with_new), leaving out those a lookup would refuse.
   core::Result<std::vector<DirEntry>> VirtualRootEntries(const std::string& scope,
                                                          const std::vector<core::Predicate>& where,
-                                                         bool with_new) const;
+                                                         bool with_new,
+                                                         const core::Caller* caller) const;
 
   Index* index_;
+  core::Beneath beneath_;
 };
 
 // The files an average over these members can produce: tensor files

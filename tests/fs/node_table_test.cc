@@ -27,7 +27,7 @@ class NodeTableTest : public ::testing::Test {
     Reopen(false);
   }
 
-  void Reopen(bool links) {
+  void Reopen(bool links, bool multi_user = false) {
     table_.reset();
     reinvalidated_.clear();
     auto idx = index::Index::Open(src_, dir_.path() + "/i.sqlite");
@@ -36,15 +36,16 @@ class NodeTableTest : public ::testing::Test {
     ASSERT_TRUE(index_->Scan().ok());
     NodeTableOptions options;
     options.links = links;
+    options.multi_user = multi_user;
     options.reinvalidate = [this](Invalidation inv) { reinvalidated_.push_back(inv); };
     table_ = std::make_unique<NodeTable>(index_.get(), options);
   }
 
   // Looks up a path component by component; returns the final inode.
-  uint64_t Walk(const std::vector<std::string>& names) {
+  uint64_t Walk(const std::vector<std::string>& names, const core::Caller* caller = nullptr) {
     uint64_t ino = kRootIno;
     for (const std::string& n : names) {
-      auto a = table_->Lookup(ino, n);
+      auto a = table_->Lookup(ino, n, true, caller);
       EXPECT_TRUE(a.ok()) << n << ": " << a.status().message();
       if (!a.ok()) return 0;
       ino = a->st.st_ino;
@@ -224,6 +225,94 @@ TEST_F(NodeTableTest, ManyLookupsAndForgetsLeaveNothingBehind) {
     (void)table_->Lookup(kRootIno, "nope");
   }
   EXPECT_EQ(table_->size(), base);
+}
+
+// Security (docs/DESIGN.md): on a multi-user mount, views answer per caller.
+class NodeTableSecurityTest : public NodeTableTest {
+ protected:
+  void SetUp() override {
+    NodeTableTest::SetUp();
+    ASSERT_EQ(::chmod((src_ + "/exp/CKPT+2").c_str(), 0700), 0);  // best and latest for root
+    Reopen(false, /*multi_user=*/true);
+    nobody_.uid = 65534;
+    nobody_.gid = 65534;
+  }
+  core::Caller root_;
+  core::Caller nobody_;
+};
+
+TEST_F(NodeTableSecurityTest, ViewsSelectOnlyWhatTheCallerCanRead) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to act for another uid";
+  EXPECT_EQ(
+      *table_->GetXattr(Walk({"exp", "best", "min", "loss"}, &root_), "user.ckptfs.checkpoint"),
+      src_ + "/exp/CKPT+2");
+  const uint64_t best = Walk({"exp", "best", "min", "loss"}, &nobody_);
+  EXPECT_EQ(*table_->GetXattr(best, "user.ckptfs.checkpoint", &nobody_), src_ + "/exp/CKPT+1");
+  const uint64_t latest = Walk({"exp", "latest"}, &nobody_);
+  EXPECT_EQ(*table_->GetXattr(latest, "user.ckptfs.checkpoint", &nobody_), src_ + "/exp/CKPT+1");
+  // A view's entry carries the real owner and mode and is never cached.
+  auto attr = table_->GetAttr(best);
+  ASSERT_TRUE(attr.ok());
+  EXPECT_EQ(attr->timeout, 0);
+  EXPECT_EQ(attr->st.st_mode & 0777, 0555u);  // 0755 less the write bits
+  // index.json lists only the readable checkpoint, per caller.
+  const uint64_t exp = Walk({"exp"});
+  auto idx = table_->Lookup(exp, "index.json", true, &nobody_);
+  ASSERT_TRUE(idx.ok());
+  auto mine = table_->Open(idx->st.st_ino, O_RDONLY, &nobody_);
+  ASSERT_TRUE(mine.ok());
+  EXPECT_NE(mine->content.find("CKPT+1"), std::string::npos);
+  EXPECT_EQ(mine->content.find("CKPT+2"), std::string::npos);
+  auto all = table_->Open(idx->st.st_ino, O_RDONLY, &root_);
+  ASSERT_TRUE(all.ok());
+  EXPECT_NE(all->content.find("CKPT+2"), std::string::npos);
+  // The root's inode of the private checkpoint: the caller can neither open
+  // it nor read its xattrs.
+  const uint64_t secret = Walk({"exp", "best", "min", "loss", "mdl.ckpt"}, &root_);
+  EXPECT_EQ(ToErrno(table_->Open(secret, O_RDONLY, &nobody_).status()), EACCES);
+  EXPECT_EQ(ToErrno(table_->GetXattr(secret, "user.ckptfs.real_path", &nobody_).status()), EACCES);
+  EXPECT_TRUE(table_->ListXattr(secret, &nobody_).empty());
+  auto opened = table_->Open(secret, O_RDONLY, &root_);
+  ASSERT_TRUE(opened.ok());
+  ::close(opened->fd);
+  table_->Released(*opened);
+  // Real listings: the private directory is refused to the caller.
+  EXPECT_EQ(ToErrno(table_->ReadDir(Walk({"exp", "CKPT+2"}), &nobody_).status()), EACCES);
+  auto names = table_->ReadDir(exp, &nobody_);
+  ASSERT_TRUE(names.ok());
+}
+
+TEST_F(NodeTableSecurityTest, ChmodAfterLookupIsSeenAtOpen) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to act for another uid";
+  const uint64_t ino = Walk({"exp", "CKPT+1", "mdl.ckpt"}, &nobody_);
+  ASSERT_EQ(::chmod((src_ + "/exp/CKPT+1/mdl.ckpt").c_str(), 0600), 0);
+  EXPECT_EQ(ToErrno(table_->Open(ino, O_RDONLY, &nobody_).status()), EACCES);
+  // And a directory closed after the kernel cached it refuses lookups in it.
+  const uint64_t dir = Walk({"exp", "CKPT+1"}, &nobody_);
+  ASSERT_EQ(::chmod((src_ + "/exp/CKPT+1").c_str(), 0700), 0);
+  EXPECT_EQ(ToErrno(table_->Lookup(dir, "CKPT.yaml", true, &nobody_).status()), EACCES);
+  EXPECT_TRUE(table_->Lookup(dir, "CKPT.yaml", true, &root_).ok());
+}
+
+TEST_F(NodeTableTest, OpenNeverFollowsADirectorySwappedForALink) {
+  testing::TempDir outside;
+  WriteFile(outside.path() + "/secret/mdl.ckpt", "SECRET");
+  const uint64_t ino = Walk({"exp", "CKPT+1", "mdl.ckpt"});
+  const uint64_t view = Walk({"exp", "best", "max", "loss", "mdl.ckpt"});  // CKPT+1
+  ASSERT_EQ(::rename((src_ + "/exp/CKPT+1").c_str(), (src_ + "/exp/old").c_str()), 0);
+  ASSERT_EQ(::symlink((outside.path() + "/secret").c_str(), (src_ + "/exp/CKPT+1").c_str()), 0);
+  for (uint64_t i : {ino, view}) {
+    auto f = table_->Open(i, O_RDONLY);
+    ASSERT_FALSE(f.ok());
+    EXPECT_EQ(ToErrno(f.status()), EACCES) << f.status().message();
+    EXPECT_FALSE(table_->GetAttr(i).ok());  // nor stats what the link points to
+  }
+}
+
+TEST_F(NodeTableTest, SingleUserMountsKeepLongTimeouts) {
+  auto attr = table_->GetAttr(Walk({"exp", "best", "min", "loss"}));
+  ASSERT_TRUE(attr.ok());
+  EXPECT_GT(attr->timeout, 0);
 }
 
 }  // namespace

@@ -219,5 +219,35 @@ TEST_F(ResolverTest, IndexJsonNamesEveryCheckpoint) {
   EXPECT_EQ(r->content.find("pl/epoch"), std::string::npos);  // scoped to the experiment
 }
 
+TEST_F(ResolverTest, ARestrictedCallerSeesOnlyReadableCheckpoints) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to own what another uid cannot read";
+  ASSERT_EQ(::chmod((exp_ + "/CKPT+2").c_str(), 0700), 0);           // best by loss
+  ASSERT_EQ(::chmod((exp_ + "/CKPT+3/mdl.ckpt").c_str(), 0600), 0);  // dir still readable
+  ASSERT_EQ(::chmod((src_ + "/pl/epoch=2-step=20-val_loss=0.6.ckpt").c_str(), 0600), 0);
+  core::Caller nobody;
+  nobody.uid = nobody.gid = 65534;
+  Resolver resolver(index_.get());
+  auto best = resolver.Resolve("/exp/best/min/loss", &nobody);
+  ASSERT_TRUE(best.ok()) << best.status().message();
+  EXPECT_EQ(best->checkpoint->path, exp_ + "/CKPT+3");
+  EXPECT_EQ(resolver.Resolve("/exp/best/min/loss")->checkpoint->path, exp_ + "/CKPT+2");
+  auto pl = resolver.Resolve("/pl/best/min/val_loss", &nobody);
+  ASSERT_TRUE(pl.ok());
+  EXPECT_EQ(pl->checkpoint->path, src_ + "/pl/epoch=1-step=10-val_loss=0.7.ckpt");
+  // top/3 has two ranks; avg/last3 cannot be formed; index.json leaves it out.
+  auto top = resolver.Resolve("/exp/top/3/min/loss", &nobody);
+  ASSERT_TRUE(top.ok());
+  EXPECT_EQ(top->members.size(), 2u);
+  EXPECT_EQ(resolver.Resolve("/exp/avg/last3", &nobody).status().code(), StatusCode::kNotFound);
+  auto json = resolver.Resolve("/exp/index.json", &nobody);
+  ASSERT_TRUE(json.ok());
+  EXPECT_EQ(json->content.find("CKPT+2"), std::string::npos);
+  EXPECT_NE(json->content.find("CKPT+3"), std::string::npos);
+  // A checkpoint replaced by a link is no checkpoint, even to a reader.
+  ASSERT_EQ(::rename((exp_ + "/CKPT+3").c_str(), (exp_ + "/moved").c_str()), 0);
+  ASSERT_EQ(::symlink((exp_ + "/moved").c_str(), (exp_ + "/CKPT+3").c_str()), 0);
+  EXPECT_EQ(resolver.Resolve("/exp/best/min/loss", &nobody)->checkpoint->path, exp_ + "/CKPT+1");
+}
+
 }  // namespace
 }  // namespace ckptfs::index
