@@ -1,5 +1,6 @@
 #include "core/meta.h"
 
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <cctype>
@@ -8,6 +9,7 @@
 #include <cstdlib>
 #include <initializer_list>
 #include <regex>
+#include <sstream>
 #include <unordered_map>
 
 #include "core/meta_fields.h"
@@ -294,6 +296,32 @@ Status CheckBlockKeyHasColon(std::string_view text, const YAML::Node& key,
                          key.Scalar().substr(0, 64) + "' at line " + std::to_string(mark.line + 1));
 }
 
+// Counts the documents yaml-cpp's parser finds, building nothing.
+class DocumentCounter : public YAML::EventHandler {
+ public:
+  int documents() const { return documents_; }
+  const YAML::Mark& last_start() const { return last_start_; }
+  void OnDocumentStart(const YAML::Mark& mark) override {
+    ++documents_;
+    last_start_ = mark;
+  }
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                const std::string&) override {}
+  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                       YAML::EmitterStyle::value) override {}
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t,
+                  YAML::EmitterStyle::value) override {}
+  void OnMapEnd() override {}
+
+ private:
+  int documents_ = 0;
+  YAML::Mark last_start_;
+};
+
 }  // namespace
 
 MetaValue MetaValue::Number(double v) {
@@ -379,23 +407,27 @@ Result<Meta> ParseSpeechBrainYaml(std::string_view text, const std::string& orig
   }
   Result<std::string_view> document = SingleYamlDocument(text, origin);
   if (!document.ok()) return document.status();
-  std::vector<YAML::Node> docs;
+  YAML::Node root;
   try {
-    docs = YAML::LoadAll(std::string(*document));
+    // yaml-cpp starts a new implicit document where PyYAML sees text after
+    // the top-level node ("{a: 1} x", "{a: 1}\nb: 2") and refuses it. Count
+    // documents with at most two parser steps: YAML::LoadAll loops forever
+    // on some inputs (",..loss: 1\nfoos" makes empty documents without end).
+    std::istringstream in{std::string(*document)};
+    YAML::Parser parser(in);
+    DocumentCounter counter;
+    if (parser.HandleNextDocument(counter) && parser.HandleNextDocument(counter)) {
+      return Status::Corrupt(origin + ": not valid YAML: text after the top-level node at line " +
+                             std::to_string(counter.last_start().line + 1));
+    }
+    if (counter.documents() == 1) root = YAML::Load(std::string(*document));
   } catch (const YAML::Exception& e) {
     return Status::Corrupt(origin + ": not valid YAML: " + e.what());
   } catch (const std::exception& e) {
     return Status::Corrupt(origin + ": not valid YAML: " + e.what());
   }
-  // yaml-cpp starts a new implicit document where PyYAML sees text after the
-  // top-level node ("{a: 1} x", "{a: 1}\nb: 2") and refuses it.
-  if (docs.size() > 1) {
-    return Status::Corrupt(origin + ": not valid YAML: text after the top-level node at line " +
-                           std::to_string(docs[1].Mark().line + 1));
-  }
   Fields fields(origin);
-  if (docs.empty() || docs[0].IsNull()) return fields.Take();  // no user keys
-  const YAML::Node& root = docs[0];
+  if (!root.IsDefined() || root.IsNull()) return fields.Take();  // no user keys
   if (!root.IsMap()) return Status::Corrupt(origin + ": YAML top level is not a map");
   try {
     if (Status s = CheckYamlDepth(root, origin); !s.ok()) return s;

@@ -273,6 +273,15 @@ TEST(MetaTest, YamlAliasesDoNotExplode) {
   EXPECT_EQ(*small->Number("b"), 0.5);
 }
 
+// Found by fuzzing: yaml-cpp's LoadAll never ends on this input (it makes
+// empty documents forever, growing without bound). PyYAML refuses it.
+TEST(MetaTest, YamlThatYamlCppWouldLoopOnIsRefusedAtOnce) {
+  Result<Meta> m = ParseSpeechBrainYaml(",..loss: 1\nfoos", "/e/CKPT+1/CKPT.yaml");
+  ASSERT_FALSE(m.ok());
+  EXPECT_NE(m.status().message().find("/e/CKPT+1/CKPT.yaml: not valid YAML"), std::string::npos)
+      << m.status().message();
+}
+
 TEST(MetaTest, JsonReadsNanAndInfinityAsPythonDoes) {
   Result<Meta> m = ParseNativeJson(
       R"({"loss": NaN, "up": Infinity, "down": -Infinity, "s": "NaN, Infinity", "NaN": 1,)"
