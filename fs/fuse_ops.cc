@@ -346,7 +346,8 @@ void Flush(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_file_info* /*fi*/) {
 
 void Mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
   Serve(req, "mkdir", [&](Reply& reply) {
-    auto a = Table(req)->Mkdir(parent, name, mode);
+    const core::Caller caller = CallerOf(req);
+    auto a = Table(req)->Mkdir(parent, name, mode, &caller);
     if (!a.ok()) return reply.Fail(a.status());
     reply.Entry(*a);
   });
@@ -355,7 +356,8 @@ void Mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
 void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
             struct fuse_file_info* fi) {
   Serve(req, "create", [&](Reply& reply) {
-    auto r = Table(req)->Create(parent, name, mode, fi->flags);
+    const core::Caller caller = CallerOf(req);
+    auto r = Table(req)->Create(parent, name, mode, fi->flags, &caller);
     if (!r.ok()) return reply.Fail(r.status());
     auto* h = new (std::nothrow) OpenFileHandle{std::move(r->second)};
     if (h == nullptr) {
@@ -392,7 +394,8 @@ void Rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t new_
   });
 }
 
-void SetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, struct fuse_file_info* fi) {
+void SetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set,
+             struct fuse_file_info* fi) {
   Serve(req, "setattr", [&](Reply& reply) {
     const int fd = fi != nullptr ? reinterpret_cast<OpenFileHandle*>(fi->fh)->file.fd : -1;
     auto a = Table(req)->SetAttr(ino, *attr, to_set, fd);

@@ -28,7 +28,6 @@ struct timespec Now() {
   return ts;
 }
 
-
 std::string DirOf(const std::string& path) {
   auto slash = path.rfind('/');
   return slash == std::string::npos || slash == 0 ? "/" : path.substr(0, slash);
@@ -111,15 +110,20 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
     st.st_uid = ::getuid();
     st.st_gid = ::getgid();
   } else if (node.staged && node.type == NodeType::kVirtualDir &&
-             ::lstat(node.real_path.c_str(), &st) == 0) {
-    // new/ after its staging directory was created.
+             beneath().Lstat(node.scope, &st).ok()) {
+    // new/ is the experiment, writable: its owner and mode (so the kernel's
+    // default_permissions lets write exactly those who may write the
+    // experiment), not those of the private staging directory behind it.
+    st.st_mode = S_IFDIR | (st.st_mode & 07777);
+    st.st_nlink = 2;
   } else if (node.type == NodeType::kVirtualDir || node.type == NodeType::kIndexJson ||
              node.type == NodeType::kAverageFile) {
     const bool dir = node.type == NodeType::kVirtualDir;
     const bool status = IsStatusFile(node);  // changes with every event
     st.st_mode = dir ? (S_IFDIR | (node.staged ? 0755 : 0555)) : (S_IFREG | 0444);
     st.st_nlink = dir ? 2 : 1;
-    st.st_size = static_cast<off_t>(status ? options_.status->ToJson(index_).size() : node.content_size);
+    st.st_size =
+        static_cast<off_t>(status ? options_.status->ToJson(index_).size() : node.content_size);
     st.st_atim = st.st_mtim = st.st_ctim = status ? Now() : mount_time_;
     st.st_uid = ::getuid();
     st.st_gid = ::getgid();
@@ -264,9 +268,11 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
     });
     if (!avg.ok()) {
       // EIO for members that disagree or cannot be parsed; the log names them.
-      core::Log(core::LogLevel::kError, "%s: %s", node.vpath.c_str(), avg.status().message().c_str());
-      return avg.status().code() == StatusCode::kUnsupported ? avg.status()
-                                                             : Status::Corrupt(avg.status().message());
+      core::Log(core::LogLevel::kError, "%s: %s", node.vpath.c_str(),
+                avg.status().message().c_str());
+      return avg.status().code() == StatusCode::kUnsupported
+                 ? avg.status()
+                 : Status::Corrupt(avg.status().message());
     }
     if (caller != nullptr) {
       Status allowed = MembersAllowed(*caller, node.members);
@@ -275,8 +281,9 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
     node.type = NodeType::kRealFile;
     node.real_path = *avg;
     if (options_.status != nullptr) {
-      options_.status->Record(EventKind::kAverage, node.vpath + " (" + std::to_string(members.size()) +
-                                                       " members) -> " + *avg);
+      options_.status->Record(
+          EventKind::kAverage,
+          node.vpath + " (" + std::to_string(members.size()) + " members) -> " + *avg);
     }
   }
   return Remember(std::move(node));
@@ -434,7 +441,8 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags, const core::Caller* 
         ::close(f.fd);
         return Status::FromErrno(node->real_path, err);
       }
-      const int64_t mtime_ns = static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+      const int64_t mtime_ns =
+          static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
       std::lock_guard<std::mutex> lock(mu_);
       auto it = nodes_.find(ino);
       if (it != nodes_.end()) {

@@ -60,8 +60,8 @@ struct NodeAttr {
 };
 
 struct OpenedFile {
-  int fd = -1;              // real file, owned by the caller once returned
-  std::string content;      // generated file (index.json)
+  int fd = -1;          // real file, owned by the caller once returned
+  std::string content;  // generated file (index.json)
   bool generated = false;
   bool keep_cache = false;  // same real file, size and mtime as at the last open
   std::string real_path;    // what Released must be told
@@ -121,9 +121,13 @@ class NodeTable {
 
   // Writing under new/ (the staging area); anywhere else kPermission. Each
   // returns the new entry's attributes, counted as a lookup.
-  core::Result<NodeAttr> Mkdir(uint64_t parent, const std::string& name, mode_t mode);
+  // What caller creates is owned by caller (uid, gid), also when the daemon
+  // runs as root; nullptr: by the daemon's user.
+  core::Result<NodeAttr> Mkdir(uint64_t parent, const std::string& name, mode_t mode,
+                               const core::Caller* caller = nullptr);
   core::Result<std::pair<NodeAttr, OpenedFile>> Create(uint64_t parent, const std::string& name,
-                                                       mode_t mode, int flags);
+                                                       mode_t mode, int flags,
+                                                       const core::Caller* caller = nullptr);
   core::Status Unlink(uint64_t parent, const std::string& name, bool directory);
   core::Status Rename(uint64_t parent, const std::string& name, uint64_t new_parent,
                       const std::string& new_name, unsigned int flags);

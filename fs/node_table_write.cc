@@ -24,7 +24,8 @@ void NodeTable::Released(const OpenedFile& file) {
     auto it = open_.find(file.real_path);
     if (it != open_.end()) open_.erase(it);
   }
-  if (file.writer && options_.committer != nullptr) options_.committer->ClosedForWrite(file.real_path);
+  if (file.writer && options_.committer != nullptr)
+    options_.committer->ClosedForWrite(file.real_path);
 }
 
 bool NodeTable::IsOpen(const std::string& path) const {
@@ -64,11 +65,24 @@ Result<std::string> NodeTable::StagedDir(uint64_t parent, const std::string& nam
 Status NodeTable::RefuseSpecial(uint64_t parent, const std::string& name, const char* what) {
   Result<Node> p = Snapshot(parent);
   if (!p.ok()) return p.status();
-  if (!p->staged) return Status::Permission(p->vpath + ": read-only (write checkpoints through new/)");
-  return Status::FromErrno(p->vpath + "/" + name + ": a " + what + " cannot be part of a checkpoint", EPERM);
+  if (!p->staged)
+    return Status::Permission(p->vpath + ": read-only (write checkpoints through new/)");
+  return Status::FromErrno(
+      p->vpath + "/" + name + ": a " + what + " cannot be part of a checkpoint", EPERM);
 }
 
-Result<NodeAttr> NodeTable::Mkdir(uint64_t parent, const std::string& name, mode_t mode) {
+namespace {
+
+// The daemon runs as root for every user of an allow_other mount: what a
+// user creates under new/ is theirs, as on the experiment's own filesystem.
+bool ChownFor(const core::Caller* caller) {
+  return caller != nullptr && ::geteuid() == 0 && caller->uid != 0;
+}
+
+}  // namespace
+
+Result<NodeAttr> NodeTable::Mkdir(uint64_t parent, const std::string& name, mode_t mode,
+                                  const core::Caller* caller) {
   Result<std::string> dir = StagedDir(parent, name, true);
   if (!dir.ok()) return dir.status();
   const std::string path = *dir + "/" + name;
@@ -77,12 +91,19 @@ Result<NodeAttr> NodeTable::Mkdir(uint64_t parent, const std::string& name, mode
   if (::mkdirat(in->first.get(), in->second.c_str(), mode & 07777) != 0) {
     return Status::FromErrno(path, errno);
   }
+  if (ChownFor(caller) && ::fchownat(in->first.get(), in->second.c_str(), caller->uid, caller->gid,
+                                     AT_SYMLINK_NOFOLLOW) != 0) {
+    const int err = errno;
+    ::unlinkat(in->first.get(), in->second.c_str(), AT_REMOVEDIR);
+    return Status::FromErrno(path + ": giving it to uid " + std::to_string(caller->uid), err);
+  }
   options_.committer->Touched(path);
   return Lookup(parent, name, /*redirect=*/false);  // mkdir must answer with a directory
 }
 
 Result<std::pair<NodeAttr, OpenedFile>> NodeTable::Create(uint64_t parent, const std::string& name,
-                                                          mode_t mode, int flags) {
+                                                          mode_t mode, int flags,
+                                                          const core::Caller* caller) {
   Result<std::string> dir = StagedDir(parent, name, true);
   if (!dir.ok()) return dir.status();
   OpenedFile f;
@@ -92,6 +113,14 @@ Result<std::pair<NodeAttr, OpenedFile>> NodeTable::Create(uint64_t parent, const
   Result<core::ScopedFd> fd =
       options_.committer->source().OpenAt(f.real_path, open_flags | O_NOFOLLOW, mode & 07777);
   if (!fd.ok()) return fd.status();
+  // Only a file this call made changes hands (O_CREAT on an existing one
+  // opens it; its owner stays).
+  struct stat made {};
+  if (ChownFor(caller) && ::fstat(fd->get(), &made) == 0 && made.st_uid == ::geteuid() &&
+      ::fchown(fd->get(), caller->uid, caller->gid) != 0) {
+    return Status::FromErrno(f.real_path + ": giving it to uid " + std::to_string(caller->uid),
+                             errno);
+  }
   f.fd = fd->release();
   options_.committer->OpenedForWrite(f.real_path);
   Result<NodeAttr> attr = Lookup(parent, name);
