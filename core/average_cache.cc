@@ -28,10 +28,12 @@ AverageCache::AverageCache(std::string dir, int64_t max_bytes)
 
 namespace {
 
-// What identifies a member's content: path, size, mtime, device, inode, ctime.
-Result<std::string> IdentityOf(const std::string& m) {
+// What identifies a member's content: path, size, mtime, device, inode,
+// ctime; of the open file fd when fd >= 0.
+Result<std::string> IdentityOf(const std::string& m, int fd = -1) {
   struct stat st {};
-  if (::stat(m.c_str(), &st) != 0) return Status::FromErrno(m, errno);
+  if ((fd >= 0 ? ::fstat(fd, &st) : ::stat(m.c_str(), &st)) != 0)
+    return Status::FromErrno(m, errno);
   if (!S_ISREG(st.st_mode)) return Status::InvalidArgument(m + ": not a regular file");
   return m + "|" + std::to_string(st.st_size) + "|" + std::to_string(st.st_mtim.tv_sec) + "." +
          std::to_string(st.st_mtim.tv_nsec) + "|" + std::to_string(st.st_dev) + "|" +
@@ -40,27 +42,50 @@ Result<std::string> IdentityOf(const std::string& m) {
 }
 
 // The first member whose identity is not the one in `before` any more.
-Status CheckUnchanged(const std::vector<std::string>& members,
+Status CheckUnchanged(const std::vector<std::string>& members, const std::vector<ScopedFd>& fds,
                       const std::vector<std::string>& before) {
   for (size_t i = 0; i < members.size(); ++i) {
-    Result<std::string> now = IdentityOf(members[i]);
+    Result<std::string> now = IdentityOf(members[i], fds.empty() ? -1 : fds[i].get());
     if (!now.ok()) return now.status();
     if (*now != before[i]) return Status::Corrupt(members[i] + ": changed while it was averaged");
   }
   return Status::Ok();
 }
 
+// A status from reading "/proc/self/fd/N" names the member instead.
+Status NamingMembers(const Status& s, const std::vector<std::string>& read_as,
+                     const std::vector<std::string>& members) {
+  std::string msg = s.message();
+  for (size_t i = 0; i < members.size(); ++i) {
+    for (size_t at; (at = msg.find(read_as[i])) != std::string::npos;) {
+      msg.replace(at, read_as[i].size(), members[i]);
+    }
+  }
+  if (msg == s.message()) return s;
+  switch (s.code()) {
+    case StatusCode::kNotFound:
+      return Status::NotFound(msg);
+    case StatusCode::kInvalidArgument:
+      return Status::InvalidArgument(msg);
+    case StatusCode::kCorrupt:
+      return Status::Corrupt(msg);
+    case StatusCode::kUnsupported:
+      return Status::Unsupported(msg);
+    case StatusCode::kExists:
+      return Status::Exists(msg);
+    case StatusCode::kPermission:
+      return Status::Permission(msg);
+    default:
+      return s;  // keeps its errno (ECANCELED, EIO, ...)
+  }
+}
+
 }  // namespace
 
 Result<std::string> AverageCache::KeyOf(const std::vector<std::string>& members,
-                                        std::vector<std::string>* identities) const {
+                                        const std::vector<std::string>& identities) const {
   std::string identity = kVersion;
-  for (const std::string& m : members) {
-    Result<std::string> id = IdentityOf(m);
-    if (!id.ok()) return id.status();
-    identity += "|" + *id;
-    identities->push_back(std::move(*id));
-  }
+  for (const std::string& id : identities) identity += "|" + id;
   char key[40];
   std::snprintf(key, sizeof(key), "%016llx%016llx",
                 static_cast<unsigned long long>(Fnv1a(identity, 1469598103934665603ULL)),
@@ -71,8 +96,27 @@ Result<std::string> AverageCache::KeyOf(const std::vector<std::string>& members,
 Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
                                       const ProgressFn& progress) {
   if (members.empty()) return Status::InvalidArgument("an average needs members");
+  // Open every member first (beneath the source when one is set); what is
+  // read below is read through these descriptors.
+  std::vector<ScopedFd> fds;
+  std::vector<std::string> read_as = members;
   std::vector<std::string> identities;
-  Result<std::string> key = KeyOf(members, &identities);
+  for (size_t i = 0; i < members.size(); ++i) {
+    if (source_ != nullptr) {
+      Result<ScopedFd> fd = source_->OpenAt(members[i], O_RDONLY | O_NOFOLLOW);
+      if (!fd.ok()) return fd.status();
+      // A shard index is recognised by its name, so it is read by path
+      // (after this check); tensor files are read through the descriptor.
+      const std::string& m = members[i];
+      const bool index_json = m.size() >= 11 && m.compare(m.size() - 11, 11, ".index.json") == 0;
+      if (!index_json) read_as[i] = "/proc/self/fd/" + std::to_string(fd->get());
+      fds.push_back(std::move(*fd));
+    }
+    Result<std::string> id = IdentityOf(members[i], fds.empty() ? -1 : fds[i].get());
+    if (!id.ok()) return id.status();
+    identities.push_back(std::move(*id));
+  }
+  Result<std::string> key = KeyOf(members, identities);
   if (!key.ok()) return key.status();
   const std::string path = dir_ + "/" + *key;
   std::shared_ptr<std::mutex> slot;
@@ -91,7 +135,8 @@ Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
   auto start = std::chrono::steady_clock::now();
   Log(LogLevel::kInfo, "averaging %zu member(s), newest %s", members.size(),
       members.front().c_str());
-  Result<AverageResult> r = AverageFiles(members, path, progress);
+  Result<AverageResult> r = AverageFiles(read_as, path, progress);
+  if (!r.ok()) r = NamingMembers(r.status(), read_as, members);
   if (!r.ok()) {
     // A cancelled average is the daemon stopping, not a fault of the members.
     const bool cancelled = r.status().sys_errno() == ECANCELED;
@@ -101,7 +146,7 @@ Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
   }
   // The key names the members as they were before the average; a member
   // that changed since (touched, replaced, rewritten) makes the result stale.
-  if (Status s = CheckUnchanged(members, identities); !s.ok()) {
+  if (Status s = CheckUnchanged(members, fds, identities); !s.ok()) {
     ::unlink(path.c_str());
     Log(LogLevel::kError, "average of %zu member(s) failed: %s", members.size(),
         s.message().c_str());

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "core/averaging.h"
+#include "core/beneath.h"
 #include "core/status.h"
 
 namespace ckptfs::core {
@@ -37,14 +38,22 @@ class AverageCache {
 
   const std::string& dir() const { return dir_; }
 
+  // Members under source are opened beneath it (no symbolic link at any
+  // component) before anything is read, and the average reads those very
+  // files through their descriptors: swapping a member's directory for a
+  // link while it is averaged changes nothing that is read. The key is made
+  // from the opened files. source must outlive the cache; nullptr: by path.
+  void set_source(const Beneath* source) { source_ = source; }
+
  private:
   // The cache file name for members; `identities` receives each member's.
   Result<std::string> KeyOf(const std::vector<std::string>& members,
-                            std::vector<std::string>* identities) const;
+                            const std::vector<std::string>& identities) const;
   void Evict(const std::string& keep);
 
   const std::string dir_;
   const int64_t max_bytes_;
+  const Beneath* source_ = nullptr;
   std::mutex mu_;  // guards computing_; never held while computing
   std::map<std::string, std::shared_ptr<std::mutex>> computing_;
 };

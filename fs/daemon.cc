@@ -357,6 +357,7 @@ int RunMount(const Options& opt) {
     core::Log(LogLevel::kError, "%s", source.status().message().c_str());
     return 1;
   }
+  averages.set_source(&*source);
   // What a killed daemon left half-written in new/ is never committed.
   {
     auto all = (*idx)->List(opt.source);
