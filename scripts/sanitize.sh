@@ -31,7 +31,8 @@ rm -rf "$reports" && mkdir -p "$reports"
 # exit code 1 (not a core dump). Leaks are checked in every process, the
 # daemon included: the daemon and CLI with libtorch and libfuse loaded ran
 # clean, so nothing is turned off. Should a third-party library's leak ever
-# show up, it is suppressed by library in scripts/lsan.supp, never ours.
+# show up, it is suppressed by library in scripts/lsan.supp (one exception
+# of ours, explained there: handles still open when a stop ends the session).
 export ASAN_OPTIONS="halt_on_error=1:abort_on_error=0:exitcode=1:detect_leaks=1:\
 check_initialization_order=1:strict_string_checks=1:detect_stack_use_after_return=1:\
 print_stacktrace=1:log_path=$reports/asan"
