@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
 #include <ctime>
@@ -57,8 +58,15 @@ Status NamingMembers(const Status& s, const std::vector<std::string>& read_as,
                      const std::vector<std::string>& members) {
   std::string msg = s.message();
   for (size_t i = 0; i < members.size(); ++i) {
-    for (size_t at; (at = msg.find(read_as[i])) != std::string::npos;) {
+    if (read_as[i] == members[i]) continue;  // read by path: already named
+    for (size_t at = msg.find(read_as[i]); at != std::string::npos;) {
+      const size_t end = at + read_as[i].size();
+      if (end < msg.size() && std::isdigit(static_cast<unsigned char>(msg[end]))) {
+        at = msg.find(read_as[i], end);  // "/proc/self/fd/12", not ".../1"
+        continue;
+      }
       msg.replace(at, read_as[i].size(), members[i]);
+      at = msg.find(read_as[i], at + members[i].size());
     }
   }
   if (msg == s.message()) return s;
