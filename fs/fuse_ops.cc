@@ -10,8 +10,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "core/log.h"
@@ -164,9 +166,60 @@ struct OpenDir {
   std::vector<index::DirEntry> entries;
 };
 
+// An open file; the last owner closes it and tells the table.
 struct OpenFileHandle {
+  OpenFileHandle(NodeTable* t, OpenedFile f) : table(t), file(std::move(f)) {}
+  ~OpenFileHandle() {
+    if (file.fd >= 0) ::close(file.fd);
+    table->Released(file);
+  }
+  OpenFileHandle(const OpenFileHandle&) = delete;
+  OpenFileHandle& operator=(const OpenFileHandle&) = delete;
+  NodeTable* table;
   OpenedFile file;
 };
+
+// Open handles by number (fi->fh). The kernel can send RELEASE while a READ
+// of the same file is still being answered (the reader was killed while it
+// waited), so a request holds its handle for as long as it uses it and
+// RELEASE only drops the table's reference. Thread-safe.
+template <typename T>
+class Handles {
+ public:
+  uint64_t Add(std::shared_ptr<T> h) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const uint64_t id = next_++;
+    map_.emplace(id, std::move(h));
+    return id;
+  }
+  std::shared_ptr<T> Get(uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = map_.find(id);
+    return it == map_.end() ? nullptr : it->second;
+  }
+  std::shared_ptr<T> Take(uint64_t id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = map_.find(id);
+    if (it == map_.end()) return nullptr;
+    std::shared_ptr<T> h = std::move(it->second);
+    map_.erase(it);
+    return h;
+  }
+
+ private:
+  std::mutex mu_;
+  uint64_t next_ = 1;
+  std::unordered_map<uint64_t, std::shared_ptr<T>> map_;
+};
+
+Handles<OpenFileHandle>& Files() {
+  static auto* files = new Handles<OpenFileHandle>();  // outlives every request
+  return *files;
+}
+Handles<OpenDir>& Dirs() {
+  static auto* dirs = new Handles<OpenDir>();
+  return *dirs;
+}
 
 void Init(void* /*userdata*/, struct fuse_conn_info* conn) {
   core::CatchAndLog("init", [&] {
@@ -230,15 +283,15 @@ void OpenDirOp(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
     const core::Caller caller = CallerOf(req);
     auto entries = Table(req)->ReadDir(ino, &caller);
     if (!entries.ok()) return reply.Fail(entries.status());
-    auto dir = std::make_unique<OpenDir>(OpenDir{std::move(*entries)});
-    fi->fh = reinterpret_cast<uint64_t>(dir.get());
-    if (reply.Open(fi) == 0) dir.release();  // else interrupted: no release follows
+    fi->fh = Dirs().Add(std::make_shared<OpenDir>(OpenDir{std::move(*entries)}));
+    if (reply.Open(fi) != 0) Dirs().Take(fi->fh);  // interrupted: no release follows
   });
 }
 
 void ReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse_file_info* fi) {
   Serve(req, "readdir", [&](Reply& reply) {
-    auto* dir = reinterpret_cast<OpenDir*>(fi->fh);
+    std::shared_ptr<OpenDir> dir = Dirs().Get(fi->fh);
+    if (dir == nullptr) return reply.Err(EBADF);
     std::vector<char> buf(size);
     size_t used = 0;
     // Offsets: 0 ".", 1 "..", then entries; each entry records the next offset.
@@ -267,31 +320,20 @@ void ReadDir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, struct fuse
 
 void ReleaseDir(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_file_info* fi) {
   Serve(req, "releasedir", [&](Reply& reply) {
-    delete reinterpret_cast<OpenDir*>(fi->fh);
+    Dirs().Take(fi->fh);
     reply.Err(0);
   });
 }
 
-// Undoes an open the kernel will never release.
-void Unopen(fuse_req_t req, OpenFileHandle* h) {
-  Table(req)->Released(h->file);
-  if (h->file.fd >= 0) ::close(h->file.fd);
-  delete h;
-}
-
-// Hands an opened file to the kernel; on failure undoes the open.
+// Hands an opened file to the kernel; on failure undoes the open (the
+// handle's destructor closes it).
 void ReplyOpen(fuse_req_t req, Reply& reply, struct fuse_file_info* fi, OpenedFile f) {
-  auto* h = new (std::nothrow) OpenFileHandle{std::move(f)};
-  if (h == nullptr) {
-    Table(req)->Released(f);
-    if (f.fd >= 0) ::close(f.fd);
-    return reply.Err(ENOMEM);
-  }
-  fi->fh = reinterpret_cast<uint64_t>(h);
+  auto h = std::make_shared<OpenFileHandle>(Table(req), std::move(f));
   fi->keep_cache = h->file.keep_cache;
   fi->direct_io = h->file.generated;  // generated content may differ from the size in getattr
   fi->noflush = h->file.writer ? 0 : 1;
-  if (reply.Open(fi) != 0) Unopen(req, h);
+  fi->fh = Files().Add(std::move(h));
+  if (reply.Open(fi) != 0) Files().Take(fi->fh);  // interrupted: no release follows
 }
 
 void Open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
@@ -305,7 +347,8 @@ void Open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info* fi) {
 
 void Read(fuse_req_t req, fuse_ino_t /*ino*/, size_t size, off_t off, struct fuse_file_info* fi) {
   Serve(req, "read", [&](Reply& reply) {
-    auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
+    std::shared_ptr<OpenFileHandle> h = Files().Get(fi->fh);
+    if (h == nullptr) return reply.Err(EBADF);
     if (h->file.fd < 0) {
       const std::string& content = h->file.content;
       const size_t len = content.size();
@@ -323,10 +366,7 @@ void Read(fuse_req_t req, fuse_ino_t /*ino*/, size_t size, off_t off, struct fus
 
 void Release(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_file_info* fi) {
   Serve(req, "release", [&](Reply& reply) {
-    auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
-    if (h->file.fd >= 0) ::close(h->file.fd);
-    Table(req)->Released(h->file);
-    delete h;
+    Files().Take(fi->fh);  // closed when no request uses it any more
     reply.Err(0);
   });
 }
@@ -335,8 +375,8 @@ void Release(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_file_info* fi) {
 void WriteBuf(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_bufvec* in, off_t off,
               struct fuse_file_info* fi) {
   Serve(req, "write", [&](Reply& reply) {
-    auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
-    if (!h->file.writer) return reply.Err(EBADF);
+    std::shared_ptr<OpenFileHandle> h = Files().Get(fi->fh);
+    if (h == nullptr || !h->file.writer) return reply.Err(EBADF);
     struct fuse_bufvec out = FUSE_BUFVEC_INIT(fuse_buf_size(in));
     out.buf[0].flags = static_cast<enum fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
     out.buf[0].fd = h->file.fd;
@@ -350,7 +390,8 @@ void WriteBuf(fuse_req_t req, fuse_ino_t /*ino*/, struct fuse_bufvec* in, off_t 
 
 void Fsync(fuse_req_t req, fuse_ino_t /*ino*/, int datasync, struct fuse_file_info* fi) {
   Serve(req, "fsync", [&](Reply& reply) {
-    auto* h = reinterpret_cast<OpenFileHandle*>(fi->fh);
+    std::shared_ptr<OpenFileHandle> h = Files().Get(fi->fh);
+    if (h == nullptr) return reply.Err(EBADF);
     if (h->file.fd < 0) return reply.Err(0);
     int rc = datasync ? ::fdatasync(h->file.fd) : ::fsync(h->file.fd);
     reply.Err(rc == 0 ? 0 : errno);
@@ -376,13 +417,7 @@ void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
     const core::Caller caller = CallerOf(req);
     auto r = Table(req)->Create(parent, name, mode, fi->flags, &caller);
     if (!r.ok()) return reply.Fail(r.status());
-    auto* h = new (std::nothrow) OpenFileHandle{std::move(r->second)};
-    if (h == nullptr) {
-      Table(req)->Released(r->second);
-      if (r->second.fd >= 0) ::close(r->second.fd);
-      return reply.Err(ENOMEM);
-    }
-    fi->fh = reinterpret_cast<uint64_t>(h);
+    fi->fh = Files().Add(std::make_shared<OpenFileHandle>(Table(req), std::move(r->second)));
     fi->keep_cache = 0;
     fi->direct_io = 0;
     struct fuse_entry_param e {};
@@ -390,7 +425,7 @@ void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
     e.attr = r->first.st;
     e.attr_timeout = r->first.timeout;
     e.entry_timeout = r->first.timeout;
-    if (reply.Create(&e, fi) != 0) Unopen(req, h);
+    if (reply.Create(&e, fi) != 0) Files().Take(fi->fh);
   });
 }
 
@@ -414,8 +449,8 @@ void Rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t new_
 void SetAttr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set,
              struct fuse_file_info* fi) {
   Serve(req, "setattr", [&](Reply& reply) {
-    const int fd = fi != nullptr ? reinterpret_cast<OpenFileHandle*>(fi->fh)->file.fd : -1;
-    auto a = Table(req)->SetAttr(ino, *attr, to_set, fd);
+    std::shared_ptr<OpenFileHandle> h = fi != nullptr ? Files().Get(fi->fh) : nullptr;
+    auto a = Table(req)->SetAttr(ino, *attr, to_set, h != nullptr ? h->file.fd : -1);
     if (!a.ok()) return reply.Fail(a.status());
     reply.Attr(*a);
   });
