@@ -13,6 +13,17 @@
 namespace ckptfs::index {
 namespace {
 
+// A copy of the whisper run has fresh mtimes in copy order; give its files
+// their training order.
+void SetWhisperMtimes(const std::string& src) {
+  for (int step = 1000; step <= 5000; step += 1000) {
+    for (const char* f : {"/trainer_state.json", "/config.json"}) {
+      testing::SetMtime(src + "/checkpoint-" + std::to_string(step) + f, 1.7e9 + step);
+    }
+  }
+}
+
+
 using core::Order;
 using core::Predicate;
 using testing::TempDir;
@@ -263,12 +274,7 @@ TEST(WildFixturesTest, HuggingFaceWhisperRunAgreesWithTheTrainer) {
   const std::string src = dir.path() + "/whisper";
   std::filesystem::copy(CKPTFS_WILD_FIXTURES "/hf-whisper-ja", src,
                         std::filesystem::copy_options::recursive);
-  // A copy has fresh mtimes in copy order; give the files their training order.
-  for (int step = 1000; step <= 5000; step += 1000) {
-    for (const char* f : {"/trainer_state.json", "/config.json"}) {
-      testing::SetMtime(src + "/checkpoint-" + std::to_string(step) + f, 1.7e9 + step);
-    }
-  }
+  SetWhisperMtimes(src);
   auto idx = Index::Open(src, dir.path() + "/i.sqlite");
   ASSERT_TRUE(idx.ok());
   ASSERT_TRUE((*idx)->Scan().ok());
@@ -328,11 +334,7 @@ TEST(WildFixturesTest, HuggingFaceRunWithNanGradNormStaysValidAndBest) {
   ASSERT_NE(first.find(loss), std::string::npos);
   first.replace(first.find(loss), loss.size(), "\"eval_loss\": NaN");
   WriteFile(src + "/checkpoint-1000/trainer_state.json", first);
-  for (int step = 1000; step <= 5000; step += 1000) {
-    for (const char* f : {"/trainer_state.json", "/config.json"}) {
-      testing::SetMtime(src + "/checkpoint-" + std::to_string(step) + f, 1.7e9 + step);
-    }
-  }
+  SetWhisperMtimes(src);
   auto idx = Index::Open(src, dir.path() + "/i.sqlite");
   ASSERT_TRUE(idx.ok());
   ASSERT_TRUE((*idx)->Scan().ok());
