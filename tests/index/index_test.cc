@@ -23,7 +23,6 @@ void SetWhisperMtimes(const std::string& src) {
   }
 }
 
-
 using core::Order;
 using core::Predicate;
 using testing::TempDir;
