@@ -14,6 +14,7 @@
 #include <mutex>
 #include <set>
 
+#include "core/beneath.h"
 #include "core/log.h"
 
 namespace ckptfs::core {
@@ -35,26 +36,28 @@ std::string Dirname(const std::string& path) {
   return path.substr(0, slash);
 }
 
-// Reads at most max_bytes (meta.h's budget for the layout's format): a
-// larger file is refused with the budget named, never read whole.
-Result<std::string> ReadSmallFile(const std::string& path, size_t max_bytes) {
+// Reads at most max_bytes (meta.h's budget for the layout's format) from
+// name in dir_fd, opened without following a link: a larger file is
+// refused with the budget named, never read whole. path names it in
+// messages.
+Result<std::string> ReadSmallFileAt(int dir_fd, const char* name, const std::string& path,
+                                    size_t max_bytes) {
   const auto too_large = [&]() {
     return Status::Corrupt(path + ": meta file larger than the " + std::to_string(max_bytes) +
                            "-byte budget for " + Basename(path));
   };
   // O_NONBLOCK: a FIFO put where the meta file was must not hang the scan
   // (fstat below refuses it).
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK);
-  if (fd < 0) return Status::FromErrno(path, errno);
-  std::unique_ptr<int, void (*)(int*)> guard(&fd, [](int* f) { ::close(*f); });
+  ScopedFd fd(::openat(dir_fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK));
+  if (!fd.valid()) return Status::FromErrno(path, errno);
   struct stat st {};
-  if (::fstat(fd, &st) != 0) return Status::FromErrno(path, errno);
+  if (::fstat(fd.get(), &st) != 0) return Status::FromErrno(path, errno);
   if (!S_ISREG(st.st_mode)) return Status::Corrupt(path + ": not a regular file");
   if (static_cast<uint64_t>(st.st_size) > max_bytes) return too_large();
   std::string data;
   char buf[65536];
   for (;;) {
-    ssize_t n = ::read(fd, buf, sizeof(buf));
+    ssize_t n = ::read(fd.get(), buf, sizeof(buf));
     if (n < 0) {
       if (errno == EINTR) continue;
       return Status::FromErrno(path, errno);
@@ -66,9 +69,11 @@ Result<std::string> ReadSmallFile(const std::string& path, size_t max_bytes) {
   return data;
 }
 
-Result<Meta> ParseMetaFile(Layout layout, const std::string& file) {
+// The meta file of the checkpoint directory dir_fd; file is its path.
+Result<Meta> ParseMetaFileAt(Layout layout, int dir_fd, const std::string& file) {
   Result<std::string> text =
-      ReadSmallFile(file, layout == Layout::kSpeechBrain ? kMaxYamlMetaBytes : kMaxJsonMetaBytes);
+      ReadSmallFileAt(dir_fd, MetaFileName(layout), file,
+                      layout == Layout::kSpeechBrain ? kMaxYamlMetaBytes : kMaxJsonMetaBytes);
   if (!text.ok()) return text.status();
   switch (layout) {
     case Layout::kSpeechBrain:
@@ -150,14 +155,14 @@ std::optional<Layout> DirectoryLayout(std::string_view dir_name, bool has_ckpt_y
   return std::nullopt;
 }
 
-Result<std::string> CheckpointStamp(const std::string& path, Layout layout) {
+Result<std::string> CheckpointStamp(const Beneath& source, const std::string& path,
+                                    Layout layout) {
   struct stat st {};
-  if (::lstat(path.c_str(), &st) != 0) return Status::FromErrno(path, errno);
+  if (Status s = source.Lstat(path, &st); !s.ok()) return s;
   std::string stamp = std::to_string(MtimeNs(st)) + ":" + std::to_string(st.st_size);
   if (layout != Layout::kSingleFile) {
-    std::string meta_file = path + "/" + MetaFileName(layout);
     struct stat mst {};
-    if (::lstat(meta_file.c_str(), &mst) == 0) {
+    if (source.Lstat(path + "/" + MetaFileName(layout), &mst).ok()) {
       stamp += ":" + std::to_string(MtimeNs(mst)) + ":" + std::to_string(mst.st_size);
     } else {
       stamp += ":missing";
@@ -166,27 +171,39 @@ Result<std::string> CheckpointStamp(const std::string& path, Layout layout) {
   return stamp;
 }
 
-Result<Checkpoint> LoadCheckpoint(const std::string& path, Layout layout) {
+Result<Checkpoint> LoadCheckpoint(const Beneath& source, const std::string& path, Layout layout) {
   Checkpoint c;
   c.path = path;
   c.experiment = Dirname(path);
   c.name = Basename(path);
   c.layout = layout;
-  Result<std::string> stamp = CheckpointStamp(path, layout);
+  Result<std::string> stamp = CheckpointStamp(source, path, layout);
   if (!stamp.ok()) return stamp.status();
   c.stamp = *stamp;
 
   int64_t newest_ns = 0;
   if (layout == Layout::kSingleFile) {
+    // O_PATH: the file is only stat'ed; a FIFO in its place never blocks.
+    Result<ScopedFd> fd = source.OpenAt(path, O_PATH);
+    if (!fd.ok()) return fd.status();
     struct stat st {};
-    if (::stat(path.c_str(), &st) != 0) return Status::FromErrno(path, errno);
+    if (::fstat(fd->get(), &st) != 0) return Status::FromErrno(path, errno);
     if (!S_ISREG(st.st_mode)) return Status::InvalidArgument(path + ": not a regular file");
     c.files.push_back({c.name, static_cast<int64_t>(st.st_size), MtimeNs(st)});
     newest_ns = MtimeNs(st);
     if (auto meta = ParseSingleFileName(c.name)) c.meta = std::move(*meta);
   } else {
-    DIR* dir = ::opendir(path.c_str());
-    if (dir == nullptr) return Status::FromErrno(path, errno);
+    // Beneath the source: a directory swapped for a link to one the
+    // daemon's user alone can read is never listed or parsed.
+    Result<ScopedFd> dir_fd = source.OpenAt(path, O_RDONLY | O_DIRECTORY);
+    if (!dir_fd.ok()) return dir_fd.status();
+    int list_fd = ::dup(dir_fd->get());
+    if (list_fd < 0) return Status::FromErrno(path, errno);
+    DIR* dir = ::fdopendir(list_fd);
+    if (dir == nullptr) {
+      ::close(list_fd);
+      return Status::FromErrno(path, errno);
+    }
     std::unique_ptr<DIR, int (*)(DIR*)> guard(dir, ::closedir);
     while (struct dirent* e = ::readdir(dir)) {
       std::string name = e->d_name;
@@ -199,7 +216,7 @@ Result<Checkpoint> LoadCheckpoint(const std::string& path, Layout layout) {
     }
     std::sort(c.files.begin(), c.files.end(),
               [](const CheckpointFile& a, const CheckpointFile& b) { return a.name < b.name; });
-    Result<Meta> meta = ParseMetaFile(layout, path + "/" + MetaFileName(layout));
+    Result<Meta> meta = ParseMetaFileAt(layout, dir_fd->get(), path + "/" + MetaFileName(layout));
     if (meta.ok()) {
       c.meta = std::move(*meta);
     } else {
@@ -211,6 +228,12 @@ Result<Checkpoint> LoadCheckpoint(const std::string& path, Layout layout) {
                         static_cast<double>(std::time(nullptr)));
   c.step = StepOf(c.meta);
   return c;
+}
+
+Result<Checkpoint> LoadCheckpoint(const std::string& path, Layout layout) {
+  Result<Beneath> parent = Beneath::Open(Dirname(path));
+  if (!parent.ok()) return parent.status();
+  return LoadCheckpoint(*parent, path, layout);
 }
 
 std::string NaturalSortKey(std::string_view name) {

@@ -18,6 +18,8 @@
 
 namespace ckptfs::core {
 
+class Beneath;
+
 enum class Layout { kSpeechBrain = 0, kNative = 1, kHuggingFace = 2, kSingleFile = 3 };
 
 const char* LayoutName(Layout layout);
@@ -52,7 +54,14 @@ std::optional<Layout> DirectoryLayout(std::string_view dir_name, bool has_ckpt_y
                                       bool has_meta_json, bool has_trainer_state);
 
 // Reads the checkpoint at path (a directory of the given layout, or a single
-// file). Fails only when path itself cannot be read (vanished, no access).
+// file, under source's root), reaching it and every file in it beneath
+// source's descriptor without following a symbolic link (core/beneath.h).
+// Fails only when path itself cannot be read (vanished, no access, a link
+// on the way).
+Result<Checkpoint> LoadCheckpoint(const Beneath& source, const std::string& path, Layout layout);
+
+// The same for a path whose parent directory is trusted (tests and tools
+// reading what they were handed): beneath the parent.
 Result<Checkpoint> LoadCheckpoint(const std::string& path, Layout layout);
 
 // A meta unixtime further than this ahead of the daemon's clock is not
@@ -69,7 +78,8 @@ double RecencyOf(const std::string& path, std::optional<double> unixtime, double
 
 // The stamp LoadCheckpoint would record, from a couple of stat calls: if it
 // equals the stored one, the checkpoint need not be reloaded.
-Result<std::string> CheckpointStamp(const std::string& path, Layout layout);
+Result<std::string> CheckpointStamp(const Beneath& source, const std::string& path,
+                                    Layout layout);
 
 // A key under which plain byte order is natural order:
 // "checkpoint-5000" < "checkpoint-10000", "a2" < "a10".

@@ -335,7 +335,7 @@ Status DeleteCheckpoint(const Beneath& source, const Checkpoint& c) {
                               ", not the experiment's owner (uid " + std::to_string(est.st_uid) +
                               "); not deleted");
   }
-  if (IsPinned(source, c)) return Status::Permission(c.path + ": pinned; not deleted");
+  if (IsPinned(source, c)) return Status::Permission(c.path + ": pinned; not deleted", EPERM);
   Result<ScopedFd> trash = OpenOwnDir(exp->get(), c.experiment, kTrashDir, ::geteuid(), true);
   if (!trash.ok()) return trash.status();
   const auto now = std::chrono::system_clock::now().time_since_epoch();

@@ -12,6 +12,7 @@
 #ifndef CKPTFS_CORE_STATUS_H_
 #define CKPTFS_CORE_STATUS_H_
 
+#include <cerrno>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -28,7 +29,7 @@ enum class StatusCode {
   kIoError,          // the operating system refused (errno kept)
   kUnsupported,      // a format or feature we do not handle (ENOTSUP)
   kExists,           // target name already taken (EEXIST)
-  kPermission,       // read-only or forbidden (EROFS / EACCES)
+  kPermission,       // forbidden (EACCES, or the errno kept: EROFS, EPERM)
 };
 
 class Status {
@@ -42,7 +43,14 @@ class Status {
   static Status Corrupt(std::string msg) { return {StatusCode::kCorrupt, std::move(msg)}; }
   static Status Unsupported(std::string msg) { return {StatusCode::kUnsupported, std::move(msg)}; }
   static Status Exists(std::string msg) { return {StatusCode::kExists, std::move(msg)}; }
-  static Status Permission(std::string msg) { return {StatusCode::kPermission, std::move(msg)}; }
+  // Refused to this caller: EACCES unless err says otherwise (EPERM).
+  static Status Permission(std::string msg, int err = EACCES) {
+    Status s(StatusCode::kPermission, std::move(msg));
+    s.errno_ = err;
+    return s;
+  }
+  // Refused to everyone because the place is read-only: kPermission, EROFS.
+  static Status ReadOnly(std::string msg) { return Permission(std::move(msg), EROFS); }
   // "context: strerror(err)", keeping err for ToErrno.
   static Status FromErrno(const std::string& context, int err);
   // A failure that is nobody's input: an exception caught at a wall, a

@@ -68,7 +68,7 @@ int ToErrno(const Status& status) {
     case StatusCode::kExists:
       return EEXIST;
     case StatusCode::kPermission:
-      return EROFS;
+      return status.sys_errno() != 0 ? status.sys_errno() : EACCES;
   }
   return EIO;
 }
@@ -128,10 +128,10 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
     st.st_uid = ::getuid();
     st.st_gid = ::getgid();
   } else {
-    // Under the source: beneath its descriptor, so a directory swapped for
-    // a symbolic link shows nothing of what the link points to.
-    const bool beneath_source = !node.staged && node.members.empty();
-    Status got = beneath_source ? beneath().Lstat(node.real_path, &st)
+    // Under the source (staging included): beneath its descriptor, so a
+    // directory swapped for a symbolic link shows nothing of what the link
+    // points to. An average's real_path is a file name inside its members.
+    Status got = node.members.empty() ? beneath().Lstat(node.real_path, &st)
                  : ::lstat(node.real_path.c_str(), &st) == 0
                      ? Status::Ok()
                      : Status::FromErrno(node.real_path, errno);
@@ -391,7 +391,7 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags, const core::Caller* 
   if (!node.ok()) return node.status();
   const bool writing = (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC) != 0;
   if (writing && (!node->staged || options_.committer == nullptr)) {
-    return Status::Permission(node->vpath + ": read-only (write checkpoints through new/)");
+    return Status::ReadOnly(node->vpath + ": read-only (write checkpoints through new/)");
   }
   OpenedFile f;
   f.real_path = node->real_path;

@@ -42,10 +42,10 @@ Result<std::string> NodeTable::StagedDir(uint64_t parent, const std::string& nam
   Result<Node> p = Snapshot(parent);
   if (!p.ok()) return p.status();
   if (!p->staged || options_.committer == nullptr) {
-    return Status::Permission(p->vpath + ": read-only (write checkpoints through new/)");
+    return Status::ReadOnly(p->vpath + ": read-only (write checkpoints through new/)");
   }
   if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
-      index::IsHiddenName(name)) {
+      core::IsOwnDirName(name)) {
     return Status::InvalidArgument(p->vpath + "/" + name + ": not a valid name");
   }
   // The staging directory must be the daemon's own (core::OpenOwnDir; made
@@ -66,7 +66,7 @@ Status NodeTable::RefuseSpecial(uint64_t parent, const std::string& name, const 
   Result<Node> p = Snapshot(parent);
   if (!p.ok()) return p.status();
   if (!p->staged)
-    return Status::Permission(p->vpath + ": read-only (write checkpoints through new/)");
+    return Status::ReadOnly(p->vpath + ": read-only (write checkpoints through new/)");
   return Status::FromErrno(
       p->vpath + "/" + name + ": a " + what + " cannot be part of a checkpoint", EPERM);
 }
@@ -172,7 +172,7 @@ Result<NodeAttr> NodeTable::SetAttr(uint64_t ino, const struct stat& attr, int t
   Result<Node> node = Snapshot(ino);
   if (!node.ok()) return node.status();
   if (!node->staged || options_.committer == nullptr || node->type == NodeType::kVirtualDir) {
-    return Status::Permission(node->vpath + ": read-only (write checkpoints through new/)");
+    return Status::ReadOnly(node->vpath + ": read-only (write checkpoints through new/)");
   }
   const std::string& path = node->real_path;
   if (to_set & FUSE_SET_ATTR_SIZE) {

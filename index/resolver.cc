@@ -73,9 +73,6 @@ bool IsEntryName(const std::string& name) {
 
 std::string StagingDir(const std::string& experiment) { return experiment + "/" + kStagingDir; }
 
-bool IsHiddenName(const std::string& name) {
-  return name == kStagingDir || name == core::kTrashDir || name == kAbandonedDir;
-}
 
 Resolver::Resolver(Index* index) : index_(index) {
   Result<core::Beneath> b = core::Beneath::Open(index_->source());
@@ -104,10 +101,10 @@ Result<Resolution> Resolver::Resolve(std::string_view vpath, const core::Caller*
   r.real_path = index_->source();
   for (size_t i = 0; i < segments->size(); ++i) {
     const std::string& seg = (*segments)[i];
-    if (IsHiddenName(seg)) return Status::NotFound(r.real_path + "/" + seg + ": no such file or directory");
+    if (core::IsOwnDirName(seg)) return Status::NotFound(r.real_path + "/" + seg + ": no such file or directory");
     std::string next = r.real_path + "/" + seg;
     struct stat st {};
-    if (::lstat(next.c_str(), &st) == 0) {
+    if (beneath_.Lstat(next, &st).ok()) {
       NodeType type = TypeOf(st);
       const bool last = i + 1 == segments->size();
       if (type != NodeType::kRealDir && !last) {
@@ -195,22 +192,22 @@ Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
       r.real_path = StagingDir(scope);
       r.type = NodeType::kRealDir;
       for (size_t i = 0; i < q->rest.size(); ++i) {
-        if (IsHiddenName(q->rest[i])) return Status::NotFound(where + ": no such entry");
+        if (core::IsOwnDirName(q->rest[i])) return Status::NotFound(where + ": no such entry");
         if (r.type != NodeType::kRealDir) return Status::NotFound(r.real_path + ": not a directory");
         r.real_path += "/" + q->rest[i];
         struct stat st {};
-        if (::lstat(r.real_path.c_str(), &st) != 0) {
-          if (i == 0 && errno == ENOENT && q->rest.size() == 1) {
+        if (Status s = beneath_.Lstat(r.real_path, &st); !s.ok()) {
+          if (i == 0 && s.code() == core::StatusCode::kNotFound && q->rest.size() == 1) {
             return Status::NotFound(where + ": no such entry");
           }
-          return Status::FromErrno(r.real_path, errno);
+          return s;
         }
         r.type = TypeOf(st);
       }
       if (q->rest.empty()) {
         // new/ itself exists before the first write: a directory, created on demand.
         struct stat st {};
-        if (::lstat(r.real_path.c_str(), &st) != 0) r.type = NodeType::kVirtualDir;
+        if (!beneath_.Lstat(r.real_path, &st).ok()) r.type = NodeType::kVirtualDir;
       }
       return r;
     }
@@ -245,7 +242,7 @@ Result<std::vector<Checkpoint>> Resolver::SelectExisting(const std::string& scop
     if (!rows.ok()) return rows.status();
     for (Checkpoint& c : *rows) {
       struct stat st {};
-      if (::lstat(c.path.c_str(), &st) != 0) continue;  // deleted, not rescanned yet
+      if (!beneath_.Lstat(c.path, &st).ok()) continue;  // deleted, not rescanned yet
       if (!Visible(c, caller)) continue;                // not this caller's to see
       out.push_back(std::move(c));
       if (static_cast<int>(out.size()) == count) return out;
@@ -275,7 +272,7 @@ Result<Resolution> Resolver::ResolveInside(Resolution r,
     if (r.type != NodeType::kRealDir) return Status::NotFound(r.real_path + ": not a directory");
     std::string next = r.real_path + "/" + rest[i];
     struct stat st {};
-    if (::lstat(next.c_str(), &st) != 0) return Status::FromErrno(next, errno);
+    if (Status s = beneath_.Lstat(next, &st); !s.ok()) return s;
     r.type = TypeOf(st);
     r.real_path = std::move(next);
   }
@@ -304,7 +301,7 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir,
         is_dir = ::fstatat(::dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
                  S_ISDIR(st.st_mode);
       }
-      if (IsHiddenName(name)) continue;
+      if (core::IsOwnDirName(name)) continue;
       real.insert(name);
       out.push_back({std::move(name), is_dir});
     }

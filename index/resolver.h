@@ -41,18 +41,15 @@ enum class NodeType {
   kAverageFile,  // avg/…/<file>: members hold the checkpoints, newest first
 };
 
-// Where checkpoints written through new/ are staged: a hidden directory of
-// the experiment, on its filesystem, so a commit is one rename. Neither the
-// index nor the mount's listings show it.
-inline constexpr char kStagingDir[] = ".ckptfs-staging";
-// Where a restarted daemon moves what an interrupted run left in staging.
-inline constexpr char kAbandonedDir[] = ".ckptfs-abandoned";
+// Checkpoints written through new/ are staged in core::kStagingDir, a
+// hidden directory of the experiment on its filesystem, so a commit is one
+// rename. Neither the index nor the mount's listings show ckptfs's own
+// directories (core::IsOwnDirName).
+using core::kStagingDir;
 
-// The staging directory for checkpoints committed into `experiment`.
+// The staging directory for checkpoints committed into `experiment` (a path
+// for messages and lookups; it is opened only through core::OpenOwnDir).
 std::string StagingDir(const std::string& experiment);
-
-// Names the mount hides in real directories (staging, trash).
-bool IsHiddenName(const std::string& name);
 
 struct Resolution {
   NodeType type = NodeType::kRealDir;

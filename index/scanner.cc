@@ -14,6 +14,8 @@
 #include <unordered_set>
 #include <vector>
 
+#include "core/beneath.h"
+
 namespace ckptfs::index {
 
 using core::Checkpoint;
@@ -46,6 +48,7 @@ class Walker {
 
   // A full scan: every row is loaded, the whole tree walked, the rest swept.
   Result<ScanStats> Run() {
+    if (Status s = OpenSource(); !s.ok()) return s;
     return InTransaction([this]() -> Status {
       if (Status s = Load(nullptr); !s.ok()) return s;
       if (Status s = Visit(source_, "", 0); !s.ok()) return s;
@@ -56,6 +59,7 @@ class Walker {
   // A targeted scan of the paths events named: each target is walked as a
   // subtree of its own and only its own rows are swept.
   Result<ScanStats> RunTargets(const std::vector<std::string>& targets) {
+    if (Status s = OpenSource(); !s.ok()) return s;
     return InTransaction([&]() -> Status {
       for (const std::string& target : targets) {
         if (target != source_ && target.rfind(source_ + "/", 0) != 0) continue;
@@ -69,6 +73,16 @@ class Walker {
   }
 
  private:
+  // Everything under the source is reached beneath this descriptor, never
+  // through a path string (core/beneath.h): a directory that another user
+  // swaps for a symbolic link mid-scan is skipped, not followed.
+  Status OpenSource() {
+    Result<core::Beneath> b = core::Beneath::Open(source_);
+    if (!b.ok()) return b.status();
+    source_fd_ = std::move(*b);
+    return Status::Ok();
+  }
+
   template <typename Fn>
   Result<ScanStats> InTransaction(Fn body) {
     auto start = std::chrono::steady_clock::now();
@@ -96,7 +110,7 @@ class Walker {
     struct stat st {};
     const std::string name = target.substr(target.rfind('/') + 1);
     if (target != source_ && name[0] == '.') return Status::Ok();  // hidden: never indexed
-    if (::lstat(target.c_str(), &st) != 0) return Status::Ok();   // gone: Sweep removes it
+    if (!source_fd_.Lstat(target, &st).ok()) return Status::Ok();  // gone: Sweep removes it
     if (S_ISDIR(st.st_mode)) return Visit(target, parent, 0);
     if (S_ISREG(st.st_mode) && core::ParseSingleFileName(name)) {
       return Refresh(target, Layout::kSingleFile);
@@ -144,10 +158,10 @@ class Walker {
     seen_checkpoints_.insert(path);
     auto it = checkpoints_.find(path);
     if (it != checkpoints_.end() && it->second.layout == layout) {
-      Result<std::string> stamp = core::CheckpointStamp(path, layout);
+      Result<std::string> stamp = core::CheckpointStamp(source_fd_, path, layout);
       if (stamp.ok() && *stamp == it->second.stamp) return Status::Ok();
     }
-    Result<Checkpoint> c = core::LoadCheckpoint(path, layout);
+    Result<Checkpoint> c = core::LoadCheckpoint(source_fd_, path, layout);
     if (!c.ok()) {
       // Vanished between listing and reading: the next scan settles it.
       seen_checkpoints_.erase(path);
@@ -169,7 +183,7 @@ class Walker {
   Status Visit(const std::string& path, const std::string& parent, int depth) {
     if (depth > kMaxDepth) return Status::Ok();
     struct stat st {};
-    if (::lstat(path.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) return Status::Ok();
+    if (!source_fd_.Lstat(path, &st).ok() || !S_ISDIR(st.st_mode)) return Status::Ok();
     ++stats_.dirs_visited;
     seen_dirs_.insert(path);
     const int64_t mtime = MtimeNs(st);
@@ -198,8 +212,12 @@ class Walker {
     std::vector<std::string> files;
     bool has_yaml = false, has_json = false, has_trainer = false;
     {
-      DIR* dir = ::opendir(path.c_str());
-      if (dir == nullptr) return Status::Ok();  // unreadable: nothing indexed below it
+      // Unreadable, or reached through a link: nothing indexed below it.
+      Result<core::ScopedFd> fd = source_fd_.OpenAt(path, O_RDONLY | O_DIRECTORY);
+      if (!fd.ok()) return Status::Ok();
+      DIR* dir = ::fdopendir(fd->get());
+      if (dir == nullptr) return Status::Ok();
+      fd->release();  // the DIR owns it now
       std::unique_ptr<DIR, int (*)(DIR*)> guard(dir, ::closedir);
       while (struct dirent* e = ::readdir(dir)) {
         std::string name = e->d_name;
@@ -256,6 +274,7 @@ class Walker {
 
   Db* db_;
   const std::string source_;
+  core::Beneath source_fd_;
   std::unordered_map<std::string, DirRow> dirs_;
   std::unordered_map<std::string, std::vector<std::string>> children_;
   std::unordered_map<std::string, CheckpointRow> checkpoints_;

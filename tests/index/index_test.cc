@@ -7,6 +7,7 @@
 #include <cmath>
 #include <filesystem>
 
+#include "core/beneath.h"
 #include "index/pruner.h"
 #include "test_util.h"
 
@@ -196,6 +197,40 @@ TEST_F(IndexTest, TargetedScanTouchesOnlyTheNamedChanges) {
   ASSERT_TRUE(scan.ok());
   EXPECT_EQ(scan->checkpoints_loaded, 0);
   EXPECT_EQ(scan->checkpoints_removed, 0);
+}
+
+// A watcher event may name a path whose directory another user has just
+// swapped for a symbolic link (to a directory only the daemon's user can
+// read): nothing beyond the link is read or indexed, by a targeted scan, a
+// full scan or LoadCheckpoint beneath the source.
+TEST_F(IndexTest, ADirectorySwappedForALinkIsNeverFollowed) {
+  const std::string secret = dir_.path() + "/secret";
+  AddSb(secret, "CKPT+9", "unixtime: 900\nloss: 0.001\n");
+  const std::string linked = dir_.path() + "/src/linked";
+  ASSERT_EQ(::symlink(secret.c_str(), linked.c_str()), 0);
+  auto scan = index_->ScanChanges({{linked, "CKPT+9"}, {linked + "/CKPT+9", "CKPT.yaml"}});
+  ASSERT_TRUE(scan.ok()) << scan.status().message();
+  EXPECT_EQ(scan->checkpoints_loaded, 0);
+  scan = index_->Scan();
+  ASSERT_TRUE(scan.ok()) << scan.status().message();
+  EXPECT_EQ(scan->checkpoints_loaded, 0);
+  EXPECT_EQ(Select({}, true, Order::kMin, "loss", 1), std::vector<std::string>{"CKPT+2"});
+
+  auto source = core::Beneath::Open(dir_.path() + "/src");
+  ASSERT_TRUE(source.ok());
+  auto c = core::LoadCheckpoint(*source, linked + "/CKPT+9", core::Layout::kSpeechBrain);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("symbolic link"), std::string::npos) << c.status().message();
+  // The checkpoint directory itself, or its meta file, as a link.
+  ASSERT_EQ(::symlink((secret + "/CKPT+9").c_str(), (exp_ + "/CKPT+8").c_str()), 0);
+  EXPECT_FALSE(core::LoadCheckpoint(*source, exp_ + "/CKPT+8", core::Layout::kSpeechBrain).ok());
+  testing::MakeDirs(exp_ + "/CKPT+7");
+  ASSERT_EQ(::symlink((secret + "/CKPT+9/CKPT.yaml").c_str(), (exp_ + "/CKPT+7/CKPT.yaml").c_str()),
+            0);
+  c = core::LoadCheckpoint(*source, exp_ + "/CKPT+7", core::Layout::kSpeechBrain);
+  ASSERT_TRUE(c.ok()) << c.status().message();
+  EXPECT_FALSE(c->valid);
+  EXPECT_TRUE(c->meta.entries.empty());
 }
 
 TEST_F(IndexTest, CorruptOrForeignIndexIsRebuilt) {
