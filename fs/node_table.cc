@@ -618,6 +618,31 @@ std::vector<Invalidation> NodeTable::PathChanged(const std::string& dir, const s
 }
 
 Status NodeTable::Allowed(const core::Caller& caller, const std::string& path, int mask) const {
+  // Under new/, the staging directory (the daemon's, private) stands for
+  // the experiment: search permission down to the experiment, then the
+  // staged entries' own modes (they belong to their writers).
+  const std::string marker = std::string("/") + core::kStagingDir + "/";
+  const size_t at = path.find(marker);
+  if (at != std::string::npos) {
+    const std::string experiment = path.substr(0, at);
+    Status s = beneath().CheckAccess(caller, experiment, X_OK);
+    if (!s.ok()) return Denied(s, path);
+    std::string walked = experiment + "/" + core::kStagingDir;
+    const std::string rest = path.substr(at + marker.size());
+    for (size_t start = 0; start <= rest.size();) {
+      size_t end = rest.find('/', start);
+      if (end == std::string::npos) end = rest.size();
+      walked += "/" + rest.substr(start, end - start);
+      struct stat st {};
+      if (Status got = beneath().Lstat(walked, &st); !got.ok()) return Denied(got, path);
+      const bool last = end == rest.size();
+      if (!core::ModeAllows(st, caller, last ? mask : X_OK)) {
+        return Status::FromErrno(walked + ": permission denied", EACCES);
+      }
+      start = end + 1;
+    }
+    return Status::Ok();
+  }
   Status s = beneath().CheckAccess(caller, path, mask);
   return s.ok() ? s : Denied(s, path);
 }
