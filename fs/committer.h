@@ -69,7 +69,7 @@ inline constexpr char kCommitMarker[] = ".commit";
 class Committer {
  public:
   struct Settings {
-    std::chrono::milliseconds quiet{1000};
+    std::chrono::milliseconds quiet{300};
     // Quiet period for a checkpoint that lacks a file its predecessor has.
     std::chrono::milliseconds wait{30000};
     bool explicit_only = false;

@@ -128,7 +128,7 @@ class WriteTest(unittest.TestCase):
             new = os.path.join(mnt, "exp", "new")
             sb_save(new, "x", {"unixtime": 500, "loss": 0.3}, seed=5)
             # Nothing to wait for: no commit is the point. Any pause keeps this
-            # a valid check (the default quiet period is 1 s).
+            # a valid check (the default quiet period is 0.3 s).
             time.sleep(1.5)
             self.assertFalse(os.path.exists(os.path.join(self.exp, "CKPT+x")))
             open(os.path.join(new, "CKPT+x", ".commit"), "w").close()
