@@ -328,6 +328,23 @@ Status Committer::Commit(const std::string& experiment, const std::string& name,
   const std::string top = index::StagingDir(experiment) + "/" + name;
   const std::string target = experiment + "/" + name;
   if (Status s = Walk(staging->get(), name, top, /*sync=*/true, /*check=*/false); !s.ok()) return s;
+  // From here no write through the mount can start on this entry (each
+  // takes write_mu_ shared): if one happened since the decision, or a file
+  // is open for writing, the commit waits for another look (EAGAIN).
+  std::unique_lock<std::shared_mutex> sealed(write_mu_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = staged_.find({experiment, name});
+    if (it != staged_.end() && (it->second.writers > 0 || it->second.last != staged.last)) {
+      return Status::FromErrno(top + ": written while being committed", EAGAIN);
+    }
+  }
+  // The marker is the writer's signal, not part of the checkpoint.
+  if (auto dir = core::OpenBeneathFd(staging->get(), name, O_RDONLY | O_DIRECTORY, 0, name);
+      dir.ok()) {
+    ::unlinkat(dir->get(), kCommitMarker, 0);
+  }
+  ::unlinkat(staging->get(), (name + kCommitMarker).c_str(), 0);
   // The name is claimed by the rename itself: a check before it would leave
   // a window in which a checkpoint written straight into the source under
   // the same name is silently replaced (a file) or made to fail later (a
@@ -443,26 +460,24 @@ int Committer::CommitCandidates(bool at_exit) {
       staged_.erase({exp, name});
       continue;
     }
-    bool was_marked = false;
     Status s;
+    bool marked = false;
     if (staging_fd < 0) {
       s = stagings.at(exp).status();
     } else {
-      // The marker is the writer's signal, not part of the checkpoint.
-      if (S_ISDIR(top_st.st_mode)) {
-        if (auto top = core::OpenBeneathFd(staging_fd, name, O_RDONLY | O_DIRECTORY, 0, name);
-            top.ok()) {
-          ::unlinkat(top->get(), kCommitMarker, 0);
-        }
-      }
-      was_marked = ::unlinkat(staging_fd, (name + kCommitMarker).c_str(), 0) == 0;
-      s = CheckReady(staging_fd, index::StagingDir(exp), name);
+      marked = ExistsAt(staging_fd, name + "/" + kCommitMarker) ||
+               ExistsAt(staging_fd, name + kCommitMarker);
       Staged st;
       {
         std::lock_guard<std::mutex> lock(mu_);
         st = staged_[{exp, name}];
       }
+      // Never while a file of it is open for writing through the mount,
+      // marker or not: those writes would land in the committed checkpoint.
+      if (st.writers > 0) continue;
+      s = CheckReady(staging_fd, index::StagingDir(exp), name);
       if (s.ok()) s = Commit(exp, name, st);
+      if (!s.ok() && s.sys_errno() == EAGAIN) continue;  // written meanwhile: look again later
     }
     if (!s.ok()) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -473,8 +488,15 @@ int Committer::CommitCandidates(bool at_exit) {
         st.reported = s.message();
       }
       st.last = Clock::now();  // look again after another quiet period
-      if (was_marked)
+      if (marked && staging_fd >= 0) {
+        // The signal was answered: the writer signals again once it fixed it.
+        if (auto top = core::OpenBeneathFd(staging_fd, name, O_RDONLY | O_DIRECTORY, 0, name);
+            top.ok()) {
+          ::unlinkat(top->get(), kCommitMarker, 0);
+        }
+        ::unlinkat(staging_fd, (name + kCommitMarker).c_str(), 0);
         core::Log(LogLevel::kWarning, "new/%s: explicit commit refused", name.c_str());
+      }
       continue;
     }
     {

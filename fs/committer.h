@@ -53,6 +53,7 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <shared_mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -123,6 +124,14 @@ class Committer {
   // The rmdir of that copy happened: forget it.
   void DeleteFinished(const std::string& experiment, const std::string& name);
 
+  // Held (shared) by every write through the mount under new/, from before
+  // it touches the staging area until the committer has been told
+  // (OpenedForWrite, Touched): a commit seals its entry under the exclusive
+  // lock, so no write lands in a checkpoint after the decision to commit it.
+  std::shared_lock<std::shared_mutex> Writing() {
+    return std::shared_lock<std::shared_mutex>(write_mu_);
+  }
+
   // Activity on a real path inside a staging directory.
   void Touched(const std::string& path);
   void OpenedForWrite(const std::string& path);
@@ -186,6 +195,7 @@ class Committer {
   const OnCommitted on_committed_;
   PreviousFiles previous_files_;
   OnCommitted on_deleted_;
+  std::shared_mutex write_mu_;      // see Writing(); before mu_ when both are held
   std::mutex version_mu_;           // one BeginVersion at a time
   std::mutex mu_;                   // guards staged_, deleting_, stop_, refusals_
   std::set<std::string> refusals_;  // staging refusals already logged

@@ -91,8 +91,9 @@ NodeTable::NodeTable(index::Index* index, NodeTableOptions options)
 
 std::string NodeTable::KeyOf(const Node& n) {
   // Under new/ a name is one inode across its commit: the path is the identity.
-  if (n.staged) return n.vpath + '\0' + (n.as_link ? "\2\1" : "\2");
-  return n.vpath + '\0' + n.real_path + '\0' + n.checkpoint + (n.as_link ? "\1" : "");
+  const std::string file = n.key_ino != 0 ? '\0' + std::to_string(n.key_ino) : std::string();
+  if (n.staged) return n.vpath + file + '\0' + (n.as_link ? "\2\1" : "\2");
+  return n.vpath + '\0' + n.real_path + '\0' + n.checkpoint + file + (n.as_link ? "\1" : "");
 }
 
 std::string NodeTable::VpathOf(const Node& parent, const std::string& name) const {
@@ -266,15 +267,25 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
   node.in_view = r->in_view;
   node.staged = r->staged;
   node.committed = r->committed;
+  if (r->type == NodeType::kRealFile) {
+    struct stat file {};
+    if (beneath().Lstat(r->real_path, &file).ok()) node.key_ino = file.st_ino;
+  }
   if (r->checkpoint) node.checkpoint = r->checkpoint->path;
   node.content_size = r->content.size();
   node.as_link = options_.links && r->in_view &&
                  (r->type == NodeType::kRealDir || r->type == NodeType::kRealFile);
   // --direct-new: a checkpoint directory in new/ is a symbolic link to its
   // staging directory, so writers write the disk, not through the daemon.
-  if (options_.direct_new && redirect && r->staged && r->type == NodeType::kRealDir) {
+  // Not for a new version of a committed checkpoint: its files start as
+  // hard links to the committed ones, and only the daemon (BreakLink) keeps
+  // a write from reaching those.
+  if (options_.direct_new && redirect && r->staged && !r->committed &&
+      r->type == NodeType::kRealDir) {
     const std::string staging = DirOf(r->real_path);
-    node.as_link = staging == index::StagingDir(DirOf(staging));  // new/NAME, not deeper
+    struct stat committed {};
+    node.as_link = staging == index::StagingDir(DirOf(staging)) &&  // new/NAME, not deeper
+                   !beneath().Lstat(r->scope + "/" + name, &committed).ok();
   }
   if (r->type == NodeType::kAverageFile) {
     // Computed on first lookup (stat and open need its size), then served
@@ -436,6 +447,9 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags, const core::Caller* 
   if (writing && (!node->staged || options_.committer == nullptr)) {
     return Status::ReadOnly(node->vpath + ": read-only (write checkpoints through new/)");
   }
+  // Held until the committer knows of this writer (OpenedForWrite below).
+  std::shared_lock<std::shared_mutex> writing_guard;
+  if (writing) writing_guard = options_.committer->Writing();
   if (writing && node->type == NodeType::kRealFile) {
     if (caller != nullptr) {
       const int mask = (flags & O_ACCMODE) == O_RDONLY ? W_OK

@@ -173,6 +173,11 @@ class NodeTable {
     bool in_view = false;
     bool staged = false;  // under new/: writable (staging, or committed below)
     bool committed = false;  // under new/, in the experiment itself (Resolution::committed)
+    // A real file's inode at lookup, part of the identity: a name whose file
+    // was replaced (a new version committed) is a new kernel inode, so pages
+    // cached for the old file, even by a reader still reading it, are never
+    // served as the new one's.
+    ino_t key_ino = 0;
     bool as_link = false;
     uint64_t nlookup = 0;
     size_t content_size = 0;

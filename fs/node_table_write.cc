@@ -162,6 +162,10 @@ Result<NodeAttr> NodeTable::Mkdir(uint64_t parent, const std::string& name, mode
       return Lookup(parent, name, /*redirect=*/false);
     }
   }
+  if (options_.committer == nullptr) {
+    return Status::ReadOnly("mkdir " + name + ": read-only (write checkpoints through new/)");
+  }
+  auto writing = options_.committer->Writing();
   Result<std::string> dir = StagedDir(parent, name, true);
   if (!dir.ok()) return dir.status();
   const std::string path = *dir + "/" + name;
@@ -183,6 +187,10 @@ Result<NodeAttr> NodeTable::Mkdir(uint64_t parent, const std::string& name, mode
 Result<std::pair<NodeAttr, OpenedFile>> NodeTable::Create(uint64_t parent, const std::string& name,
                                                           mode_t mode, int flags,
                                                           const core::Caller* caller) {
+  if (options_.committer == nullptr) {
+    return Status::ReadOnly("create " + name + ": read-only (write checkpoints through new/)");
+  }
+  auto writing = options_.committer->Writing();
   Result<std::string> dir = StagedDir(parent, name, true);
   if (!dir.ok()) return dir.status();
   OpenedFile f;
@@ -217,9 +225,13 @@ Result<std::pair<NodeAttr, OpenedFile>> NodeTable::Create(uint64_t parent, const
 
 Status NodeTable::Unlink(uint64_t parent, const std::string& name, bool directory,
                          const core::Caller* caller) {
+  if (options_.committer == nullptr) {
+    return Status::ReadOnly("unlink " + name + ": read-only (write checkpoints through new/)");
+  }
+  auto writing = options_.committer->Writing();
   Result<Node> p = Current(parent);
   if (!p.ok()) return p.status();
-  if (!p->staged || options_.committer == nullptr) {
+  if (!p->staged) {
     return Status::ReadOnly(p->vpath + ": read-only (write checkpoints through new/)");
   }
   if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
@@ -285,6 +297,10 @@ Status NodeTable::Unlink(uint64_t parent, const std::string& name, bool director
 
 Status NodeTable::Rename(uint64_t parent, const std::string& name, uint64_t new_parent,
                          const std::string& new_name, unsigned int flags) {
+  if (options_.committer == nullptr) {
+    return Status::ReadOnly("rename " + name + ": read-only (write checkpoints through new/)");
+  }
+  auto writing = options_.committer->Writing();
   Result<std::string> from = StagedDir(parent, name, false);
   if (!from.ok()) return from.status();
   Result<std::string> to = StagedDir(new_parent, new_name, true);
@@ -303,6 +319,8 @@ Status NodeTable::Rename(uint64_t parent, const std::string& name, uint64_t new_
 }
 
 Result<NodeAttr> NodeTable::SetAttr(uint64_t ino, const struct stat& attr, int to_set, int fd) {
+  std::shared_lock<std::shared_mutex> writing;
+  if (options_.committer != nullptr) writing = options_.committer->Writing();
   Result<Node> node = Current(ino);
   if (!node.ok()) return node.status();
   if (!node->staged || options_.committer == nullptr || node->type == NodeType::kVirtualDir) {
