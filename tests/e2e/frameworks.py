@@ -465,9 +465,8 @@ class ModelCheckpoint:
 
     def checkpoint(self, metrics):
         """Trainer.dump_checkpoint, small: epoch, step, weights, callback state."""
-        torch.manual_seed(metrics["epoch"])
         return {"epoch": metrics["epoch"], "global_step": metrics["step"],
-                "state_dict": {"w": torch.randn(self.size), "b": torch.full((4,), float(metrics["epoch"]))},
+                "state_dict": {"w": lightning_weights(metrics["epoch"], self.size), "b": torch.full((4,), float(metrics["epoch"]))},
                 "callbacks": {"ModelCheckpoint": {"best_model_path": self.best_model_path,
                                                   "last_model_path": self.last_model_path,
                                                   "best_k_models": dict(self.best_k_models),
@@ -489,6 +488,12 @@ class ModelCheckpoint:
             return set()
         return {os.path.normpath(os.path.join(self.dirpath, p)) for p in os.listdir(self.dirpath)
                 if p.endswith(".ckpt") and re.match(r"^last(-(\d+))?", p[:-len(".ckpt")])}
+
+
+def lightning_weights(epoch, size):
+    """The weights of an epoch, from a generator of its own (readers on other
+    threads check them without touching the global RNG)."""
+    return torch.randn(size, generator=torch.Generator().manual_seed(epoch))
 
 
 def atomic_save(obj, filepath):
