@@ -170,11 +170,20 @@ class NewFrameworksTest(unittest.TestCase):
             self.wait_committed(mnt, first.path.name)
             self.assertEqual([c.path.name for c in ckpt.list_checkpoints()], [first.path.name])
 
+            # A file open for writing holds the commit back: the last save hook
+            # leaves its file open (appending nothing changes no byte), so the
+            # descriptors below are surely opened before the commit.
+            held = []
+
+            def save_and_hold(obj, path):
+                obj.save(path)
+                held.append(open(path, "a"))
+
             model.load_state_dict(fw.net(2).state_dict())
-            second = ckpt.save_checkpoint(meta={"loss": 0.4, "epoch": 2})
-            # A file open for writing holds the commit back: the descriptors below
-            # are surely opened before it (appending nothing changes no byte).
-            holder = open(second.path / "counter.ckpt", "a")
+            second = fw.Checkpointer(new, [("model", fw.Module(model)), ("counter", fw.EpochCounter(9))],
+                                     custom_save_hooks={"counter": save_and_hold}).save_checkpoint(
+                                         meta={"loss": 0.4, "epoch": 2})
+            holder = held[0]
             listed = os.listdir(new)
             meta_fd = open(second.path / "CKPT.yaml", encoding="utf-8")
             model_fd = open(second.path / "model.ckpt", "rb")
