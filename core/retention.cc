@@ -336,18 +336,24 @@ Status DeleteCheckpoint(const Beneath& source, const Checkpoint& c) {
                               "); not deleted");
   }
   if (IsPinned(source, c)) return Status::Permission(c.path + ": pinned; not deleted", EPERM);
-  Result<ScopedFd> trash = OpenOwnDir(exp->get(), c.experiment, kTrashDir, ::geteuid(), true);
+  Result<std::pair<ScopedFd, std::string>> moved = MoveToTrashAt(exp->get(), c.experiment, c.name);
+  if (!moved.ok()) return moved.status();
+  return RemoveTreeAt(moved->first.get(), moved->second,
+                      c.experiment + "/" + kTrashDir + "/" + moved->second);
+}
+
+Result<std::pair<ScopedFd, std::string>> MoveToTrashAt(int exp_fd, const std::string& experiment,
+                                                       const std::string& name) {
+  Result<ScopedFd> trash = OpenOwnDir(exp_fd, experiment, kTrashDir, ::geteuid(), true);
   if (!trash.ok()) return trash.status();
   const auto now = std::chrono::system_clock::now().time_since_epoch();
   const std::string target =
-      c.name + "." +
-      std::to_string(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
-  const std::string trash_path = c.experiment + "/" + kTrashDir;
-  if (::renameat2(exp->get(), c.name.c_str(), trash->get(), target.c_str(), RENAME_NOREPLACE) !=
-      0) {
-    return Status::FromErrno("cannot move " + c.path + " to " + trash_path, errno);
+      name + "." + std::to_string(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
+  const std::string trash_path = experiment + "/" + kTrashDir;
+  if (::renameat2(exp_fd, name.c_str(), trash->get(), target.c_str(), RENAME_NOREPLACE) != 0) {
+    return Status::FromErrno("cannot move " + experiment + "/" + name + " to " + trash_path, errno);
   }
-  return RemoveTreeAt(trash->get(), target, trash_path + "/" + target);
+  return std::make_pair(std::move(*trash), target);
 }
 
 Status RemoveTrash(const Beneath& source, const std::string& experiment) {

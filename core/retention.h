@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "core/beneath.h"
@@ -99,6 +100,13 @@ inline bool CountsForRetention(uid_t experiment_owner, uid_t checkpoint_owner) {
 // crash leaves it in the trash, never half inside the experiment;
 // RemoveTrash finishes the job later.
 Status DeleteCheckpoint(const Beneath& source, const Checkpoint& checkpoint);
+
+// Moves `name` of the experiment directory exp_fd (whose path is experiment)
+// into its trash (core::OpenOwnDir, made when missing) in one
+// renameat2(RENAME_NOREPLACE), out of every view at once. Returns the trash
+// directory and the entry's name there; removing it is the caller's.
+Result<std::pair<ScopedFd, std::string>> MoveToTrashAt(int exp_fd, const std::string& experiment,
+                                                       const std::string& name);
 // Empties and removes experiment's trash directory. Missing: Ok. Refused by
 // OpenOwnDir: kPermission naming it, and nothing is touched.
 Status RemoveTrash(const Beneath& source, const std::string& experiment);

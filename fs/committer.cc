@@ -14,6 +14,7 @@
 
 #include "core/averaging.h"
 #include "core/checkpoint.h"
+#include "core/retention.h"
 #include "core/file_util.h"
 #include "core/log.h"
 #include "core/meta.h"
@@ -23,7 +24,6 @@ namespace ckptfs::fs {
 
 using core::LogLevel;
 using core::Status;
-using Clock = std::chrono::steady_clock;
 
 namespace {
 
@@ -128,6 +128,31 @@ Status RenameNoReplace(int from_dir, const std::string& from, int to_dir, const 
   if (err == 0) return Status::Ok();
   if (err == EEXIST) return Status::Exists(what + " already exists");
   return Status::FromErrno("commit " + what, err);
+}
+
+// A new version replaces the committed one in one step: the two are
+// exchanged, so a reader finds either whole at the name, never neither;
+// then the old one, now in staging, is removed (its files' inodes live on
+// while a reader holds them open). If the experiment's entry turns out not
+// to be the version this one started from (replaced in the meantime), the
+// exchange is undone and kExists returned: nothing is lost either way.
+Status ReplaceCommitted(int exp_fd, int staging_fd, const std::string& experiment,
+                        const std::string& name, dev_t old_dev, ino_t old_ino) {
+  const std::string what = experiment + "/" + name;
+  if (::renameat2(staging_fd, name.c_str(), exp_fd, name.c_str(), RENAME_EXCHANGE) != 0) {
+    return Status::FromErrno("replace " + what, errno);
+  }
+  struct stat old {};
+  if (::fstatat(staging_fd, name.c_str(), &old, AT_SYMLINK_NOFOLLOW) != 0 ||
+      old.st_dev != old_dev || old.st_ino != old_ino) {
+    ::renameat2(staging_fd, name.c_str(), exp_fd, name.c_str(), RENAME_EXCHANGE);
+    return Status::Exists(what + " was replaced while its new version was written through new/; "
+                          "the new version stays staged");
+  }
+  if (::fsync(exp_fd) != 0) return Status::FromErrno("fsync " + experiment, errno);
+  core::Log(LogLevel::kInfo, "new version of %s replaces the old one", what.c_str());
+  return core::RemoveTreeAt(staging_fd, name,
+                            experiment + "/" + core::kStagingDir + "/" + name + " (old version)");
 }
 
 // What a staged tree looks like now (names, sizes, mtimes).
@@ -294,7 +319,8 @@ Status Committer::CheckReady(int staging_fd, const std::string& staging, const s
   return Walk(staging_fd, name, top, /*sync=*/false, /*check=*/true);
 }
 
-Status Committer::Commit(const std::string& experiment, const std::string& name) {
+Status Committer::Commit(const std::string& experiment, const std::string& name,
+                         const Staged& staged) {
   core::Result<core::ScopedFd> exp = source_->OpenAt(experiment, O_RDONLY | O_DIRECTORY);
   if (!exp.ok()) return exp.status();
   core::Result<core::ScopedFd> staging =
@@ -307,6 +333,13 @@ Status Committer::Commit(const std::string& experiment, const std::string& name)
   // a window in which a checkpoint written straight into the source under
   // the same name is silently replaced (a file) or made to fail later (a
   // directory). RENAME_NOREPLACE makes "exists" and "moved" one decision.
+  struct stat committed {};
+  if (staged.replaces &&
+      ::fstatat(exp->get(), name.c_str(), &committed, AT_SYMLINK_NOFOLLOW) == 0 &&
+      committed.st_dev == staged.old_dev && committed.st_ino == staged.old_ino) {
+    return ReplaceCommitted(exp->get(), staging->get(), experiment, name, staged.old_dev,
+                            staged.old_ino);
+  }
   if (Status s = RenameNoReplace(staging->get(), name, exp->get(), name, top + " -> " + target);
       !s.ok()) {
     if (s.code() == core::StatusCode::kExists) {
@@ -321,18 +354,25 @@ Status Committer::Commit(const std::string& experiment, const std::string& name)
   return Status::Ok();
 }
 
-int Committer::CommitReady() {
+int Committer::CommitReady() { return CommitCandidates(false); }
+
+int Committer::CommitCandidates(bool at_exit) {
   std::vector<std::pair<std::string, std::string>> candidates;
   // With the print and whether a writer was open at the last look.
   std::vector<std::pair<std::pair<std::string, std::string>, std::pair<uint64_t, bool>>> quiet_ones;
   std::vector<std::pair<std::string, std::string>> maybe_marked;
+  // Quiet candidates not yet quiet for `wait`: they must hold every file of
+  // their predecessor.
+  std::set<std::pair<std::string, std::string>> must_be_whole;
   const auto now = Clock::now();
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (auto& [key, s] : staged_) {
-      const bool quiet =
-          !settings_.explicit_only && s.writers == 0 && now - s.last >= settings_.quiet;
-      if (quiet && !settings_.direct) {
+      // At exit every writer is gone and nothing more will come: quiet.
+      const bool quiet = !settings_.explicit_only && s.writers == 0 &&
+                         (at_exit || now - s.last >= settings_.quiet);
+      if (quiet && (at_exit || now - s.last < settings_.wait)) must_be_whole.insert(key);
+      if (quiet && (!settings_.direct || at_exit)) {
         candidates.push_back(key);
       } else if (quiet) {
         quiet_ones.push_back({key, {s.fingerprint, s.writer_seen}});
@@ -389,6 +429,12 @@ int Committer::CommitReady() {
   int committed = 0;
   for (const auto& [exp, name] : candidates) {
     const int staging_fd = staging_of(exp);
+    if (staging_fd >= 0 && must_be_whole.count({exp, name}) != 0 &&
+        !ExistsAt(staging_fd, name + "/" + kCommitMarker) &&
+        !ExistsAt(staging_fd, name + kCommitMarker) &&
+        !HoldsPredecessorFiles(staging_fd, exp, name)) {
+      continue;  // logged by HoldsPredecessorFiles; looked at again later
+    }
     struct stat top_st {};
     if (staging_fd >= 0 && ::fstatat(staging_fd, name.c_str(), &top_st, AT_SYMLINK_NOFOLLOW) != 0) {
       // Removed by the writer, or already committed.
@@ -410,7 +456,12 @@ int Committer::CommitReady() {
       }
       was_marked = ::unlinkat(staging_fd, (name + kCommitMarker).c_str(), 0) == 0;
       s = CheckReady(staging_fd, index::StagingDir(exp), name);
-      if (s.ok()) s = Commit(exp, name);
+      Staged st;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        st = staged_[{exp, name}];
+      }
+      if (s.ok()) s = Commit(exp, name, st);
     }
     if (!s.ok()) {
       std::lock_guard<std::mutex> lock(mu_);
@@ -441,11 +492,262 @@ void Committer::Loop() {
   while (!stop_) {
     wake_.wait_for(lock, std::chrono::milliseconds(100));
     if (stop_) break;
-    if (staged_.empty()) continue;
+    if (staged_.empty() && deleting_.empty()) continue;
     lock.unlock();
-    core::CatchAndLog("committer", [this] { CommitReady(); });
+    core::CatchAndLog("committer", [this] {
+      CommitReady();
+      ExpireDeletions(false);
+    });
     lock.lock();
   }
+}
+
+namespace {
+
+// Recreates the directory tree of src_fd in dst_fd (what: its path, for
+// messages): directories with their modes and owners, regular files as hard
+// links to the same inodes; anything else is left out (never committed).
+Status LinkTree(int src_fd, int dst_fd, const std::string& what, int depth = 0) {
+  if (depth > 32) return Status::InvalidArgument(what + ": nested too deeply");
+  core::Result<std::vector<std::string>> names = ListAt(src_fd, what);
+  if (!names.ok()) return names.status();
+  for (const std::string& n : *names) {
+    struct stat st {};
+    if (::fstatat(src_fd, n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;  // gone
+    if (S_ISREG(st.st_mode)) {
+      if (::linkat(src_fd, n.c_str(), dst_fd, n.c_str(), 0) != 0) {
+        return Status::FromErrno("link " + what + "/" + n, errno);
+      }
+    } else if (S_ISDIR(st.st_mode)) {
+      if (::mkdirat(dst_fd, n.c_str(), st.st_mode & 07777) != 0) {
+        return Status::FromErrno("mkdir " + what + "/" + n, errno);
+      }
+      if (::geteuid() == 0) ::fchownat(dst_fd, n.c_str(), st.st_uid, st.st_gid, AT_SYMLINK_NOFOLLOW);
+      core::Result<core::ScopedFd> from = core::OpenBeneathFd(src_fd, n, O_RDONLY | O_DIRECTORY, 0, n);
+      core::Result<core::ScopedFd> to = core::OpenBeneathFd(dst_fd, n, O_RDONLY | O_DIRECTORY, 0, n);
+      if (!from.ok()) return from.status();
+      if (!to.ok()) return to.status();
+      if (Status s = LinkTree(from->get(), to->get(), what + "/" + n, depth + 1); !s.ok()) return s;
+    }
+  }
+  return Status::Ok();
+}
+
+// Makes name in dir_fd a new file with src's mode, owner and (unless
+// truncate) data: src is the descriptor of the file it was (a link to a
+// committed version's file, or that file itself). what names it.
+Status FreshCopyAt(int dir_fd, const std::string& name, int src, bool truncate,
+                   const std::string& what) {
+  struct stat st {};
+  if (::fstat(src, &st) != 0) return Status::FromErrno(what, errno);
+  const int raw =
+      ::openat(dir_fd, name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
+               st.st_mode & 07777);
+  if (raw < 0) return Status::FromErrno(what, errno);
+  core::ScopedFd out(raw);
+  if (::geteuid() == 0 && ::fchown(out.get(), st.st_uid, st.st_gid) != 0) {
+    return Status::FromErrno(what + ": keeping its owner", errno);
+  }
+  if (truncate) return Status::Ok();
+  off_t in_off = 0;
+  while (in_off < st.st_size) {
+    const ssize_t n = ::copy_file_range(src, &in_off, out.get(), nullptr,
+                                        static_cast<size_t>(st.st_size - in_off), 0);
+    if (n < 0) return Status::FromErrno("copy " + what, errno);
+    if (n == 0) break;
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status Committer::BeginVersion(const std::string& experiment, const std::string& name,
+                               bool truncate_file) {
+  core::Result<core::ScopedFd> exp = source_->OpenAt(experiment, O_RDONLY | O_DIRECTORY);
+  if (!exp.ok()) return exp.status();
+  core::Result<core::ScopedFd> staging = OpenStaging(experiment, true);
+  if (!staging.ok()) return staging.status();
+  std::lock_guard<std::mutex> lock(version_mu_);  // one version per name at a time
+  struct stat st {};
+  if (::fstatat(staging->get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
+    return Status::Ok();  // a version is staged already
+  }
+  if (::fstatat(exp->get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+    return Status::FromErrno(experiment + "/" + name, errno);
+  }
+  const std::string top = index::StagingDir(experiment) + "/" + name;
+  if (S_ISDIR(st.st_mode)) {
+    if (::mkdirat(staging->get(), name.c_str(), st.st_mode & 07777) != 0) {
+      return Status::FromErrno("mkdir " + top, errno);
+    }
+    if (::geteuid() == 0) {
+      ::fchownat(staging->get(), name.c_str(), st.st_uid, st.st_gid, AT_SYMLINK_NOFOLLOW);
+    }
+    core::Result<core::ScopedFd> from =
+        core::OpenBeneathFd(exp->get(), name, O_RDONLY | O_DIRECTORY, 0, name);
+    core::Result<core::ScopedFd> to =
+        core::OpenBeneathFd(staging->get(), name, O_RDONLY | O_DIRECTORY, 0, name);
+    Status linked = !from.ok() ? from.status() : !to.ok() ? to.status()
+                                                          : LinkTree(from->get(), to->get(), top);
+    if (!linked.ok()) {
+      (void)core::RemoveTreeAt(staging->get(), name, top);
+      return linked;
+    }
+  } else if (S_ISREG(st.st_mode)) {
+    const int raw =
+        ::openat(exp->get(), name.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (raw < 0) return Status::FromErrno(experiment + "/" + name, errno);
+    core::ScopedFd committed(raw);
+    struct stat again {};
+    if (::fstat(committed.get(), &again) != 0 || again.st_ino != st.st_ino) {
+      return Status::FromErrno(experiment + "/" + name + " (replaced meanwhile)", EAGAIN);
+    }
+    if (Status s = FreshCopyAt(staging->get(), name, committed.get(), truncate_file, top);
+        !s.ok()) {
+      ::unlinkat(staging->get(), name.c_str(), 0);
+      return s;
+    }
+  } else {
+    return Status::InvalidArgument(experiment + "/" + name + ": not a file or directory");
+  }
+  {
+    std::lock_guard<std::mutex> state(mu_);
+    Staged& s = staged_[{experiment, name}];
+    s.replaces = true;
+    s.old_dev = st.st_dev;
+    s.old_ino = st.st_ino;
+    s.last = Clock::now();
+  }
+  core::Log(LogLevel::kInfo, "new version of %s/%s started through new/", experiment.c_str(),
+            name.c_str());
+  return Status::Ok();
+}
+
+Status Committer::BreakLink(const std::string& path, bool truncate) {
+  auto in = source_->OpenParent(path);
+  if (!in.ok()) return in.status();
+  const int dir_fd = in->first.get();
+  const std::string& name = in->second;
+  const int raw = ::openat(dir_fd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+  if (raw < 0) return errno == ENOENT ? Status::Ok() : Status::FromErrno(path, errno);
+  core::ScopedFd old(raw);
+  struct stat st {};
+  if (::fstat(old.get(), &st) != 0) return Status::FromErrno(path, errno);
+  // Staged files are never hard links of their own (link() is refused under
+  // new/): a second link is the committed version's.
+  if (!S_ISREG(st.st_mode) || st.st_nlink < 2) return Status::Ok();
+  if (::unlinkat(dir_fd, name.c_str(), 0) != 0) return Status::FromErrno(path, errno);
+  return FreshCopyAt(dir_fd, name, old.get(), truncate, path);
+}
+
+Status Committer::DeleteThroughNew(const std::string& experiment, const std::string& name,
+                                   uid_t by) {
+  core::Result<core::ScopedFd> exp = source_->OpenAt(experiment, O_RDONLY | O_DIRECTORY);
+  if (!exp.ok()) return exp.status();
+  const std::string what = experiment + "/" + name;
+  struct stat st {};
+  if (::fstatat(exp->get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+    return Status::FromErrno(what, errno);
+  }
+  if (S_ISDIR(st.st_mode) && ExistsAt(exp->get(), name + "/.keep")) {
+    return Status::Permission(what + ": pinned (.keep); not deleted through new/", EPERM);
+  }
+  auto moved = core::MoveToTrashAt(exp->get(), experiment, name);
+  if (!moved.ok()) return moved.status();
+  const std::string trash = experiment + "/" + core::kTrashDir + "/" + moved->second;
+  core::Log(LogLevel::kInfo, "deleted %s through new/ (uid %u): moved to %s", what.c_str(),
+            static_cast<unsigned>(by), trash.c_str());
+  if (S_ISDIR(st.st_mode)) {
+    std::lock_guard<std::mutex> lock(mu_);
+    deleting_[{experiment, name}] = Deletion{trash, Clock::now()};
+  } else if (::unlinkat(moved->first.get(), moved->second.c_str(), 0) != 0) {
+    core::Log(LogLevel::kWarning, "cannot remove %s: %s", trash.c_str(), std::strerror(errno));
+  }
+  if (on_deleted_) on_deleted_(experiment, name);
+  return Status::Ok();
+}
+
+std::optional<std::string> Committer::Deleting(const std::string& experiment,
+                                               const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = deleting_.find({experiment, name});
+  if (it == deleting_.end()) return std::nullopt;
+  return it->second.trash;
+}
+
+void Committer::DeleteFinished(const std::string& experiment, const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  deleting_.erase({experiment, name});
+}
+
+void Committer::ExpireDeletions(bool everything) {
+  std::vector<std::pair<std::string, std::string>> expired;  // (experiment, trash path)
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto now = Clock::now();
+    for (auto it = deleting_.begin(); it != deleting_.end();) {
+      if (everything || now - it->second.since > std::chrono::minutes(1)) {
+        expired.emplace_back(it->first.first, it->second.trash);
+        it = deleting_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (const auto& [experiment, trash] : expired) {
+    // An rmtree that stopped half-way: what it left goes now.
+    core::Result<core::ScopedFd> exp = source_->OpenAt(experiment, O_RDONLY | O_DIRECTORY);
+    if (!exp.ok()) continue;
+    core::Result<core::ScopedFd> t =
+        core::OpenOwnDir(exp->get(), experiment, core::kTrashDir, ::geteuid(), false);
+    if (!t.ok()) continue;
+    const std::string entry = trash.substr(trash.rfind('/') + 1);
+    (void)core::RemoveTreeAt(t->get(), entry, trash);
+  }
+}
+
+bool Committer::HoldsPredecessorFiles(int staging_fd, const std::string& experiment,
+                                      const std::string& name) {
+  if (!previous_files_) return true;
+  struct stat st {};
+  if (::fstatat(staging_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(st.st_mode)) {
+    return true;  // single files: quiet and a complete tensor file are all there is
+  }
+  auto has = [&](const char* f) { return ExistsAt(staging_fd, name + "/" + f); };
+  std::optional<core::Layout> layout =
+      core::DirectoryLayout(name, has("CKPT.yaml"), has("meta.json"), has("trainer_state.json"));
+  if (!layout) return true;  // CheckReady says why it waits
+  std::optional<std::vector<std::string>> previous =
+      previous_files_(experiment, name, core::MetaFileName(*layout));
+  if (!previous) return true;
+  std::vector<std::string> missing;
+  for (const std::string& f : *previous) {
+    if (!ExistsAt(staging_fd, name + "/" + f)) missing.push_back(f);
+  }
+  if (missing.empty()) return true;
+  std::string list;
+  for (const std::string& f : missing) list += (list.empty() ? "" : ", ") + f;
+  const std::string reason = "lacks " + list + " of the previous checkpoint";
+  std::lock_guard<std::mutex> lock(mu_);
+  Staged& s = staged_[{experiment, name}];
+  if (s.reported != reason) {
+    core::Log(LogLevel::kInfo, "new/%s waits: %s (committed after %lld s quiet)", name.c_str(),
+              reason.c_str(), static_cast<long long>(settings_.wait.count() / 1000));
+    s.reported = reason;
+  }
+  return false;
+}
+
+int Committer::StopAndCommit() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  wake_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  const int committed = CommitCandidates(/*at_exit=*/true);
+  ExpireDeletions(/*everything=*/true);
+  return committed;
 }
 
 std::vector<std::string> Committer::RecoverStaging(const core::Beneath& source,

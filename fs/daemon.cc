@@ -399,6 +399,8 @@ int RunMount(const Options& opt) {
   };
   Committer::Settings commit_settings;
   commit_settings.quiet = std::chrono::milliseconds(static_cast<int64_t>(opt.commit_quiet * 1000));
+  commit_settings.wait = std::max(
+      commit_settings.quiet, std::chrono::milliseconds(static_cast<int64_t>(opt.commit_wait * 1000)));
   commit_settings.explicit_only = opt.explicit_commit;
   commit_settings.direct = opt.direct_new;
   auto send = [&notifier](const std::vector<Invalidation>& invals) {
@@ -443,6 +445,28 @@ int RunMount(const Options& opt) {
           prune({experiment});
         });
       });
+  committer->set_previous_files([&](const std::string& experiment, const std::string& name,
+                                    const std::string& meta_file)
+                                    -> std::optional<std::vector<std::string>> {
+    auto all = (*idx)->List(experiment);  // newest first
+    if (!all.ok()) return std::nullopt;
+    for (const core::Checkpoint& c : *all) {
+      if (c.experiment != experiment || c.name == name || !c.valid) continue;
+      if (core::MetaFileName(c.layout) != meta_file) continue;
+      std::vector<std::string> files;
+      for (const core::CheckpointFile& f : c.files) files.push_back(f.name);
+      return files;
+    }
+    return std::nullopt;
+  });
+  committer->set_on_deleted([&](const std::string& experiment, const std::string& name) {
+    core::CatchAndLog("after deletion through new/", [&] {
+      (void)(*idx)->ScanChanges({{experiment, name}});
+      status.Record(EventKind::kDeletion, experiment + "/" + name + " (through new/)");
+      send(table_ptr->ViewsChanged({experiment}));
+      send(table_ptr->PathChanged(experiment, name));
+    });
+  });
   table_options.committer = committer.get();
   NodeTable table(idx->get(), table_options);
   table_ptr = &table;
@@ -564,7 +588,15 @@ int RunMount(const Options& opt) {
   // step.
   signals.Finish();
   if (notifier != nullptr) notifier->Close();
-  committer.reset();  // what is still staged stays staged, reported at the next start
+  // A clean stop commits what is complete (no writer is left); what was
+  // really mid-write stays staged, moved aside at the next start.
+  if (committer != nullptr) {
+    core::CatchAndLog("commit at exit", [&] {
+      const int n = committer->StopAndCommit();
+      if (n > 0) core::Log(LogLevel::kInfo, "committed %d checkpoint(s) at exit", n);
+    });
+  }
+  committer.reset();
   later.Stop();
   watcher_ptr = nullptr;
   if (watcher.ok()) watcher->reset();

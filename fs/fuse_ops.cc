@@ -430,13 +430,17 @@ void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
 }
 
 void Unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
-  Serve(req, "unlink",
-        [&](Reply& reply) { reply.Err(ToErrno(Table(req)->Unlink(parent, name, false))); });
+  Serve(req, "unlink", [&](Reply& reply) {
+    const core::Caller caller = CallerOf(req);
+    reply.Err(ToErrno(Table(req)->Unlink(parent, name, false, &caller)));
+  });
 }
 
 void Rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
-  Serve(req, "rmdir",
-        [&](Reply& reply) { reply.Err(ToErrno(Table(req)->Unlink(parent, name, true))); });
+  Serve(req, "rmdir", [&](Reply& reply) {
+    const core::Caller caller = CallerOf(req);
+    reply.Err(ToErrno(Table(req)->Unlink(parent, name, true, &caller)));
+  });
 }
 
 void Rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t new_parent,

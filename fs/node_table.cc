@@ -75,6 +75,11 @@ int ToErrno(const Status& status) {
 
 NodeTable::NodeTable(index::Index* index, NodeTableOptions options)
     : index_(index), resolver_(index), options_(std::move(options)), mount_time_(Now()) {
+  if (Committer* c = options_.committer) {
+    resolver_.set_new_overlay([c](const std::string& experiment, const std::string& name) {
+      return c->Deleting(experiment, name);
+    });
+  }
   Node root;
   root.vpath = "/";
   root.type = NodeType::kRealDir;
@@ -85,6 +90,8 @@ NodeTable::NodeTable(index::Index* index, NodeTableOptions options)
 }
 
 std::string NodeTable::KeyOf(const Node& n) {
+  // Under new/ a name is one inode across its commit: the path is the identity.
+  if (n.staged) return n.vpath + '\0' + (n.as_link ? "\2\1" : "\2");
   return n.vpath + '\0' + n.real_path + '\0' + n.checkpoint + (n.as_link ? "\1" : "");
 }
 
@@ -99,6 +106,21 @@ Result<NodeTable::Node> NodeTable::Snapshot(uint64_t ino) const {
   return it->second;
 }
 
+Result<NodeTable::Node> NodeTable::Current(uint64_t ino) const {
+  Result<Node> node = Snapshot(ino);
+  if (!node.ok() || !node->staged || node->as_link) return node;
+  Result<index::Resolution> r = resolver_.Resolve(node->vpath, nullptr);
+  if (!r.ok()) return r.status();
+  node->real_path = r->real_path;
+  node->type = r->type;
+  node->committed = r->committed;
+  return node;
+}
+
+bool NodeTable::MayCreateIn(const std::string& dir) const {
+  return dir == source() || resolver_.MayHaveNew(dir);
+}
+
 Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
   NodeAttr a;
   struct stat& st = a.st;
@@ -109,7 +131,8 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
     st.st_atim = st.st_mtim = st.st_ctim = mount_time_;
     st.st_uid = ::getuid();
     st.st_gid = ::getgid();
-  } else if (node.staged && node.type == NodeType::kVirtualDir &&
+  } else if (node.staged &&
+             (node.type == NodeType::kVirtualDir || node.real_path == index::StagingDir(node.scope)) &&
              beneath().Lstat(node.scope, &st).ok()) {
     // new/ is the experiment, writable: its owner and mode (so the kernel's
     // default_permissions lets write exactly those who may write the
@@ -156,7 +179,12 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
         st.st_mode = (st.st_mode & S_IFMT) | (newest.st_mode & 07777);
       }
     }
-    if (!node.staged) st.st_mode &= ~static_cast<mode_t>(0222);  // read-only outside new/
+    // Read-only outside new/, but for the real directories where a new
+    // experiment may be made (mkdir -p MOUNT/asr/exp2/new).
+    if (!node.staged && !(node.type == NodeType::kRealDir && !node.in_view &&
+                          options_.committer != nullptr && MayCreateIn(node.real_path))) {
+      st.st_mode &= ~static_cast<mode_t>(0222);
+    }
   }
   st.st_ino = ino;
   st.st_blksize = 1 << 20;  // readers size their reads from this
@@ -237,6 +265,7 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
   node.scope = r->scope;
   node.in_view = r->in_view;
   node.staged = r->staged;
+  node.committed = r->committed;
   if (r->checkpoint) node.checkpoint = r->checkpoint->path;
   node.content_size = r->content.size();
   node.as_link = options_.links && r->in_view &&
@@ -299,6 +328,20 @@ Result<NodeAttr> NodeTable::Remember(Node node) {
     ino = it->second;
     Node& existing = nodes_[ino];
     existing.content_size = node.content_size;
+    if (existing.staged && existing.real_path != node.real_path) {
+      // Committed (or versioned) since the last lookup: same inode, new place.
+      auto range = by_real_.equal_range(existing.real_path);
+      for (auto r2 = range.first; r2 != range.second; ++r2) {
+        if (r2->second == ino) {
+          by_real_.erase(r2);
+          break;
+        }
+      }
+      by_real_.emplace(node.real_path, ino);
+      existing.real_path = node.real_path;
+      existing.type = node.type;
+      existing.committed = node.committed;
+    }
     existing.nlookup++;
     node = existing;
   } else {
@@ -329,7 +372,7 @@ Result<NodeAttr> NodeTable::Remember(Node node) {
 }
 
 Result<NodeAttr> NodeTable::GetAttr(uint64_t ino) {
-  Result<Node> node = Snapshot(ino);
+  Result<Node> node = Current(ino);
   if (!node.ok()) return node.status();
   Result<NodeAttr> attr = AttrOf(ino, *node);
   if (attr.ok() && attr->timeout > 0) {
@@ -387,11 +430,23 @@ Result<std::vector<index::DirEntry>> NodeTable::ReadDir(uint64_t ino, const core
 
 Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags, const core::Caller* caller) {
   caller = Restrict(caller);
-  Result<Node> node = Snapshot(ino);
+  Result<Node> node = Current(ino);
   if (!node.ok()) return node.status();
   const bool writing = (flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC) != 0;
   if (writing && (!node->staged || options_.committer == nullptr)) {
     return Status::ReadOnly(node->vpath + ": read-only (write checkpoints through new/)");
+  }
+  if (writing && node->type == NodeType::kRealFile) {
+    if (caller != nullptr) {
+      const int mask = (flags & O_ACCMODE) == O_RDONLY ? W_OK
+                       : (flags & O_ACCMODE) == O_WRONLY ? W_OK
+                                                         : R_OK | W_OK;
+      if (Status allowed = Allowed(*caller, node->real_path, mask); !allowed.ok()) return allowed;
+    }
+    // Readers of the committed version keep it whole: the write goes to a
+    // new version, and to a file of its own there.
+    node = Writable(ino, *node, (flags & O_TRUNC) != 0);
+    if (!node.ok()) return node.status();
   }
   OpenedFile f;
   f.real_path = node->real_path;
@@ -563,6 +618,31 @@ std::vector<Invalidation> NodeTable::PathChanged(const std::string& dir, const s
 }
 
 Status NodeTable::Allowed(const core::Caller& caller, const std::string& path, int mask) const {
+  // Under new/, the staging directory (the daemon's, private) stands for
+  // the experiment: search permission down to the experiment, then the
+  // staged entries' own modes (they belong to their writers).
+  const std::string marker = std::string("/") + core::kStagingDir + "/";
+  const size_t at = path.find(marker);
+  if (at != std::string::npos) {
+    const std::string experiment = path.substr(0, at);
+    Status s = beneath().CheckAccess(caller, experiment, X_OK);
+    if (!s.ok()) return Denied(s, path);
+    std::string walked = experiment + "/" + core::kStagingDir;
+    const std::string rest = path.substr(at + marker.size());
+    for (size_t start = 0; start <= rest.size();) {
+      size_t end = rest.find('/', start);
+      if (end == std::string::npos) end = rest.size();
+      walked += "/" + rest.substr(start, end - start);
+      struct stat st {};
+      if (Status got = beneath().Lstat(walked, &st); !got.ok()) return Denied(got, path);
+      const bool last = end == rest.size();
+      if (!core::ModeAllows(st, caller, last ? mask : X_OK)) {
+        return Status::FromErrno(walked + ": permission denied", EACCES);
+      }
+      start = end + 1;
+    }
+    return Status::Ok();
+  }
   Status s = beneath().CheckAccess(caller, path, mask);
   return s.ok() ? s : Denied(s, path);
 }

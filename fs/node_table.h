@@ -128,7 +128,10 @@ class NodeTable {
   core::Result<std::pair<NodeAttr, OpenedFile>> Create(uint64_t parent, const std::string& name,
                                                        mode_t mode, int flags,
                                                        const core::Caller* caller = nullptr);
-  core::Status Unlink(uint64_t parent, const std::string& name, bool directory);
+  // Under new/, deleting any part of a committed checkpoint deletes it whole
+  // (Committer::DeleteThroughNew); the rest of an rmtree then succeeds.
+  core::Status Unlink(uint64_t parent, const std::string& name, bool directory,
+                      const core::Caller* caller = nullptr);
   core::Status Rename(uint64_t parent, const std::string& name, uint64_t new_parent,
                       const std::string& new_name, unsigned int flags);
   // to_set: FUSE_SET_ATTR_* bits; fd: the open file when the kernel gave one.
@@ -168,7 +171,8 @@ class NodeTable {
     std::string checkpoint;
     std::string members;  // avg/ files: member files, newline-separated
     bool in_view = false;
-    bool staged = false;  // under new/: a writable real path in the staging area
+    bool staged = false;  // under new/: writable (staging, or committed below)
+    bool committed = false;  // under new/, in the experiment itself (Resolution::committed)
     bool as_link = false;
     uint64_t nlookup = 0;
     size_t content_size = 0;
@@ -209,6 +213,18 @@ class NodeTable {
     return options_.status != nullptr && node.parent == kRootIno && node.name == kStatusFile;
   }
   core::Result<Node> Snapshot(uint64_t ino) const;
+  // Snapshot, with a new/ node's real path resolved again: the same name
+  // moves from staging to the experiment at its commit (and back while a
+  // new version is written), and its inode must follow.
+  core::Result<Node> Current(uint64_t ino) const;
+  // A node under new/ made writable: a committed one gets a new version in
+  // staging first (truncate: a single file starts empty). Returns it again.
+  core::Result<Node> Writable(uint64_t ino, const Node& node, bool truncate);
+  // mkdir in a real directory outside any checkpoint (a new experiment).
+  core::Status MkdirReal(const Node& parent, const std::string& name, mode_t mode,
+                                   const core::Caller* caller);
+  // Whether new directories may be made in the real directory dir.
+  bool MayCreateIn(const std::string& dir) const;
   // The staging directory a new entry named `name` in `parent` goes to.
   core::Result<std::string> StagedDir(uint64_t parent, const std::string& name, bool creating);
   core::Result<NodeAttr> AttrOf(uint64_t ino, const Node& node) const;

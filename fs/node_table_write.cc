@@ -1,13 +1,17 @@
 #define FUSE_USE_VERSION 314
 // NodeTable's write side: new/ and the staging area behind it, and the
 // bookkeeping of open files that retention and the committer rely on.
+#include <dirent.h>
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
+#include <memory>
 
+#include "core/log.h"
 #include "fs/committer.h"
 #include "fs/node_table.h"
 
@@ -38,8 +42,40 @@ void NodeTable::Wrote(const OpenedFile& file) {
   if (options_.committer != nullptr) options_.committer->Touched(file.real_path);
 }
 
+namespace {
+
+// The first component of path below base ("X" of base/X/...).
+std::string TopName(const std::string& base, const std::string& path) {
+  const std::string rest = path.size() > base.size() ? path.substr(base.size() + 1) : "";
+  return rest.substr(0, rest.find('/'));
+}
+
+}  // namespace
+
+Result<NodeTable::Node> NodeTable::Writable(uint64_t ino, const Node& node, bool truncate) {
+  if (!node.committed) {
+    // A staged version's file may still be a link to the committed one's.
+    if (node.type == NodeType::kRealFile) {
+      if (Status s = options_.committer->BreakLink(node.real_path, truncate); !s.ok()) return s;
+    }
+    return node;
+  }
+  const std::string top = TopName(node.scope, node.real_path);
+  const bool top_file = node.real_path == node.scope + "/" + top;
+  if (Status s = options_.committer->BeginVersion(node.scope, top, top_file && truncate); !s.ok()) {
+    return s;
+  }
+  Result<Node> now = Current(ino);
+  if (!now.ok()) return now.status();
+  if (now->committed) return Status::FromErrno(node.vpath + ": no new version staged", EIO);
+  if (now->type == NodeType::kRealFile && !top_file) {
+    if (Status s = options_.committer->BreakLink(now->real_path, truncate); !s.ok()) return s;
+  }
+  return now;
+}
+
 Result<std::string> NodeTable::StagedDir(uint64_t parent, const std::string& name, bool creating) {
-  Result<Node> p = Snapshot(parent);
+  Result<Node> p = Current(parent);
   if (!p.ok()) return p.status();
   if (!p->staged || options_.committer == nullptr) {
     return Status::ReadOnly(p->vpath + ": read-only (write checkpoints through new/)");
@@ -47,6 +83,11 @@ Result<std::string> NodeTable::StagedDir(uint64_t parent, const std::string& nam
   if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
       core::IsOwnDirName(name)) {
     return Status::InvalidArgument(p->vpath + "/" + name + ": not a valid name");
+  }
+  if (p->committed) {
+    // A change inside a committed checkpoint: into a new version of it.
+    p = Writable(parent, *p, false);
+    if (!p.ok()) return p.status();
   }
   // The staging directory must be the daemon's own (core::OpenOwnDir; made
   // on first use through new/ itself): never a link a user planted, nor a
@@ -81,8 +122,46 @@ bool ChownFor(const core::Caller* caller) {
 
 }  // namespace
 
+Status NodeTable::MkdirReal(const Node& parent, const std::string& name, mode_t mode,
+                                      const core::Caller* caller) {
+  const std::string path = parent.real_path + "/" + name;
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
+      name[0] == '.' || core::IsVirtualRootName(name)) {
+    return Status::InvalidArgument(parent.vpath + "/" + name + ": not a name for a new directory");
+  }
+  const core::Caller* restricted = Restrict(caller);
+  if (restricted != nullptr) {
+    if (Status allowed = Allowed(*restricted, parent.real_path, W_OK | X_OK); !allowed.ok()) {
+      return allowed;
+    }
+  }
+  auto in = beneath().OpenParent(path);
+  if (!in.ok()) return in.status();
+  if (::mkdirat(in->first.get(), in->second.c_str(), mode & 07777) != 0) {
+    return Status::FromErrno(path, errno);
+  }
+  if (ChownFor(caller) && ::fchownat(in->first.get(), in->second.c_str(), caller->uid, caller->gid,
+                                     AT_SYMLINK_NOFOLLOW) != 0) {
+    const int err = errno;
+    ::unlinkat(in->first.get(), in->second.c_str(), AT_REMOVEDIR);
+    return Status::FromErrno(path + ": giving it to uid " + std::to_string(caller->uid), err);
+  }
+  core::Log(core::LogLevel::kInfo, "made directory %s through the mount", path.c_str());
+  return Status::Ok();
+}
+
 Result<NodeAttr> NodeTable::Mkdir(uint64_t parent, const std::string& name, mode_t mode,
                                   const core::Caller* caller) {
+  {
+    // A new directory of the tree (a new experiment), outside any checkpoint.
+    Result<Node> p = Current(parent);
+    if (!p.ok()) return p.status();
+    if (!p->staged && !p->in_view && p->type == NodeType::kRealDir &&
+        options_.committer != nullptr && MayCreateIn(p->real_path)) {
+      if (Status made = MkdirReal(*p, name, mode, caller); !made.ok()) return made;
+      return Lookup(parent, name, /*redirect=*/false);
+    }
+  }
   Result<std::string> dir = StagedDir(parent, name, true);
   if (!dir.ok()) return dir.status();
   const std::string path = *dir + "/" + name;
@@ -136,14 +215,61 @@ Result<std::pair<NodeAttr, OpenedFile>> NodeTable::Create(uint64_t parent, const
   return std::make_pair(*attr, f);
 }
 
-Status NodeTable::Unlink(uint64_t parent, const std::string& name, bool directory) {
-  Result<std::string> dir = StagedDir(parent, name, false);
-  if (!dir.ok()) return dir.status();
-  const std::string path = *dir + "/" + name;
-  auto in = options_.committer->source().OpenParent(path);
+Status NodeTable::Unlink(uint64_t parent, const std::string& name, bool directory,
+                         const core::Caller* caller) {
+  Result<Node> p = Current(parent);
+  if (!p.ok()) return p.status();
+  if (!p->staged || options_.committer == nullptr) {
+    return Status::ReadOnly(p->vpath + ": read-only (write checkpoints through new/)");
+  }
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
+      core::IsOwnDirName(name)) {
+    return Status::InvalidArgument(p->vpath + "/" + name + ": not a valid name");
+  }
+  const std::string vpath = VpathOf(*p, name);
+  Result<index::Resolution> r = resolver_.Resolve(vpath, nullptr);
+  if (!r.ok()) return r.status();
+  const std::string& scope = r->scope;
+  if (r->committed) {
+    // Deleting any part of a committed checkpoint through new/ deletes it
+    // whole, at once: one rename to the trash. The rest of the rmtree then
+    // empties the trash copy that new/NAME now stands for.
+    const std::string top = TopName(scope, r->real_path);
+    const bool is_top = r->real_path == scope + "/" + top;
+    if (is_top && directory) {
+      // rmdir of a committed directory that still has files: as on disk.
+      Result<core::ScopedFd> dir = beneath().OpenAt(r->real_path, O_RDONLY | O_DIRECTORY);
+      if (!dir.ok()) return dir.status();
+      DIR* d = ::fdopendir(dir->get());
+      if (d == nullptr) return Status::FromErrno(r->real_path, errno);
+      dir->release();
+      std::unique_ptr<DIR, int (*)(DIR*)> guard(d, ::closedir);
+      while (struct dirent* e = ::readdir(d)) {
+        if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0) {
+          return Status::FromErrno(vpath, ENOTEMPTY);
+        }
+      }
+    }
+    const core::Caller* restricted = Restrict(caller);
+    if (restricted != nullptr) {
+      if (Status allowed = Allowed(*restricted, scope, W_OK | X_OK); !allowed.ok()) return allowed;
+    }
+    Status deleted = options_.committer->DeleteThroughNew(scope, top, caller ? caller->uid : ::getuid());
+    if (!deleted.ok()) return deleted;
+    if (is_top && !directory) return Status::Ok();  // a single file: gone
+    r = resolver_.Resolve(vpath, nullptr);  // into the trash copy
+    if (!r.ok()) return r.status();
+  }
+  const std::string& path = r->real_path;
+  auto in = beneath().OpenParent(path);
   if (!in.ok()) return in.status();
   if (::unlinkat(in->first.get(), in->second.c_str(), directory ? AT_REMOVEDIR : 0) != 0) {
-    return Status::FromErrno(path, errno);
+    return Status::FromErrno(vpath, errno);
+  }
+  if (directory) {
+    // The rmdir that ends an rmtree through new/: the trash copy is gone.
+    std::optional<std::string> deleting = options_.committer->Deleting(scope, name);
+    if (deleting && *deleting == path) options_.committer->DeleteFinished(scope, name);
   }
   options_.committer->Touched(path);
   return Status::Ok();
@@ -169,18 +295,38 @@ Status NodeTable::Rename(uint64_t parent, const std::string& name, uint64_t new_
 }
 
 Result<NodeAttr> NodeTable::SetAttr(uint64_t ino, const struct stat& attr, int to_set, int fd) {
-  Result<Node> node = Snapshot(ino);
+  Result<Node> node = Current(ino);
   if (!node.ok()) return node.status();
   if (!node->staged || options_.committer == nullptr || node->type == NodeType::kVirtualDir) {
     return Status::ReadOnly(node->vpath + ": read-only (write checkpoints through new/)");
   }
+  if (fd < 0) {
+    // A committed entry changes in a new version; a file of that version
+    // stops sharing its inode with the committed one first.
+    const bool truncate = (to_set & FUSE_SET_ATTR_SIZE) != 0 && attr.st_size == 0;
+    node = Writable(ino, *node, truncate);
+    if (!node.ok()) return node.status();
+  }
+  // Beneath SOURCE, by descriptor: the staging area is the daemon's own, but
+  // the experiment above it may belong to anyone.
   const std::string& path = node->real_path;
+  auto in = beneath().OpenParent(path);
+  if (!in.ok()) return in.status();
+  const int dir_fd = in->first.get();
+  const char* name = in->second.c_str();
   if (to_set & FUSE_SET_ATTR_SIZE) {
-    int rc = fd >= 0 ? ::ftruncate(fd, attr.st_size) : ::truncate(path.c_str(), attr.st_size);
+    int rc;
+    if (fd >= 0) {
+      rc = ::ftruncate(fd, attr.st_size);
+    } else {
+      Result<core::ScopedFd> file = beneath().OpenAt(path, O_WRONLY | O_NOFOLLOW | O_NONBLOCK);
+      if (!file.ok()) return file.status();
+      rc = ::ftruncate(file->get(), attr.st_size);
+    }
     if (rc != 0) return Status::FromErrno(path, errno);
   }
   if (to_set & FUSE_SET_ATTR_MODE) {
-    if (::chmod(path.c_str(), attr.st_mode & 07777) != 0) return Status::FromErrno(path, errno);
+    if (::fchmodat(dir_fd, name, attr.st_mode & 07777, 0) != 0) return Status::FromErrno(path, errno);
   }
   if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) {
     struct timespec ts[2];
@@ -189,7 +335,7 @@ Result<NodeAttr> NodeTable::SetAttr(uint64_t ino, const struct stat& attr, int t
     if (to_set & FUSE_SET_ATTR_ATIME_NOW) ts[0].tv_nsec = UTIME_NOW;
     if (to_set & FUSE_SET_ATTR_MTIME) ts[1] = attr.st_mtim;
     if (to_set & FUSE_SET_ATTR_MTIME_NOW) ts[1].tv_nsec = UTIME_NOW;
-    if (::utimensat(AT_FDCWD, path.c_str(), ts, AT_SYMLINK_NOFOLLOW) != 0) {
+    if (::utimensat(dir_fd, name, ts, AT_SYMLINK_NOFOLLOW) != 0) {
       return Status::FromErrno(path, errno);
     }
   }

@@ -49,6 +49,7 @@ const FlagSpec kFlags[] = {
     {"--max-bytes", true, kPolicy},
     {"--policy", true, kPolicy},
     {"--commit-quiet", true, kMount},
+    {"--commit-wait", true, kMount},
     {"--explicit-commit", false, kMount},
     {"--links", false, kMount},
     {"--direct-new", false, kMount},
@@ -253,11 +254,12 @@ Status Apply(const Arg& a, Options* opt) {
     return core::AddPolicyOption(f, v, &opt->policy);
   } else if (f == "--policy") {
     return ApplyPolicyFile(v, &opt->policy);
-  } else if (f == "--commit-quiet") {
+  } else if (f == "--commit-quiet" || f == "--commit-wait") {
     char* end = nullptr;
-    opt->commit_quiet = std::strtod(v.c_str(), &end);
-    if (end == v.c_str() || *end != '\0' || !(opt->commit_quiet >= 0) || opt->commit_quiet > 3600) {
-      return Status::InvalidArgument("--commit-quiet: expected seconds from 0 to 3600, got '" + v + "'");
+    double& seconds = f == "--commit-quiet" ? opt->commit_quiet : opt->commit_wait;
+    seconds = std::strtod(v.c_str(), &end);
+    if (end == v.c_str() || *end != '\0' || !(seconds >= 0) || seconds > 3600) {
+      return Status::InvalidArgument(f + ": expected seconds from 0 to 3600, got '" + v + "'");
     }
   } else if (f == "--log-level") {
     Result<core::LogLevel> level = ParseLogLevel(v);

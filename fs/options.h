@@ -37,6 +37,7 @@ struct Options {
   bool direct_new = false; // mount --direct-new
   bool dry_run = false;    // prune --dry-run
   double commit_quiet = 1.0;   // mount --commit-quiet SECONDS
+  double commit_wait = 30.0;   // mount --commit-wait SECONDS
   bool explicit_commit = false;  // mount --explicit-commit
   core::RetentionPolicy policy;  // prune and mount: --keep-*, --max-bytes, --policy FILE
   std::vector<std::string> fuse_options;  // mount -o items that are not ckptfs options

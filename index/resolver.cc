@@ -94,6 +94,46 @@ bool Resolver::HasNamespace(const std::string& dir) const {
   return dir == index_->source() || index_->IsExperiment(dir);
 }
 
+bool Resolver::MayHaveNew(const std::string& dir) const {
+  const std::string& source = index_->source();
+  if (dir.size() <= source.size() || dir.compare(0, source.size() + 1, source + "/") != 0) {
+    return false;
+  }
+  for (std::string p = dir; p.size() > source.size(); p = p.substr(0, p.rfind('/'))) {
+    if (index_->Find(p).ok()) return false;  // a checkpoint, or inside one
+  }
+  return true;
+}
+
+Result<std::vector<DirEntry>> Resolver::ListNew(const Resolution& dir) const {
+  std::vector<DirEntry> out;
+  std::set<std::string> seen;
+  for (const std::string& from : {StagingDir(dir.scope), dir.scope}) {
+    Result<core::ScopedFd> fd = beneath_.OpenAt(from, O_RDONLY | O_DIRECTORY);
+    if (!fd.ok()) {
+      if (from == dir.scope) return fd.status();
+      continue;  // nothing staged yet
+    }
+    DIR* d = ::fdopendir(fd->get());
+    if (d == nullptr) return Status::FromErrno(from, errno);
+    fd->release();  // the DIR owns it now
+    std::unique_ptr<DIR, int (*)(DIR*)> guard(d, ::closedir);
+    while (struct dirent* e = ::readdir(d)) {
+      std::string name = e->d_name;
+      if (name == "." || name == ".." || core::IsOwnDirName(name)) continue;
+      if (!seen.insert(name).second) continue;  // a new version hides the committed one
+      bool is_dir = e->d_type == DT_DIR;
+      if (e->d_type == DT_UNKNOWN) {
+        struct stat st {};
+        is_dir = ::fstatat(::dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+                 S_ISDIR(st.st_mode);
+      }
+      out.push_back({std::move(name), is_dir});
+    }
+  }
+  return out;
+}
+
 Result<Resolution> Resolver::Resolve(std::string_view vpath, const core::Caller* caller) const {
   Result<std::vector<std::string>> segments = core::SplitPath(vpath);
   if (!segments.ok()) return segments.status();
@@ -114,7 +154,8 @@ Result<Resolution> Resolver::Resolve(std::string_view vpath, const core::Caller*
       r.type = type;
       continue;
     }
-    if (core::IsVirtualRootName(seg) && HasNamespace(r.real_path)) {
+    if (core::IsVirtualRootName(seg) &&
+        (HasNamespace(r.real_path) || (seg == "new" && MayHaveNew(r.real_path)))) {
       std::vector<std::string> rest(segments->begin() + static_cast<std::ptrdiff_t>(i),
                                     segments->end());
       return ResolveQuery(r.real_path, rest, caller);
@@ -189,25 +230,43 @@ Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
       if (!q->where.empty()) return Status::InvalidArgument(where + ": new/ takes no where/ predicates");
       r.in_view = false;
       r.staged = true;
-      r.real_path = StagingDir(scope);
       r.type = NodeType::kRealDir;
-      for (size_t i = 0; i < q->rest.size(); ++i) {
+      struct stat st {};
+      if (q->rest.empty()) {
+        // new/ itself exists before the first write: a directory, created on demand.
+        r.new_root = true;
+        r.real_path = StagingDir(scope);
+        if (!beneath_.Lstat(r.real_path, &st).ok()) r.type = NodeType::kVirtualDir;
+        return r;
+      }
+      // new/NAME is, in this order: the trash copy an rmtree through new/
+      // is emptying, a staged checkpoint (or a new version of a committed
+      // one), or the experiment's own entry.
+      const std::string& top = q->rest[0];
+      if (core::IsOwnDirName(top)) return Status::NotFound(where + ": no such entry");
+      std::optional<std::string> overlay;
+      if (new_overlay_) overlay = new_overlay_(scope, top);
+      if (overlay) {
+        r.real_path = *overlay;
+      } else if (beneath_.Lstat(StagingDir(scope) + "/" + top, &st).ok()) {
+        r.real_path = StagingDir(scope) + "/" + top;
+      } else {
+        r.real_path = scope + "/" + top;
+        r.committed = true;
+      }
+      if (Status s = beneath_.Lstat(r.real_path, &st); !s.ok()) {
+        if (s.code() == core::StatusCode::kNotFound || s.sys_errno() == ENOENT) {
+          return Status::NotFound(where + ": no such entry");
+        }
+        return s;
+      }
+      r.type = TypeOf(st);
+      for (size_t i = 1; i < q->rest.size(); ++i) {
         if (core::IsOwnDirName(q->rest[i])) return Status::NotFound(where + ": no such entry");
         if (r.type != NodeType::kRealDir) return Status::NotFound(r.real_path + ": not a directory");
         r.real_path += "/" + q->rest[i];
-        struct stat st {};
-        if (Status s = beneath_.Lstat(r.real_path, &st); !s.ok()) {
-          if (i == 0 && s.code() == core::StatusCode::kNotFound && q->rest.size() == 1) {
-            return Status::NotFound(where + ": no such entry");
-          }
-          return s;
-        }
+        if (Status s = beneath_.Lstat(r.real_path, &st); !s.ok()) return s;
         r.type = TypeOf(st);
-      }
-      if (q->rest.empty()) {
-        // new/ itself exists before the first write: a directory, created on demand.
-        struct stat st {};
-        if (!beneath_.Lstat(r.real_path, &st).ok()) r.type = NodeType::kVirtualDir;
       }
       return r;
     }
@@ -282,6 +341,7 @@ Result<Resolution> Resolver::ResolveInside(Resolution r,
 Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir,
                                              const core::Caller* caller) const {
   std::vector<DirEntry> out;
+  if (dir.new_root) return ListNew(dir);
   if (dir.type == NodeType::kRealDir) {
     // Beneath the source's descriptor: a directory swapped for a symbolic
     // link is refused, never followed.

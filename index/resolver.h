@@ -19,6 +19,7 @@
 #ifndef CKPTFS_INDEX_RESOLVER_H_
 #define CKPTFS_INDEX_RESOLVER_H_
 
+#include <functional>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -56,7 +57,12 @@ struct Resolution {
   std::string real_path;  // real nodes; for kAverageFile the file name inside members
   std::string scope;      // directory whose virtual namespace the path entered
   bool in_view = false;   // reached through the query namespace (read-only view)
-  bool staged = false;    // new/ or below it: real_path is in the staging area, writable
+  bool staged = false;    // new/ or below it: writable (real_path: staging, or see committed)
+  // new/NAME/...: NAME is the experiment's committed checkpoint (or any real
+  // entry of the experiment); real_path is in the experiment itself. A write
+  // makes a new version of NAME in staging first (fs/node_table_write.cc).
+  bool committed = false;
+  bool new_root = false;  // new/ itself: lists staging and the experiment together
   core::Query query;      // meaningful when in_view
   std::optional<core::Checkpoint> checkpoint;  // the selected checkpoint
   std::vector<core::Checkpoint> members;       // avg/: newest first
@@ -95,6 +101,17 @@ class Resolver {
   // root and every experiment directory.
   bool HasNamespace(const std::string& dir) const;
 
+  // Whether `dir` (a real directory under the source) may take new/ although
+  // it holds no checkpoint yet: it is neither a checkpoint nor inside one.
+  // So a new run starts through the mount (mkdir -p MOUNT/asr/exp2/new).
+  bool MayHaveNew(const std::string& dir) const;
+
+  // Where new/NAME of experiment lives while it is being deleted through
+  // new/ (the trash copy that the rest of an rmtree empties), if it is.
+  using NewOverlay =
+      std::function<std::optional<std::string>(const std::string& experiment, const std::string& name)>;
+  void set_new_overlay(NewOverlay overlay) { new_overlay_ = std::move(overlay); }
+
  private:
   core::Result<Resolution> ResolveQuery(const std::string& scope,
                                         const std::vector<std::string>& segments,
@@ -113,8 +130,13 @@ class Resolver {
                                                          bool with_new,
                                                          const core::Caller* caller) const;
 
+  // new/'s top-level entries: staged (new versions first), then the
+  // experiment's own, each name once.
+  core::Result<std::vector<DirEntry>> ListNew(const Resolution& dir) const;
+
   Index* index_;
   core::Beneath beneath_;
+  NewOverlay new_overlay_;
 };
 
 // The files an average over these members can produce: tensor files

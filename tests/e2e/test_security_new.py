@@ -28,6 +28,11 @@ job = json.loads(sys.argv[1])
 new = job["new"]
 try:
     d = os.path.join(new, job["name"])
+    if job.get("rmtree"):
+        import shutil
+        shutil.rmtree(d)
+        print(json.dumps({"ok": True}))
+        sys.exit(0)
     os.makedirs(d, exist_ok=True)
     if job.get("only_mkdir"):
         print(json.dumps({"ok": True}))
@@ -91,6 +96,31 @@ class OwnerWritesThroughNewTest(unittest.TestCase):
                 os.path.join(mnt, "exp", "latest"), "user.ckptfs.checkpoint").decode())
                 == os.path.join(self.exp, "CKPT+3")), timeout=30))
             self.assertEqual(torch.load(os.path.join(mnt, "exp", "latest", "mdl.ckpt"))["w"].tolist(), [0.125] * 4)
+
+    def test_owner_resaves_and_deletes_through_new_a_stranger_cannot(self):
+        with mounted(self.src, "-o", "allow_other", "--explicit-commit") as (mnt, _, log):
+            new = os.path.join(mnt, "exp", "new")
+            ckpt = os.path.join(self.exp, "CKPT+2")
+            job = {"new": new, "name": "CKPT+2", "unixtime": 200, "loss": 0.25}
+            self.assertEqual(self.run_as(OWNER, job), {"ok": True})
+            self.assertTrue(wait_for(lambda: os.path.exists(ckpt), timeout=30), open(log).read())
+            # A stranger can neither delete it nor write into it through new/.
+            self.assertEqual(self.run_as(STRANGER, dict(job, rmtree=True)), {"errno": 13})
+            self.assertEqual(self.run_as(STRANGER, dict(job, loss=9.0)), {"errno": 13})
+            self.assertEqual(sorted(os.listdir(ckpt)), ["CKPT.yaml", "mdl.ckpt"])
+            self.assertIn("loss: 0.25", open(os.path.join(ckpt, "CKPT.yaml")).read())
+            # The owner saves it again: a new version replaces it whole, still theirs.
+            self.assertEqual(self.run_as(OWNER, dict(job, loss=0.125)), {"ok": True})
+            self.assertTrue(wait_for(lambda: "loss: 0.125" in open(os.path.join(ckpt, "CKPT.yaml")).read(),
+                                     timeout=30), open(log).read())
+            self.assertEqual(torch.load(os.path.join(ckpt, "mdl.ckpt"))["w"].tolist(), [0.125] * 4)
+            for f in ("", "CKPT.yaml", "mdl.ckpt"):
+                self.assertEqual(os.stat(os.path.join(ckpt, f)).st_uid, OWNER, f)
+            # ...and deletes it: gone at once, logged as a deletion through new/.
+            self.assertEqual(self.run_as(OWNER, dict(job, rmtree=True)), {"ok": True})
+            self.assertFalse(os.path.exists(ckpt))
+            self.assertIn(f"deleted {ckpt} through new/ (uid {OWNER})", open(log).read())
+            self.assertNotIn("CKPT+2", os.listdir(new))
 
     def test_a_user_who_may_not_write_the_experiment_may_not_write_new(self):
         with mounted(self.src, "-o", "allow_other", "--explicit-commit") as (mnt, _, log):

@@ -43,6 +43,9 @@ class WriteTest(unittest.TestCase):
         self.src = os.path.join(self.tmp, "src")
         self.exp = os.path.join(self.src, "exp")
         experiments.speechbrain(self.exp, [("1", {"unixtime": 100, "loss": 0.9, "epoch": 1})])
+        # The files sb_save writes: a checkpoint holding its predecessor's
+        # files commits after the short quiet period (--commit-quiet).
+        os.rename(os.path.join(self.exp, "CKPT+1", "mdl.ckpt"), os.path.join(self.exp, "CKPT+1", "model.ckpt"))
 
     def tearDown(self):
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -57,7 +60,7 @@ class WriteTest(unittest.TestCase):
             # ...then moved into the experiment and indexed.
             self.assertTrue(wait_for(lambda: checkpoint_of(os.path.join(mnt, "exp", "latest"))
                                      == os.path.join(self.exp, "CKPT+2"), timeout=5))
-            self.assertEqual(os.listdir(new), [])
+            self.assertEqual(sorted(os.listdir(new)), ["CKPT+1", "CKPT+2"])  # new/ is the experiment
             loaded = torch.load(os.path.join(mnt, "exp", "latest", "model.ckpt"))
             torch.manual_seed(2)
             self.assertTrue(torch.equal(loaded["w"], torch.randn(1000)))
@@ -67,7 +70,9 @@ class WriteTest(unittest.TestCase):
     def test_cp_r_single_file_and_native_layouts(self):
         other = os.path.join(self.tmp, "elsewhere")
         experiments.speechbrain(other, [("copied", {"unixtime": 300, "loss": 0.1})])
-        with mounted(self.src, "--commit-quiet", "0.3") as (mnt, _, _):
+        # --commit-wait: the copied checkpoint holds mdl.ckpt, not model.ckpt
+        # like its predecessor, so it waits for the longer quiet period.
+        with mounted(self.src, "--commit-quiet", "0.3", "--commit-wait", "1") as (mnt, _, _):
             new = os.path.join(mnt, "exp", "new")
             subprocess.run(["cp", "-r", os.path.join(other, "CKPT+copied"), new], check=True)
             torch.save({"w": torch.ones(2)}, os.path.join(new, "epoch=3-step=30-val_loss=0.25.ckpt"))
@@ -85,7 +90,9 @@ class WriteTest(unittest.TestCase):
                                                      "checkpoint.ckpt"))["w"].tolist(), [1.0, 1.0])
 
     def test_errors_and_partial_files(self):
-        with mounted(self.src, "--commit-quiet", "0.3") as (mnt, _, log):
+        # --commit-wait: CKPT+partial lacks counter.ckpt; the committer's
+        # check of its tensor files is what this test is about.
+        with mounted(self.src, "--commit-quiet", "0.3", "--commit-wait", "0.5") as (mnt, _, log):
             new = os.path.join(mnt, "exp", "new")
 
             err = errno_of
@@ -224,7 +231,7 @@ class WriteTest(unittest.TestCase):
             # keep_last 2 -> 7, 8; best loss -> 4 (0.2).
             left = sorted(n for n in os.listdir(self.exp) if n.startswith("CKPT+"))
             self.assertEqual(left, ["CKPT+4", "CKPT+7", "CKPT+8"])
-            self.assertEqual(sorted(os.listdir(new)), [])
+            self.assertEqual(sorted(os.listdir(new)), left)
 
     def test_name_written_directly_during_a_write_is_never_replaced(self):
         """A checkpoint written straight into the experiment under the name a
@@ -245,13 +252,13 @@ class WriteTest(unittest.TestCase):
             self.assertIn(staged, line)
             self.assertIn(target, line)
             self.assertEqual(torch.load(target)["w"].tolist(), [2.0, 2.0, 2.0])  # not replaced
-            self.assertEqual(os.listdir(new), [name])  # still staged
+            self.assertEqual(sorted(os.listdir(new)), ["CKPT+1", name])  # still staged, listed once
             self.assertEqual(torch.load(staged)["w"].tolist(), [1.0, 1.0, 1.0])
             # Once the name is free, the staged checkpoint commits.
             os.unlink(target)
             self.assertTrue(wait_for(lambda: not os.path.exists(staged), timeout=10))
             self.assertEqual(torch.load(target)["w"].tolist(), [1.0, 1.0, 1.0])
-            self.assertEqual(os.listdir(new), [])
+            self.assertEqual(sorted(os.listdir(new)), ["CKPT+1", name])
 
     def test_prune_cli(self):
         experiments.speechbrain(self.exp, [(str(i), {"unixtime": 100 + i, "loss": l, "epoch": i})
@@ -337,13 +344,14 @@ class WriteTest(unittest.TestCase):
                         continue
                     d = os.path.join(self.exp, name)
                     self.assertTrue(os.path.exists(os.path.join(d, "CKPT.yaml")), d)
-                    files = ("model.ckpt", "counter.ckpt") if "-" in name else ("mdl.ckpt",)
+                    files = ("model.ckpt", "counter.ckpt")
                     for f in files:
                         torch.load(os.path.join(d, f))  # complete, loadable
                     self.assertFalse(os.path.exists(os.path.join(d, ".commit")))
                     committed_before.add(name)
                 self.assertFalse(os.path.exists(os.path.join(self.exp, ".ckptfs-staging")))
-                self.assertEqual(os.listdir(os.path.join(mnt2, "exp", "new")), [])
+                self.assertEqual(sorted(os.listdir(os.path.join(mnt2, "exp", "new"))),
+                                 sorted(n for n in os.listdir(self.exp) if not n.startswith(".ckptfs-")))
                 if point == "before":  # killed half-written: set aside, never committed
                     self.assertNotIn(f"CKPT+{attempt}-{j}", os.listdir(self.exp))
             # Nothing committed earlier was lost.
