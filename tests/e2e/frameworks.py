@@ -22,6 +22,7 @@ versions read (for the call sequences only; no code is copied):
   00b742f819232d629571d927b97630a3cc114fe9, fsspec/implementations/local.py).
 """
 import collections
+import hashlib
 import json
 import os
 import pathlib
@@ -41,6 +42,12 @@ def net(seed):
     """A small model whose weights say which training step made them."""
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Linear(8, 4))
+
+
+def big_net(seed):
+    """A model of 4 MiB: reading it takes many reads, so a reader can meet a rewrite."""
+    torch.manual_seed(seed)
+    return torch.nn.Linear(1024, 1024)
 
 
 def same_weights(a, b):
@@ -403,8 +410,10 @@ class ModelCheckpoint:
     _find_last_checkpoints: fs.exists(dirpath), fs.ls(dirpath) (os.listdir),
       names whose stem matches ^last(-(\\d+))? with suffix .ckpt."""
 
-    def __init__(self, dirpath, filename="{epoch}-{val_loss:.2f}", monitor="val_loss", save_top_k=2, size=1000):
+    def __init__(self, dirpath, filename="{epoch}-{val_loss:.2f}", monitor="val_loss", save_top_k=2, size=1000,
+                 written=None):
         self.dirpath, self.filename, self.monitor, self.save_top_k = dirpath, filename, monitor, save_top_k
+        self.written = written  # a set that collects the sha256 of every file written, if given
         self.best_k_models, self.kth_best_model_path, self.kth_value = {}, "", None
         self.best_model_path, self.last_model_path = "", ""
         self.size = size
@@ -474,7 +483,7 @@ class ModelCheckpoint:
 
     def _save_checkpoint(self, filepath, metrics):
         os.makedirs(os.path.dirname(filepath), exist_ok=True)
-        atomic_save(self.checkpoint(metrics), filepath)
+        atomic_save(self.checkpoint(metrics), filepath, self.written)
 
     def _remove_checkpoint(self, filepath):
         if self.file_exists(filepath):
@@ -496,14 +505,18 @@ def lightning_weights(epoch, size):
     return torch.randn(size, generator=torch.Generator().manual_seed(epoch))
 
 
-def atomic_save(obj, filepath):
+def atomic_save(obj, filepath, written=None):
     """cloud_io._atomic_save on a local path, through fsspec's transaction:
-    torch.save into a tempfile.mkstemp() file, then shutil.move onto filepath."""
+    torch.save into a tempfile.mkstemp() file, then shutil.move onto filepath.
+    written (a set), if given, gets the sha256 of the bytes before the move."""
     fd, temp = tempfile.mkstemp()
     os.close(fd)
     try:
         with open(temp, "wb") as f:
             torch.save(obj, f)
+        if written is not None:
+            with open(temp, "rb") as f:
+                written.add(hashlib.sha256(f.read()).hexdigest())
         shutil.move(temp, filepath)
     finally:
         if os.path.exists(temp):

@@ -10,6 +10,7 @@ there). Every test runs on a real mount with real torch.save/torch.load, and
 where it compares with a plain directory it runs the same emulation, with the
 same pauses, on a local folder."""
 import errno
+import hashlib
 import os
 import random
 import shutil
@@ -62,6 +63,31 @@ def loads(path):
 
 def same_state(sd, expected):
     return sd is not None and sd.keys() == expected.keys() and all(torch.equal(sd[k], expected[k]) for k in expected)
+
+
+def whole_versions_reader(path, written, size, stop, errors, count):
+    """Reads path until stop: each time in full, and the bytes must be one
+    version written (sha256 in written, filled by the writer before each
+    version reaches the mount); every fourth time also torch.load(path), whose
+    parts must belong together (w and b of the epoch it names)."""
+    n = 0
+    while not stop.is_set():
+        n += 1
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() not in written:
+                errors.append(f"{path}: {len(data)} bytes that are no version written (a torn read)")
+                continue
+            if n % 4 == 0:
+                ck = torch.load(path)
+                w_of = [e for e in range(8) if torch.equal(ck["state_dict"]["w"], fw.lightning_weights(e, size))]
+                b_of = ck["state_dict"]["b"][0].item()
+                if w_of != [ck["epoch"]] or b_of != float(ck["epoch"]):
+                    errors.append(f"{path} says epoch {ck['epoch']}, its w is epoch {w_of}'s, its b epoch {b_of}'s")
+            count[0] += 1
+        except Exception as e:  # noqa: BLE001 - every failure is a finding
+            errors.append(repr(e))
 
 
 def abandoned(exp):
@@ -212,12 +238,12 @@ class NewFrameworksTest(unittest.TestCase):
         the second is committed, then the second."""
         with mounted(self.src, *OPTS) as (mnt, _, _):
             new = os.path.join(mnt, "exp", "new")
-            model = fw.net(1)
+            model = fw.big_net(1)
             ckpt = fw.Checkpointer(new, [("model", fw.Module(model)), ("counter", fw.EpochCounter(9))])
             ckpt.save_checkpoint(meta={"loss": 0.5}, name="final")
             self.wait_committed(mnt, "CKPT+final")
-            v1 = {k: v.clone() for k, v in fw.net(1).state_dict().items()}
-            v2 = fw.net(2).state_dict()
+            v1 = {k: v.clone() for k, v in fw.big_net(1).state_dict().items()}
+            v2 = fw.big_net(2).state_dict()
 
             stop, errors, seen = threading.Event(), [], set()
 
@@ -251,7 +277,7 @@ class NewFrameworksTest(unittest.TestCase):
             self.assertEqual(sorted(os.listdir(new)), ["CKPT+final"])
             listed = ckpt.list_checkpoints()
             self.assertEqual([(c.path.name, c.meta["loss"]) for c in listed], [("CKPT+final", 0.3)])
-            fresh = fw.net(7)
+            fresh = fw.big_net(7)
             fw.Checkpointer(new, [("model", fw.Module(fresh))]).recover_if_possible()
             self.assertTrue(all(torch.equal(fresh.state_dict()[k], v2[k]) for k in v2))
             self.assertEqual(ckpt_names(self.exp, "CKPT+"), ["CKPT+final"])
@@ -441,8 +467,8 @@ class NewFrameworksTest(unittest.TestCase):
         losses = [0.5, 0.4, 0.6, 0.3, 0.45]
         gaps = pauses(37, 2 * len(losses))
 
-        def run(dirpath, offset, size, after_epoch=None):
-            mc = fw.ModelCheckpoint(dirpath, size=size)
+        def run(dirpath, offset, size, after_epoch=None, written=None):
+            mc = fw.ModelCheckpoint(dirpath, size=size, written=written)
             for epoch, loss in enumerate(losses):
                 mc.on_validation_end(epoch, 10 * (epoch + 1), loss)
                 if after_epoch:
@@ -460,20 +486,9 @@ class NewFrameworksTest(unittest.TestCase):
         with mounted(self.src, *OPTS) as (mnt, _, _):
             new = os.path.join(mnt, "exp", "new")
             last = os.path.join(mnt, "exp", "last.ckpt")
-            stop, errors, loads = threading.Event(), [], [0]
-
-            def reader():
-                while not stop.is_set():
-                    try:
-                        ck = torch.load(last)
-                        if not (torch.equal(ck["state_dict"]["w"], fw.lightning_weights(ck["epoch"], size))
-                                and ck["state_dict"]["b"][0].item() == float(ck["epoch"])):
-                            errors.append(f"last.ckpt of epoch {ck['epoch']} holds another epoch's tensors")
-                        loads[0] += 1
-                    except Exception as e:  # noqa: BLE001 - every failure is a finding
-                        errors.append(repr(e))
-
-            readers = [threading.Thread(target=reader) for _ in range(2)]
+            stop, errors, count, written = threading.Event(), [], [0], set()
+            readers = [threading.Thread(target=whole_versions_reader, args=(last, written, size, stop, errors, count))
+                       for _ in range(2)]
 
             def start_readers(epoch):
                 if epoch == 0:
@@ -483,7 +498,7 @@ class NewFrameworksTest(unittest.TestCase):
                         t.start()
 
             try:
-                mc = run(new, 0, size, start_readers)
+                mc = run(new, 0, size, start_readers, written)
                 # The worst was removed through new/: gone from everywhere at once.
                 for gone in ("epoch=0-val_loss=0.50.ckpt",):
                     self.assertNotIn(gone, os.listdir(os.path.join(mnt, "exp")))
@@ -491,15 +506,15 @@ class NewFrameworksTest(unittest.TestCase):
                 self.assertEqual(sorted(os.listdir(new)), plain_first)
                 self.assertTrue(wait_for(lambda: (loads(last) or {}).get("epoch") == len(losses) - 1,
                                          timeout=COMMIT_TIMEOUT))
-                seen = loads[0]
-                self.assertTrue(wait_for(lambda: loads[0] > seen + 2 or errors, timeout=30))
+                seen = count[0]
+                self.assertTrue(wait_for(lambda: count[0] > seen + 2 or errors, timeout=30))
             finally:
                 stop.set()
                 for t in readers:
                     if t.ident:
                         t.join(timeout=60)
-            self.assertEqual(errors, [])
-            self.assertGreater(loads[0], 0)
+            self.assertEqual(errors[:5], [], f"{len(errors)} bad loads of {count[0] + len(errors)}")
+            self.assertGreater(count[0], 0)
             self.assertEqual(mc.best_model_path, os.path.join(new, "epoch=3-val_loss=0.30.ckpt"))
         self.assertEqual(sorted(n for n in os.listdir(self.exp) if not n.startswith(".")), plain_first)
         self.assertEqual(abandoned(self.exp), [])
@@ -516,6 +531,42 @@ class NewFrameworksTest(unittest.TestCase):
                              plain_final)
             for name in plain_final:
                 torch.load(os.path.join(mnt, "exp", name))
+
+    def test_lightning_manual_save_over_a_committed_file_readers_see_whole_versions(self):
+        """trainer.save_checkpoint(MOUNT/exp/new/epoch=9-step=90.ckpt) again and
+        again (TorchCheckpointIO.save_checkpoint: makedirs, then _atomic_save's
+        truncating copy onto the committed file): every torch.load of
+        MOUNT/exp/epoch=9-step=90.ckpt meanwhile loads one whole version, and
+        the last one wins. (The same rewrite as last.ckpt, under a name every
+        version of ckptfs takes for a checkpoint.)"""
+        size, name, versions = 2_000_000, "epoch=9-step=90.ckpt", 8
+        gaps = pauses(41, versions)
+        with mounted(self.src, *OPTS) as (mnt, _, _):
+            new = os.path.join(mnt, "exp", "new")
+            path = os.path.join(mnt, "exp", name)
+            stop, errors, count, written = threading.Event(), [], [0], set()
+            mc = fw.ModelCheckpoint(new, size=size, written=written)
+            mc._save_checkpoint(os.path.join(new, name), {"epoch": 0, "step": 90})
+            self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, name)), timeout=COMMIT_TIMEOUT))
+            readers = [threading.Thread(target=whole_versions_reader, args=(path, written, size, stop, errors, count))
+                       for _ in range(3)]
+            for t in readers:
+                t.start()
+            try:
+                for v in range(1, versions):
+                    time.sleep(gaps[v])
+                    mc._save_checkpoint(os.path.join(new, name), {"epoch": v, "step": 90})
+                self.assertTrue(wait_for(lambda: (loads(os.path.join(self.exp, name)) or {}).get("epoch")
+                                         == versions - 1, timeout=COMMIT_TIMEOUT))
+                seen = count[0]
+                self.assertTrue(wait_for(lambda: count[0] > seen + 2 or errors, timeout=30))
+            finally:
+                stop.set()
+                for t in readers:
+                    t.join(timeout=60)
+            self.assertEqual(errors[:5], [], f"{len(errors)} bad loads of {count[0] + len(errors)}")
+            self.assertEqual(torch.load(path)["epoch"], versions - 1)
+            self.assertEqual(sorted(os.listdir(new)), [name])
 
     # --- A new run in a tree mount -----------------------------------------------
 
