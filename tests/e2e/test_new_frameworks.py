@@ -245,12 +245,23 @@ class NewFrameworksTest(unittest.TestCase):
             v1 = {k: v.clone() for k, v in fw.big_net(1).state_dict().items()}
             v2 = fw.big_net(2).state_dict()
 
-            stop, errors, seen = threading.Event(), [], set()
+            stop, errors, seen, read_hashes = threading.Event(), [], set(), set()
+            real = os.path.join(self.exp, "CKPT+final", "model.ckpt")
+            with open(real, "rb") as f:
+                h1 = hashlib.sha256(f.read()).hexdigest()
 
             def reader():
+                # Full reads (hashes checked at the end against the two
+                # versions) and, every fourth time, torch.load.
                 path = os.path.join(mnt, "exp", "CKPT+final", "model.ckpt")
+                n = 0
                 while not stop.is_set():
+                    n += 1
                     try:
+                        with open(path, "rb") as f:
+                            read_hashes.add(hashlib.sha256(f.read()).hexdigest())
+                        if n % 4:
+                            continue
                         sd = torch.load(path)
                         if all(torch.equal(sd[k], v1[k]) for k in v1):
                             seen.add(1)
@@ -274,6 +285,9 @@ class NewFrameworksTest(unittest.TestCase):
                 stop.set()
                 t.join(timeout=60)
             self.assertEqual(errors, [])
+            with open(real, "rb") as f:
+                h2 = hashlib.sha256(f.read()).hexdigest()
+            self.assertEqual(read_hashes - {h1, h2}, set(), "model.ckpt read as bytes of neither version (torn)")
             self.assertEqual(sorted(os.listdir(new)), ["CKPT+final"])
             listed = ckpt.list_checkpoints()
             self.assertEqual([(c.path.name, c.meta["loss"]) for c in listed], [("CKPT+final", 0.3)])
