@@ -98,7 +98,7 @@ const char kUsage[] =
     "                   keep_best=min:loss:2, links, commit_quiet=2, config=F, name=N); the\n"
     "                   rest go to FUSE (allow_other, ro, ...)\n"
     "  --commit-quiet S a checkpoint written to new/ is committed once no file of it is open\n"
-    "                   for writing, it has been quiet S seconds (default 1) and it holds\n"
+    "                   for writing, it has been quiet S seconds (default 0.3) and it holds\n"
     "                   every file the experiment's previous checkpoint holds\n"
     "  --commit-wait S  one that lacks some of those files is committed after S seconds\n"
     "                   of quiet instead (default 30: a slow save hook between two files)\n"

@@ -310,12 +310,11 @@ Status Committer::CheckReady(int staging_fd, const std::string& staging, const s
                               ": not a checkpoint yet (no CKPT.yaml, meta.json, or "
                               "trainer_state.json in a checkpoint-N directory)");
     }
-  } else if (S_ISREG(st.st_mode)) {
-    if (!core::ParseSingleFileName(name)) {
-      return Status::InvalidArgument(top +
-                                     ": not a checkpoint file name (e.g. epoch=3-step=100.ckpt)");
-    }
   }
+  // A file of any name commits (new/ is the experiment: Lightning's
+  // last.ckpt is a file of it like epoch=3-step=100.ckpt); whether the index
+  // sees a checkpoint in it is the name's business. A tensor file must be
+  // complete either way (Walk's check).
   return Walk(staging_fd, name, top, /*sync=*/false, /*check=*/true);
 }
 
@@ -336,7 +335,9 @@ Status Committer::Commit(const std::string& experiment, const std::string& name,
   struct stat committed {};
   if (staged.replaces &&
       ::fstatat(exp->get(), name.c_str(), &committed, AT_SYMLINK_NOFOLLOW) == 0 &&
-      committed.st_dev == staged.old_dev && committed.st_ino == staged.old_ino) {
+      committed.st_dev == staged.old_dev && committed.st_ino == staged.old_ino &&
+      committed.st_ctim.tv_sec == staged.old_ctime.tv_sec &&
+      committed.st_ctim.tv_nsec == staged.old_ctime.tv_nsec) {
     return ReplaceCommitted(exp->get(), staging->get(), experiment, name, staged.old_dev,
                             staged.old_ino);
   }
@@ -616,6 +617,7 @@ Status Committer::BeginVersion(const std::string& experiment, const std::string&
     s.replaces = true;
     s.old_dev = st.st_dev;
     s.old_ino = st.st_ino;
+    s.old_ctime = st.st_ctim;
     s.last = Clock::now();
   }
   core::Log(LogLevel::kInfo, "new version of %s/%s started through new/", experiment.c_str(),

@@ -5,8 +5,8 @@
 // once complete: explicitly, when the writer creates new/NAME/.commit (or
 // new/NAME.commit for a single file); or, unless explicit-only, when no file
 // of it is open for writing and it has been quiet for the quiet period.
-// Before committing it must be recognisable as a checkpoint (its layout's
-// meta file, or a checkpoint file name), hold no symbolic links or special
+// Before committing, a directory must be recognisable as a checkpoint (its
+// layout's meta file; a file of any name qualifies), hold no symbolic links or special
 // files, and every tensor file must be complete; otherwise it waits in
 // staging and the reason is logged once. A commit fsyncs every file and
 // directory, then renames NAME into the experiment (one rename: atomic) and
@@ -69,7 +69,7 @@ inline constexpr char kCommitMarker[] = ".commit";
 class Committer {
  public:
   struct Settings {
-    std::chrono::milliseconds quiet{1000};
+    std::chrono::milliseconds quiet{300};
     // Quiet period for a checkpoint that lacks a file its predecessor has.
     std::chrono::milliseconds wait{30000};
     bool explicit_only = false;
@@ -158,10 +158,12 @@ class Committer {
     std::string reported;      // the last reason logged for not committing
     uint64_t fingerprint = 0;  // --direct-new: the tree at the last look
     bool writer_seen = false;  // --direct-new: a writer was open at the last look
-    // A new version of a committed entry: the inode it started from.
+    // A new version of a committed entry: the inode it started from, and
+    // its ctime (an inode number can be reused by an entry made meanwhile).
     bool replaces = false;
     dev_t old_dev = 0;
     ino_t old_ino = 0;
+    struct timespec old_ctime {};
   };
   struct Deletion {
     std::string trash;  // absolute path of the trash copy

@@ -622,6 +622,11 @@ Status NodeTable::Allowed(const core::Caller& caller, const std::string& path, i
   // the experiment: search permission down to the experiment, then the
   // staged entries' own modes (they belong to their writers).
   const std::string marker = std::string("/") + core::kStagingDir + "/";
+  const std::string top = std::string("/") + core::kStagingDir;
+  if (path.size() > top.size() && path.compare(path.size() - top.size(), top.size(), top) == 0) {
+    // new/ itself: the experiment's own permissions.
+    return Allowed(caller, path.substr(0, path.size() - top.size()), mask);
+  }
   const size_t at = path.find(marker);
   if (at != std::string::npos) {
     const std::string experiment = path.substr(0, at);

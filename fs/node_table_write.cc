@@ -252,7 +252,15 @@ Status NodeTable::Unlink(uint64_t parent, const std::string& name, bool director
     }
     const core::Caller* restricted = Restrict(caller);
     if (restricted != nullptr) {
+      // As rename(2) out of the experiment would require: write and search
+      // on it, and in a sticky (shared) one, owning the checkpoint or it.
       if (Status allowed = Allowed(*restricted, scope, W_OK | X_OK); !allowed.ok()) return allowed;
+      struct stat exp_st {}, top_st {};
+      if (beneath().Lstat(scope, &exp_st).ok() && (exp_st.st_mode & S_ISVTX) != 0 &&
+          beneath().Lstat(scope + "/" + top, &top_st).ok() && restricted->uid != exp_st.st_uid &&
+          restricted->uid != top_st.st_uid) {
+        return Status::FromErrno(vpath + ": another user's checkpoint in a sticky directory", EPERM);
+      }
     }
     Status deleted = options_.committer->DeleteThroughNew(scope, top, caller ? caller->uid : ::getuid());
     if (!deleted.ok()) return deleted;

@@ -36,7 +36,7 @@ struct Options {
   bool links = false;      // mount --links
   bool direct_new = false; // mount --direct-new
   bool dry_run = false;    // prune --dry-run
-  double commit_quiet = 1.0;   // mount --commit-quiet SECONDS
+  double commit_quiet = 0.3;   // mount --commit-quiet SECONDS
   double commit_wait = 30.0;   // mount --commit-wait SECONDS
   bool explicit_commit = false;  // mount --explicit-commit
   core::RetentionPolicy policy;  // prune and mount: --keep-*, --max-bytes, --policy FILE

@@ -28,6 +28,9 @@ job = json.loads(sys.argv[1])
 new = job["new"]
 try:
     d = os.path.join(new, job["name"])
+    if job.get("list"):
+        print(json.dumps({"names": sorted(os.listdir(new))}))
+        sys.exit(0)
     if job.get("rmtree"):
         import shutil
         shutil.rmtree(d)
@@ -104,6 +107,8 @@ class OwnerWritesThroughNewTest(unittest.TestCase):
             job = {"new": new, "name": "CKPT+2", "unixtime": 200, "loss": 0.25}
             self.assertEqual(self.run_as(OWNER, job), {"ok": True})
             self.assertTrue(wait_for(lambda: os.path.exists(ckpt), timeout=30), open(log).read())
+            # new/ lists the experiment for its owner (staging exists now).
+            self.assertEqual(self.run_as(OWNER, dict(job, list=True)), {"names": ["CKPT+1", "CKPT+2"]})
             # A stranger can neither delete it nor write into it through new/.
             self.assertEqual(self.run_as(STRANGER, dict(job, rmtree=True)), {"errno": 13})
             self.assertEqual(self.run_as(STRANGER, dict(job, loss=9.0)), {"errno": 13})

@@ -128,7 +128,7 @@ class WriteTest(unittest.TestCase):
             new = os.path.join(mnt, "exp", "new")
             sb_save(new, "x", {"unixtime": 500, "loss": 0.3}, seed=5)
             # Nothing to wait for: no commit is the point. Any pause keeps this
-            # a valid check (the default quiet period is 1 s).
+            # a valid check (the default quiet period is 0.3 s).
             time.sleep(1.5)
             self.assertFalse(os.path.exists(os.path.join(self.exp, "CKPT+x")))
             open(os.path.join(new, "CKPT+x", ".commit"), "w").close()
@@ -295,7 +295,7 @@ class WriteTest(unittest.TestCase):
         done (seen in the source), while the next checkpoint is being written."""
         rng = random.Random(7)
         index = os.path.join(self.tmp, "kill.sqlite")
-        committed_before = set()
+        committed_before, deleted = set(), set()
         points = ["before", "during", "after"]
         for attempt in range(8):
             point, j = points[attempt % 3], rng.randrange(0, 3)
@@ -326,6 +326,7 @@ class WriteTest(unittest.TestCase):
                                     name + " was never committed")
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
+                deleted.update(e.split(" ", 1)[1] for e in events.events() if e.startswith("deleting "))
             finally:
                 if proc.poll() is None:
                     proc.kill()
@@ -345,8 +346,9 @@ class WriteTest(unittest.TestCase):
                     d = os.path.join(self.exp, name)
                     self.assertTrue(os.path.exists(os.path.join(d, "CKPT.yaml")), d)
                     files = ("model.ckpt", "counter.ckpt")
-                    for f in files:
-                        torch.load(os.path.join(d, f))  # complete, loadable
+                    loaded = [torch.load(os.path.join(d, f)) for f in files]  # complete, loadable
+                    if name == "CKPT+final":  # one version whole, never two mixed
+                        self.assertEqual(loaded[0]["w"][0].item(), float(loaded[1]["step"].item()))
                     self.assertFalse(os.path.exists(os.path.join(d, ".commit")))
                     committed_before.add(name)
                 self.assertFalse(os.path.exists(os.path.join(self.exp, ".ckptfs-staging")))
@@ -354,8 +356,8 @@ class WriteTest(unittest.TestCase):
                                  sorted(n for n in os.listdir(self.exp) if not n.startswith(".ckptfs-")))
                 if point == "before":  # killed half-written: set aside, never committed
                     self.assertNotIn(f"CKPT+{attempt}-{j}", os.listdir(self.exp))
-            # Nothing committed earlier was lost.
-            for name in committed_before:
+            # Nothing committed earlier was lost (but what the writer deleted).
+            for name in committed_before - deleted:
                 self.assertTrue(os.path.exists(os.path.join(self.exp, name)), name)
         # The kills did land mid-stream: commits happened, and half-written
         # checkpoints were set aside (reported), not committed.
@@ -379,13 +381,17 @@ class Progress:
                 self.seen.add(line.strip())
                 self.cond.notify_all()
 
+    def events(self):
+        with self.cond:
+            return set(self.seen)
+
     def wait_for(self, event, timeout=60):
         with self.cond:
             return self.cond.wait_for(lambda: event in self.seen, timeout=timeout)
 
 
 WRITER = r"""
-import os, sys, time, torch, yaml
+import os, shutil, sys, time, torch, yaml
 new, attempt, stall = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 def report(event):
     print(event, flush=True)
@@ -403,6 +409,22 @@ for i in range(100):
     torch.save({"step": torch.tensor(i)}, os.path.join(d, "counter.ckpt"))
     open(os.path.join(d, ".commit"), "w").close()
     report(f"marker {i}")
+    # Re-save a named checkpoint (a new version replaces the committed one)
+    # and delete an older one through new/, as frameworks do.
+    f = os.path.join(new, "CKPT+final")
+    os.makedirs(f, exist_ok=True)
+    with open(os.path.join(f, "CKPT.yaml"), "w") as out:
+        out.write(yaml.dump({"unixtime": 1000 + attempt, "loss": 5.0}))
+    torch.save({"w": torch.full((50000,), float(i))}, os.path.join(f, "model.ckpt"))
+    torch.save({"step": torch.tensor(i)}, os.path.join(f, "counter.ckpt"))
+    open(os.path.join(f, ".commit"), "w").close()
+    if i >= 2:
+        old = f"CKPT+{attempt}-{i - 2}"
+        report(f"deleting {old}")
+        try:
+            shutil.rmtree(os.path.join(new, old))
+        except OSError:
+            pass  # --direct-new: still a link to staging, or being committed
 """
 
 

@@ -1,10 +1,13 @@
 #include "fs/committer.h"
 
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -146,6 +149,112 @@ TEST_F(CommitterTest, RefusesAStagingDirectoryOfAnotherUser) {
   Stage("CKPT+5/CKPT.yaml", "loss: 0.5\n");
   ASSERT_EQ(::chown(staging_.c_str(), 65534, 65534), 0);
   EXPECT_EQ(committer_->CommitReady(), 0);
+  EXPECT_FALSE(Exists(exp_ + "/CKPT+5"));
+  EXPECT_TRUE(Exists(staging_ + "/CKPT+5/CKPT.yaml"));
+}
+
+// A write into a committed checkpoint: a new version in staging whose files
+// are links to the committed ones until written. Readers keep the old
+// version whole (an open descriptor keeps its data); the commit swaps the
+// two in one step and the files nobody rewrote carry over.
+TEST_F(CommitterTest, ANewVersionReplacesTheCommittedOneWhole) {
+  WriteFile(exp_ + "/CKPT+3/CKPT.yaml", "loss: 0.5\n");
+  WriteFile(exp_ + "/CKPT+3/model.ckpt", "old weights");
+  WriteFile(exp_ + "/CKPT+3/sub/extra.txt", "kept");
+  const int reader = ::open((exp_ + "/CKPT+3/model.ckpt").c_str(), O_RDONLY);
+  ASSERT_GE(reader, 0);
+  ASSERT_TRUE(committer_->BeginVersion(exp_, "CKPT+3").ok());
+  struct stat st {};
+  ASSERT_EQ(::stat((staging_ + "/CKPT+3/model.ckpt").c_str(), &st), 0);
+  EXPECT_EQ(st.st_nlink, 2u);  // a link to the committed file, not a copy
+  ASSERT_TRUE(committer_->BreakLink(staging_ + "/CKPT+3/model.ckpt", /*truncate=*/true).ok());
+  ASSERT_EQ(::stat((staging_ + "/CKPT+3/model.ckpt").c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 0);
+  EXPECT_EQ(ReadFile(exp_ + "/CKPT+3/model.ckpt"), "old weights");  // readers: old version
+  Stage("CKPT+3/model.ckpt", "new weights");
+  Stage("CKPT+3/CKPT.yaml", "loss: 0.25\n");
+  EXPECT_EQ(committer_->CommitReady(), 1);
+  EXPECT_EQ(ReadFile(exp_ + "/CKPT+3/model.ckpt"), "new weights");
+  EXPECT_EQ(ReadFile(exp_ + "/CKPT+3/CKPT.yaml"), "loss: 0.25\n");
+  EXPECT_EQ(ReadFile(exp_ + "/CKPT+3/sub/extra.txt"), "kept");
+  EXPECT_FALSE(Exists(staging_ + "/CKPT+3"));
+  char buf[32] = {};
+  EXPECT_EQ(::pread(reader, buf, sizeof(buf) - 1, 0), 11);
+  EXPECT_STREQ(buf, "old weights");
+  ::close(reader);
+}
+
+// The experiment's entry replaced by someone else while the new version was
+// written: the exchange is undone, nothing is lost, the version stays staged.
+TEST_F(CommitterTest, ANewVersionNeverReplacesAnEntryThatChangedMeanwhile) {
+  WriteFile(exp_ + "/CKPT+3/CKPT.yaml", "loss: 0.5\n");
+  ASSERT_TRUE(committer_->BeginVersion(exp_, "CKPT+3").ok());
+  testing::RemoveTree(exp_ + "/CKPT+3");
+  WriteFile(exp_ + "/CKPT+3/CKPT.yaml", "loss: 0.1\n");  // written directly
+  Stage("CKPT+3/CKPT.yaml", "loss: 0.25\n");
+  EXPECT_EQ(committer_->CommitReady(), 0);
+  EXPECT_EQ(ReadFile(exp_ + "/CKPT+3/CKPT.yaml"), "loss: 0.1\n");
+  EXPECT_TRUE(Exists(staging_ + "/CKPT+3/CKPT.yaml"));
+}
+
+// A single-file checkpoint (Lightning's last.ckpt) rewritten: the version
+// starts empty (a truncating open) or as a copy.
+TEST_F(CommitterTest, ANewVersionOfASingleFile) {
+  WriteFile(exp_ + "/last.ckpt", "epoch 1");
+  ASSERT_TRUE(committer_->BeginVersion(exp_, "last.ckpt", /*truncate_file=*/false).ok());
+  EXPECT_EQ(ReadFile(staging_ + "/last.ckpt"), "epoch 1");
+  Stage("last.ckpt", "epoch 2");
+  EXPECT_EQ(ReadFile(exp_ + "/last.ckpt"), "epoch 1");
+  EXPECT_EQ(committer_->CommitReady(), 1);
+  EXPECT_EQ(ReadFile(exp_ + "/last.ckpt"), "epoch 2");
+}
+
+// rmtree through new/: the first unlink moves the whole checkpoint to the
+// trash; new/NAME then stands for that copy until its rmdir. Pinned: EPERM.
+TEST_F(CommitterTest, DeletingThroughNewIsOneRenameAndPinnedStay) {
+  WriteFile(exp_ + "/CKPT+3/CKPT.yaml", "loss: 0.5\n");
+  WriteFile(exp_ + "/CKPT+4/CKPT.yaml", "loss: 0.5\n");
+  WriteFile(exp_ + "/CKPT+4/.keep", "");
+  WriteFile(exp_ + "/epoch=1.ckpt", "w");
+  std::vector<std::string> deleted;
+  committer_->set_on_deleted(
+      [&](const std::string&, const std::string& n) { deleted.push_back(n); });
+  ASSERT_TRUE(committer_->DeleteThroughNew(exp_, "CKPT+3", 0).ok());
+  EXPECT_FALSE(Exists(exp_ + "/CKPT+3"));
+  std::optional<std::string> copy = committer_->Deleting(exp_, "CKPT+3");
+  ASSERT_TRUE(copy.has_value());
+  EXPECT_EQ(ReadFile(*copy + "/CKPT.yaml"), "loss: 0.5\n");
+  core::Status pinned = committer_->DeleteThroughNew(exp_, "CKPT+4", 0);
+  EXPECT_EQ(pinned.sys_errno(), EPERM) << pinned.message();
+  EXPECT_TRUE(Exists(exp_ + "/CKPT+4/CKPT.yaml"));
+  ASSERT_TRUE(committer_->DeleteThroughNew(exp_, "epoch=1.ckpt", 0).ok());
+  EXPECT_FALSE(Exists(exp_ + "/epoch=1.ckpt"));
+  EXPECT_FALSE(committer_->Deleting(exp_, "epoch=1.ckpt").has_value());  // a file: gone at once
+  EXPECT_EQ(deleted, (std::vector<std::string>{"CKPT+3", "epoch=1.ckpt"}));
+  // An rmtree that never finished: its copy goes when the committer stops.
+  committer_->StopAndCommit();
+  EXPECT_FALSE(Exists(*copy));
+  EXPECT_FALSE(committer_->Deleting(exp_, "CKPT+3").has_value());
+}
+
+// Completeness: quiet is not enough while a file of the predecessor is
+// missing (a slow save hook between two files); a stop commits only what is
+// whole.
+TEST_F(CommitterTest, WaitsForEveryFileOfThePredecessor) {
+  committer_->set_previous_files(
+      [](const std::string&, const std::string&, const std::string& meta)
+          -> std::optional<std::vector<std::string>> {
+        if (meta != "CKPT.yaml") return std::nullopt;
+        return std::vector<std::string>{"CKPT.yaml", "counter.ckpt", "model.ckpt"};
+      });
+  Stage("CKPT+4/CKPT.yaml", "loss: 0.5\n");
+  Stage("CKPT+4/model.ckpt", "w");
+  Stage("CKPT+5/CKPT.yaml", "loss: 0.5\n");
+  EXPECT_EQ(committer_->CommitReady(), 0);  // the default --commit-wait is 30 s
+  Stage("CKPT+4/counter.ckpt", "4");
+  EXPECT_EQ(committer_->CommitReady(), 1);
+  EXPECT_TRUE(Exists(exp_ + "/CKPT+4/counter.ckpt"));
+  EXPECT_EQ(committer_->StopAndCommit(), 0);  // CKPT+5 is not whole: it stays staged
   EXPECT_FALSE(Exists(exp_ + "/CKPT+5"));
   EXPECT_TRUE(Exists(staging_ + "/CKPT+5/CKPT.yaml"));
 }
