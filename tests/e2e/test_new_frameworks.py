@@ -502,7 +502,7 @@ class NewFrameworksTest(unittest.TestCase):
             last = os.path.join(mnt, "exp", "last.ckpt")
             stop, errors, count, written = threading.Event(), [], [0], set()
             readers = [threading.Thread(target=whole_versions_reader, args=(last, written, size, stop, errors, count))
-                       for _ in range(2)]
+                       for _ in range(3)]
 
             def start_readers(epoch):
                 if epoch == 0:
