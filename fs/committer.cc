@@ -710,7 +710,6 @@ void Committer::ExpireDeletions(bool everything) {
 
 bool Committer::HoldsPredecessorFiles(int staging_fd, const std::string& experiment,
                                       const std::string& name) {
-  if (!previous_files_) return true;
   struct stat st {};
   if (::fstatat(staging_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(st.st_mode)) {
     return true;  // single files: quiet and a complete tensor file are all there is
@@ -719,17 +718,42 @@ bool Committer::HoldsPredecessorFiles(int staging_fd, const std::string& experim
   std::optional<core::Layout> layout =
       core::DirectoryLayout(name, has("CKPT.yaml"), has("meta.json"), has("trainer_state.json"));
   if (!layout) return true;  // CheckReady says why it waits
-  std::optional<std::vector<std::string>> previous =
-      previous_files_(experiment, name, core::MetaFileName(*layout));
+  bool version = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = staged_.find({experiment, name});
+    version = it != staged_.end() && it->second.replaces;
+  }
+  // A new version's predecessor is the committed version it started from:
+  // the files it was made of.
+  std::optional<std::vector<std::string>> previous;
+  if (version) {
+    core::Result<core::ScopedFd> top = core::OpenBeneathFd(staging_fd, name, O_RDONLY | O_DIRECTORY, 0, name);
+    if (top.ok()) {
+      core::Result<std::vector<std::string>> names = ListAt(top->get(), name);
+      if (names.ok()) previous = std::move(*names);
+    }
+  } else if (previous_files_) {
+    previous = previous_files_(experiment, name, core::MetaFileName(*layout));
+  }
   if (!previous) return true;
+  // A new version starts with links to every committed file: a file still
+  // shared with the committed version (more than one link) is one the
+  // writer has not written yet.
   std::vector<std::string> missing;
   for (const std::string& f : *previous) {
-    if (!ExistsAt(staging_fd, name + "/" + f)) missing.push_back(f);
+    struct stat fst {};
+    const std::string rel = name + "/" + f;
+    if (::fstatat(staging_fd, rel.c_str(), &fst, AT_SYMLINK_NOFOLLOW) != 0 ||
+        (version && S_ISREG(fst.st_mode) && fst.st_nlink > 1)) {
+      missing.push_back(f);
+    }
   }
   if (missing.empty()) return true;
   std::string list;
   for (const std::string& f : missing) list += (list.empty() ? "" : ", ") + f;
-  const std::string reason = "lacks " + list + " of the previous checkpoint";
+  const std::string reason = (version ? "has not rewritten " : "lacks ") + list +
+                             " of the previous checkpoint";
   std::lock_guard<std::mutex> lock(mu_);
   Staged& s = staged_[{experiment, name}];
   if (s.reported != reason) {
