@@ -28,17 +28,12 @@ import frameworks as fw
 from mount_util import CKPTFS, checkpoint_of, errno_of, mounted, wait_for
 
 
-def _supports(option):
-    return option in subprocess.run([CKPTFS, "--help"], capture_output=True, text=True).stdout
-
-
 # Short settle times keep the suite fast: a checkpoint that holds every file
 # of the experiment's previous one commits after --commit-quiet; one that
-# lacks some waits --commit-wait. A daemon without --commit-wait gets its
-# default (longer, never shorter), so the tests stay valid, only slower.
-COMMIT_WAIT = ["--commit-wait", "3"] if _supports("--commit-wait") else []
+# lacks some waits --commit-wait.
+COMMIT_WAIT = ["--commit-wait", "3"]
 OPTS = ["--commit-quiet", "0.3", *COMMIT_WAIT]
-LONG_WAIT = ["--commit-quiet", "0.3", *(["--commit-wait", "10"] if COMMIT_WAIT else [])]
+LONG_WAIT = ["--commit-quiet", "0.3", "--commit-wait", "10"]
 COMMIT_TIMEOUT = 60  # generous: a lacking checkpoint may wait the default --commit-wait (30 s)
 
 
