@@ -169,6 +169,17 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
       if (gone) return Status::FromErrno(node.real_path, ENOENT);
       return got.code() == StatusCode::kPermission ? Denied(got, node.real_path) : got;
     }
+    if (node.key_ino != 0 && st.st_ino != node.key_ino) {
+      // The file behind this name was replaced (a new version committed):
+      // this inode stands for the old file, which open descriptors still
+      // read; its size must not become the new file's.
+      if (node.has_last) {
+        a.st = node.last;
+        a.timeout = 0;
+        return a;
+      }
+      return Status::FromErrno(node.real_path, ENOENT);
+    }
     if (!node.members.empty()) {
       // An average carries the owner and mode of its newest member, so the
       // kernel's default_permissions applies to it as to that file.
@@ -386,7 +397,7 @@ Result<NodeAttr> NodeTable::GetAttr(uint64_t ino) {
   Result<Node> node = Current(ino);
   if (!node.ok()) return node.status();
   Result<NodeAttr> attr = AttrOf(ino, *node);
-  if (attr.ok() && attr->timeout > 0) {
+  if (attr.ok() && (attr->timeout > 0 || node->key_ino != 0)) {
     std::lock_guard<std::mutex> lock(mu_);
     RememberAttr(ino, attr->st);
   }
@@ -395,7 +406,7 @@ Result<NodeAttr> NodeTable::GetAttr(uint64_t ino) {
 
 void NodeTable::RememberAttr(uint64_t ino, const struct stat& st) {
   auto it = nodes_.find(ino);
-  if (it == nodes_.end() || !it->second.in_view) return;
+  if (it == nodes_.end() || (!it->second.in_view && it->second.key_ino == 0)) return;
   it->second.has_last = true;
   it->second.last = st;
 }
