@@ -90,6 +90,11 @@ Result<AverageTorchZipFn> TorchPlugin() {
 
 }  // namespace
 
+Status PreloadAveraging() {
+  Result<AverageTorchZipFn> fn = TorchPlugin();
+  return fn.ok() ? Status::Ok() : fn.status();
+}
+
 Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, OutputFile* out,
                                       const ProgressFn& progress) {
   Result<AverageTorchZipFn> fn = TorchPlugin();
@@ -136,9 +141,21 @@ size_t OutputFile::Write(const void* data, size_t n) {
   return n;
 }
 
+Status OutputFile::WriteAt(uint64_t offset, const void* data, size_t n) const {
+  if (!status_.ok()) return status_;
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t w = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) return Status::FromErrno(path_, errno);
+    if (w == 0) return Status::FromErrno(path_, ENOSPC);
+    p += w, n -= static_cast<size_t>(w), offset += static_cast<uint64_t>(w);
+  }
+  return Status::Ok();
+}
+
 Status OutputFile::Finish() {
   Flush();
-  if (status_.ok() && ::fsync(fd_) != 0) status_ = Status::FromErrno(path_, errno);
   if (::close(fd_) != 0 && status_.ok()) status_ = Status::FromErrno(path_, errno);
   fd_ = -1;
   return status_;

@@ -13,7 +13,13 @@
 namespace ckptfs::core {
 
 // An output file written through a buffer: Write never fails silently; the
-// first error is kept and returned by Finish, which fsyncs and closes.
+// first error is kept and returned by Finish, which closes. No fsync: an
+// average is a cache entry, and AverageCache records it complete (size and
+// checksum) only after it is written, so a torn file is recomputed, never
+// served.
+//
+// WriteAt writes at an offset (pwrite, unbuffered), and may be called from
+// several threads at once; it must not be mixed with Write on one file.
 class OutputFile {
  public:
   explicit OutputFile(std::string path);
@@ -23,6 +29,7 @@ class OutputFile {
 
   const Status& status() const { return status_; }
   size_t Write(const void* data, size_t n);  // returns n, or 0 after an error
+  Status WriteAt(uint64_t offset, const void* data, size_t n) const;
   Status Finish();
 
  private:
@@ -46,7 +53,7 @@ Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, O
 using AverageTorchZipFn = void (*)(const std::vector<std::string>* members, OutputFile* out,
                                    const ProgressFn* progress, bool (*cancel_requested)(),
                                    Result<AverageResult>* result);
-inline constexpr char kTorchPluginEntry[] = "ckptfs_average_torch_zip_v2";
+inline constexpr char kTorchPluginEntry[] = "ckptfs_average_torch_zip_v3";
 inline constexpr char kTorchPluginName[] = "libckptfs_torch.so";
 Result<AverageResult> AverageSafetensors(const std::vector<std::string>& members, OutputFile* out,
                                          const ProgressFn& progress);
