@@ -19,7 +19,10 @@
 // deflated one too: its declared size is checked before it is inflated).
 // Memory: per thread, one piece read, its sum and its output (about
 // 4 × kAverageChunk); a deflated storage: its size, twice.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <fcntl.h>
+#include <immintrin.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -467,7 +470,88 @@ struct Piece {
 struct Scratch {
   std::vector<char> read;
   std::vector<char> output;
+  std::vector<float> sum;
 };
+
+// float16, bfloat16 and float32 pieces are summed here, in a float32 buffer
+// reused from piece to piece, with F16C where the processor has it; the
+// results are those of core::Accumulator (torch's round-to-nearest-even
+// conversions), which sums every other averaged type.
+bool SummedInPieces(DType t) { return t == DType::kF16 || t == DType::kBF16 || t == DType::kF32; }
+
+bool HasF16C() {
+  static const bool has = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  return has;
+}
+
+__attribute__((target("avx,f16c"))) void AddHalfF16C(const uint16_t* in, size_t n, bool first,
+                                                     float* sum) {
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i)));
+    _mm256_storeu_ps(sum + i, first ? x : _mm256_add_ps(_mm256_loadu_ps(sum + i), x));
+  }
+  for (; i < n; ++i) {
+    const float x = c10::Half(in[i], c10::Half::from_bits());
+    sum[i] = first ? x : sum[i] + x;
+  }
+}
+
+__attribute__((target("avx,f16c"))) void StoreHalfF16C(const float* sum, size_t n, float count,
+                                                       uint16_t* out) {
+  size_t i = 0;
+  const __m256 c = _mm256_set1_ps(count);
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x = _mm256_div_ps(_mm256_loadu_ps(sum + i), c);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),
+                     _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < n; ++i) out[i] = c10::Half(sum[i] / count).x;
+}
+
+// Adds n elements of type t (the first input: sets them).
+void AddPiece(DType t, const char* data, size_t n, bool first, float* sum) {
+  if (t == DType::kF32) {
+    const float* in = reinterpret_cast<const float*>(data);
+    if (first) {
+      std::memcpy(sum, in, n * sizeof(float));
+    } else {
+      for (size_t i = 0; i < n; ++i) sum[i] += in[i];
+    }
+    return;
+  }
+  const uint16_t* in = reinterpret_cast<const uint16_t*>(data);
+  if (t == DType::kBF16) {
+    for (size_t i = 0; i < n; ++i) {
+      const float x = c10::BFloat16(in[i], c10::BFloat16::from_bits());
+      sum[i] = first ? x : sum[i] + x;
+    }
+  } else if (HasF16C()) {
+    AddHalfF16C(in, n, first, sum);
+  } else {
+    for (size_t i = 0; i < n; ++i) {
+      const float x = c10::Half(in[i], c10::Half::from_bits());
+      sum[i] = first ? x : sum[i] + x;
+    }
+  }
+}
+
+// The mean of `count` inputs, in type t.
+void StorePiece(DType t, const float* sum, size_t n, size_t count, char* out) {
+  const float c = static_cast<float>(count);
+  if (t == DType::kF32) {
+    float* o = reinterpret_cast<float*>(out);
+    for (size_t i = 0; i < n; ++i) o[i] = sum[i] / c;
+  } else if (t == DType::kBF16) {
+    uint16_t* o = reinterpret_cast<uint16_t*>(out);
+    for (size_t i = 0; i < n; ++i) o[i] = c10::BFloat16(sum[i] / c).x;
+  } else if (HasF16C()) {
+    StoreHalfF16C(sum, n, c, reinterpret_cast<uint16_t*>(out));
+  } else {
+    uint16_t* o = reinterpret_cast<uint16_t*>(out);
+    for (size_t i = 0; i < n; ++i) o[i] = c10::Half(sum[i] / c).x;
+  }
+}
 
 Status AveragePiece(const std::vector<StoragePlan>& plans, ZipLayout* layout, OutputFile* out,
                     Piece* piece, Scratch* scratch) {
@@ -512,9 +596,11 @@ Status AveragePiece(const std::vector<StoragePlan>& plans, ZipLayout* layout, Ou
   if (buf.size() < std::max<uint64_t>(n, kAverageChunk)) {
     buf.resize(static_cast<size_t>(std::max<uint64_t>(n, kAverageChunk)));
   }
+  const bool in_pieces = plan.averaged && SummedInPieces(info.dtype);
   std::optional<Accumulator> acc;
-  if (plan.averaged) acc.emplace(info.dtype, elements);
-  if (plan.averaged) scratch->output.resize(n);
+  if (plan.averaged && !in_pieces) acc.emplace(info.dtype, elements);
+  if (in_pieces && scratch->sum.size() < elements) scratch->sum.resize(elements);
+  if (plan.averaged && scratch->output.size() < n) scratch->output.resize(n);
   piece->crc.assign(plan.members.size(), 0);
   piece->length.assign(plan.members.size(), 0);
   for (size_t i = 0; i < plan.members.size(); ++i) {
@@ -522,7 +608,9 @@ Status AveragePiece(const std::vector<StoragePlan>& plans, ZipLayout* layout, Ou
     const InputFile& file = plan.members[i]->zip.file();
     if (Status s = file.ReadAt(entry.data_offset + piece->begin, buf.data(), n); !s.ok()) return s;
     uLong crc = crc32_z(0, reinterpret_cast<const Bytef*>(buf.data()), n);
-    if (acc) {
+    if (in_pieces) {
+      AddPiece(info.dtype, buf.data(), elements, i == 0, scratch->sum.data());
+    } else if (acc) {
       acc->AddPart(buf.data(), 0, elements);
       acc->EndInput();
     } else if (i == 0) {
@@ -540,8 +628,13 @@ Status AveragePiece(const std::vector<StoragePlan>& plans, ZipLayout* layout, Ou
     piece->crc[i] = static_cast<uint32_t>(crc);
     piece->length[i] = length;
   }
-  if (!acc) return Status::Ok();
-  acc->Finish(scratch->output.data());
+  if (!plan.averaged) return Status::Ok();
+  if (in_pieces) {
+    StorePiece(info.dtype, scratch->sum.data(), elements, plan.members.size(),
+               scratch->output.data());
+  } else {
+    acc->Finish(scratch->output.data());
+  }
   piece->out_crc =
       static_cast<uint32_t>(crc32_z(0, reinterpret_cast<const Bytef*>(scratch->output.data()), n));
   return out->WriteAt(data_offset + piece->begin, scratch->output.data(), n);
