@@ -47,6 +47,7 @@ Status CopyFile(const std::string& from, OutputFile* out) {
   ::close(fd);
   return out->status();
 }
+#ifndef CKPTFS_TORCH_IN_CORE
 // Finds and loads the torch plugin once: $CKPTFS_TORCH_PLUGIN, then beside
 // the executable, then the install and build directories.
 Result<AverageTorchZipFn> TorchPlugin() {
@@ -87,9 +88,18 @@ Result<AverageTorchZipFn> TorchPlugin() {
   return Status::Unsupported(std::string("averaging PyTorch files needs ") + kTorchPluginName +
                              "; not found or not loadable:" + tried);
 }
+#endif  // CKPTFS_TORCH_IN_CORE
 
 }  // namespace
 
+#ifdef CKPTFS_TORCH_IN_CORE
+Status PreloadAveraging() { return Status::Ok(); }
+
+Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, OutputFile* out,
+                                      const ProgressFn& progress) {
+  return AverageTorchZipFiles(members, out, progress);
+}
+#else
 Status PreloadAveraging() {
   Result<AverageTorchZipFn> fn = TorchPlugin();
   return fn.ok() ? Status::Ok() : fn.status();
@@ -103,6 +113,7 @@ Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, O
   (*fn)(&members, out, &progress, &CancelRequested, &result);
   return result;
 }
+#endif  // CKPTFS_TORCH_IN_CORE
 
 OutputFile::OutputFile(std::string path) : path_(std::move(path)), buf_(kOutputBuffer) {
   fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);

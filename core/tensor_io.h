@@ -42,10 +42,16 @@ class OutputFile {
 };
 
 // PyTorch zip averaging lives in a plugin, libckptfs_torch.so, loaded on
-// first use: libtorch's start-up (operator registration, relocations) costs
-// about half a second, which every `ckptfs ls` would otherwise pay.
+// first use: the plugin links libtorch, whose start-up (operator
+// registration, relocations) costs about half a second, which every
+// `ckptfs ls` would otherwise pay. Built with CKPTFS_TORCH_IN_CORE (and
+// torch_zip.cc in ckptfs_core), it is called directly instead: torch_zip.cc
+// needs nothing of libtorch but c10's header-only Half and BFloat16.
 Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, OutputFile* out,
                                       const ProgressFn& progress);
+// torch_zip.cc's implementation, which the plugin's entry point calls.
+Result<AverageResult> AverageTorchZipFiles(const std::vector<std::string>& members, OutputFile* out,
+                                           const ProgressFn& progress);
 
 // The plugin's entry point (extern "C" so dlsym finds it by this name; the
 // name changes with the signature). The plugin holds its own copy of core,

@@ -868,6 +868,12 @@ Result<AverageResult> AverageTorchZipImpl(const std::vector<std::string>& paths,
 }
 
 }  // namespace
+
+Result<AverageResult> AverageTorchZipFiles(const std::vector<std::string>& members, OutputFile* out,
+                                           const ProgressFn& progress) {
+  return AverageTorchZipImpl(members, out, progress);
+}
+
 }  // namespace ckptfs::core
 
 namespace {
@@ -890,7 +896,7 @@ extern "C" __attribute__((visibility("default"))) void ckptfs_average_torch_zip_
   g_host_cancel.store(cancel_requested);
   ckptfs::core::SetCancelCheck(HostCancelRequested, nullptr);
   try {
-    *result = ckptfs::core::AverageTorchZipImpl(*members, out, *progress);
+    *result = ckptfs::core::AverageTorchZipFiles(*members, out, *progress);
   } catch (const std::bad_alloc&) {
     *result = ckptfs::core::Status::FromErrno("averaging " + members->front(), ENOMEM);
   } catch (const std::exception& e) {
