@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -14,6 +15,8 @@
 #include <mutex>
 #include <new>
 #include <random>
+#include <system_error>
+#include <thread>
 
 #include "core/cancel.h"
 #include "core/safetensors.h"
@@ -114,6 +117,56 @@ Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, O
   return result;
 }
 #endif  // CKPTFS_TORCH_IN_CORE
+
+unsigned AverageThreads(size_t count) {
+  const unsigned hardware = std::max(1u, std::thread::hardware_concurrency());
+  return static_cast<unsigned>(
+      std::max<size_t>(1, std::min<size_t>({hardware, kMaxAverageThreads, count})));
+}
+
+Status RunInParallel(size_t count, const std::function<Status(size_t)>& fn,
+                     const std::function<void()>& after) {
+  const unsigned threads = AverageThreads(count);
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex mu;
+  Status first;
+  auto work = [&](bool caller, bool once) {
+    for (;;) {
+      const size_t i = next.fetch_add(1);
+      if (i >= count || failed.load()) return;
+      Status s;
+      try {
+        s = fn(i);
+      } catch (const std::bad_alloc&) {
+        s = Status::FromErrno("averaging", ENOMEM);
+      } catch (const std::exception& e) {
+        s = Status::Corrupt(std::string("averaging: ") + e.what());
+      }
+      if (!s.ok()) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!failed.exchange(true)) first = s;
+        return;
+      }
+      if (caller && after) after();
+      if (once) return;
+    }
+  };
+  // The first item alone, on the calling thread, and its report: the
+  // others start after it (a caller's progress report comes between reads).
+  work(true, true);
+  std::vector<std::thread> pool;
+  for (unsigned t = 1; t < threads && !failed.load(); ++t) {
+    try {
+      pool.emplace_back(work, false, false);
+    } catch (const std::system_error&) {
+      break;  // fewer threads: the work still gets done
+    }
+  }
+  work(true, false);
+  for (std::thread& t : pool) t.join();
+  return first;
+}
 
 OutputFile::OutputFile(std::string path) : path_(std::move(path)), buf_(kOutputBuffer) {
   fd_ = ::open(path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);

@@ -4,6 +4,7 @@
 #define CKPTFS_CORE_TENSOR_IO_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,26 @@ class OutputFile {
   size_t used_ = 0;
   Status status_;
 };
+
+// Pieces of this many output bytes are averaged by one thread at a time: a
+// multiple of every element size, small enough that threads × a few pieces
+// stay far below one model, large enough for long sequential reads and
+// writes.
+inline constexpr uint64_t kAverageChunk = uint64_t{2} << 20;
+// At most this many threads average one file (fewer on smaller machines).
+inline constexpr unsigned kMaxAverageThreads = 16;
+
+// The threads RunInParallel uses for `count` items: the machine's hardware
+// threads, at most kMaxAverageThreads, at most count, at least 1.
+unsigned AverageThreads(size_t count);
+
+// Runs fn(i) for every i in [0, count) on AverageThreads(count) threads, the
+// calling one among them, each taking the next i; `after` (may be empty) runs
+// on the calling thread after each of its own calls (progress reports are
+// made there). Item 0 and its `after` run before any other item starts. Stops at the first error,
+// which it returns; an exception of fn becomes a Status (std::bad_alloc: ENOMEM).
+Status RunInParallel(size_t count, const std::function<Status(size_t)>& fn,
+                     const std::function<void()>& after);
 
 // PyTorch zip averaging lives in a plugin, libckptfs_torch.so, loaded on
 // first use: the plugin links libtorch, whose start-up (operator

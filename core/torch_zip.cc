@@ -278,12 +278,6 @@ Status Compare(const Member& newest, const Member& m, std::map<std::string, std:
   return Status::Ok();
 }
 
-// Pieces of this many output bytes are averaged by one thread at a time: a
-// multiple of every element size, small enough that threads × 4 pieces stay
-// far below one model, large enough for long sequential reads and writes.
-constexpr uint64_t kAverageChunk = uint64_t{2} << 20;
-// At most this many threads average one file (fewer on smaller machines).
-constexpr unsigned kMaxAverageThreads = 16;
 // torch.save aligns every record's data to this (PyTorchStreamWriter).
 constexpr uint64_t kAlignment = 64;
 constexpr uint64_t kZip32Max = 0xFFFFFFFF;
@@ -689,48 +683,6 @@ Status Prepare(const std::vector<std::string>& paths, bool newest_only, Job* job
   return Status::Ok();
 }
 
-// Runs fn(i) for i in [0, count) on up to `threads` threads (the calling
-// one among them); `after` runs on the calling thread after each of its
-// own calls. Stops at the first error, which it returns.
-Status RunParallel(size_t count, unsigned threads, const std::function<Status(size_t)>& fn,
-                   const std::function<void()>& after) {
-  std::atomic<size_t> next{0};
-  std::atomic<bool> failed{false};
-  std::mutex mu;
-  Status first;
-  auto work = [&](bool caller) {
-    for (;;) {
-      const size_t i = next.fetch_add(1);
-      if (i >= count || failed.load()) return;
-      Status s;
-      try {
-        s = fn(i);
-      } catch (const std::bad_alloc&) {
-        s = Status::FromErrno("averaging", ENOMEM);
-      } catch (const std::exception& e) {
-        s = Status::Corrupt(std::string("averaging: ") + e.what());
-      }
-      if (!s.ok()) {
-        std::lock_guard<std::mutex> lock(mu);
-        if (!failed.exchange(true)) first = s;
-        return;
-      }
-      if (caller && after) after();
-    }
-  };
-  std::vector<std::thread> pool;
-  for (unsigned t = 1; t < threads; ++t) {
-    try {
-      pool.emplace_back(work, false);
-    } catch (const std::system_error&) {
-      break;  // fewer threads: the work still gets done
-    }
-  }
-  work(true);
-  for (std::thread& t : pool) t.join();
-  return first;
-}
-
 Result<AverageResult> AverageTorchZipImpl(const std::vector<std::string>& paths, OutputFile* out,
                                           const ProgressFn& progress) {
   Job job;
@@ -767,10 +719,7 @@ Result<AverageResult> AverageTorchZipImpl(const std::vector<std::string>& paths,
       ++result.tensors_copied;
     }
   }
-  unsigned threads = std::max(1u, std::thread::hardware_concurrency());
-  threads = std::min<unsigned>(
-      {threads, kMaxAverageThreads, static_cast<unsigned>(std::max<size_t>(pieces.size(), 1))});
-  std::vector<Scratch> scratch(threads);
+  std::vector<Scratch> scratch(AverageThreads(pieces.size()));
   std::atomic<unsigned> next_scratch{0};
   std::atomic<int64_t> done{0};
   std::mutex scratch_mu;
@@ -781,8 +730,8 @@ Result<AverageResult> AverageTorchZipImpl(const std::vector<std::string>& paths,
     if (s == nullptr) s = &scratch[next_scratch.fetch_add(1)];
     return s;
   };
-  Status s = RunParallel(
-      pieces.size(), threads,
+  Status s = RunInParallel(
+      pieces.size(),
       [&](size_t i) -> Status {
         if (CancelRequested()) return CancelledStatus("averaging " + newest.path);
         Piece& piece = pieces[i];
