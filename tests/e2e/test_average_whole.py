@@ -5,9 +5,11 @@ member's copy, so `cp -r MOUNT/exp/avg/last3 DEST` gives a checkpoint that
 loads (real torch.load) and recovers like the newest one."""
 import os
 import shutil
+import struct
 import subprocess
 import tempfile
 import unittest
+import zipfile
 
 import torch
 
@@ -66,6 +68,17 @@ class AverageWholeTest(unittest.TestCase):
                 continue
             self.assertEqual(self.read(os.path.join(got_dir, name)),
                              self.read(os.path.join(self.newest, name)), name)
+        # The zip ckptfs writes: every CRC-32 right (Python's zipfile checks
+        # them all), every record's data aligned to 64 bytes as torch.save
+        # aligns it (torch.load(mmap=True) needs that).
+        with zipfile.ZipFile(os.path.join(got_dir, "mdl.ckpt")) as z:
+            self.assertIsNone(z.testzip())
+            with open(os.path.join(got_dir, "mdl.ckpt"), "rb") as f:
+                for info in z.infolist():
+                    f.seek(info.header_offset + 26)
+                    name_len, extra_len = struct.unpack("<HH", f.read(4))
+                    self.assertEqual((info.header_offset + 30 + name_len + extra_len) % 64, 0,
+                                     info.filename)
         got = torch.load(os.path.join(got_dir, "mdl.ckpt"))
         want = reference_average(members)
         self.assertEqual(list(got.keys()), list(want.keys()))
