@@ -9,6 +9,7 @@
 #include <cctype>
 #include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <ctime>
 
 #include "core/file_util.h"
@@ -19,8 +20,70 @@ namespace ckptfs::core {
 namespace {
 
 // Bumped when the averaging output changes, so old results are not reused.
-constexpr char kVersion[] = "ckptfs-average-v1";
+constexpr char kVersion[] = "ckptfs-average-v2";
 constexpr int64_t kStaleTmpSeconds = 3600;
+// A result KEY is served only beside KEY + kDoneSuffix, written after it:
+// "ckptfs-average-v2 SIZE CHECKSUM\n".
+constexpr char kDoneSuffix[] = ".done";
+constexpr size_t kHashBuffer = size_t{4} << 20;
+
+bool EndsWith(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// A 64-bit checksum of a file's bytes, at memory speed (four independent
+// multiply-xor lanes over 8-byte words): it tells a file written whole from
+// one a crash left torn (zeros, short, or another write's bytes), not a
+// defence against someone forging the daemon's own cache.
+Result<uint64_t> Checksum(const std::string& path, uint64_t* size) {
+  ScopedFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) return Status::FromErrno(path, errno);
+  (void)::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_SEQUENTIAL);
+  constexpr uint64_t kMul = 0x9E3779B97F4A7C15ULL;
+  uint64_t lane[4] = {1, 2, 3, 4};
+  std::vector<char> buf(kHashBuffer);
+  uint64_t total = 0;
+  size_t held = 0;  // bytes at the start of buf not yet hashed (< 32)
+  for (;;) {
+    const ssize_t n = ::read(fd.get(), buf.data() + held, buf.size() - held);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return Status::FromErrno(path, errno);
+    total += static_cast<uint64_t>(n);
+    const size_t have = held + static_cast<size_t>(n);
+    const size_t whole = have - have % 32;
+    size_t i = 0;
+    for (; i + 32 <= whole; i += 32) {
+      for (int j = 0; j < 4; ++j) {
+        uint64_t w;
+        std::memcpy(&w, buf.data() + i + 8 * j, 8);
+        lane[j] = (lane[j] ^ w) * kMul;
+      }
+    }
+    if (n == 0) {
+      uint64_t tail[4] = {0, 0, 0, 0};
+      std::memcpy(tail, buf.data() + i, have - i);
+      for (int j = 0; j < 4; ++j) lane[j] = (lane[j] ^ tail[j]) * kMul;
+      break;
+    }
+    std::memmove(buf.data(), buf.data() + i, have - i);
+    held = have - i;
+  }
+  uint64_t h = total;
+  for (uint64_t l : lane) {
+    h = (h ^ l ^ (l >> 31)) * kMul;
+    h ^= h >> 29;
+  }
+  *size = total;
+  return h;
+}
+
+std::string DoneRecord(uint64_t size, uint64_t checksum) {
+  char line[96];
+  std::snprintf(line, sizeof(line), "%s %llu %016llx\n", kVersion,
+                static_cast<unsigned long long>(size), static_cast<unsigned long long>(checksum));
+  return line;
+}
 
 }  // namespace
 
@@ -135,7 +198,7 @@ Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
     slot = s;
   }
   std::lock_guard<std::mutex> one_computation(*slot);
-  if (::access(path.c_str(), R_OK) == 0) {
+  if (Complete(path)) {
     ::utimensat(AT_FDCWD, path.c_str(), nullptr, 0);  // recently used
     return path;
   }
@@ -160,6 +223,14 @@ Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
         s.message().c_str());
     return s;
   }
+  // Recorded complete only now, with what was written: a crash before this
+  // line leaves no record, one that tore the file leaves a record it fails.
+  if (Status s = RecordComplete(path); !s.ok()) {
+    ::unlink(path.c_str());
+    Log(LogLevel::kError, "average of %zu member(s) failed: %s", members.size(),
+        s.message().c_str());
+    return s;
+  }
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   Log(LogLevel::kInfo,
@@ -168,6 +239,76 @@ Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
       static_cast<double>(r->bytes) / 1e6, secs, path.c_str());
   Evict(path);
   return path;
+}
+
+bool AverageCache::Complete(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return false;
+  const std::string done_path = path + kDoneSuffix;
+  Result<std::string> done = ReadFile(done_path);
+  std::string why;
+  uint64_t size = 0, checksum = 0;
+  char version[32] = {};
+  unsigned long long size_ull = 0, sum_ull = 0;
+  if (!done.ok()) {
+    why = "no completion record";
+  } else if (done->size() > 90 ||
+             std::sscanf(done->c_str(), "%31s %llu %llx", version, &size_ull, &sum_ull) != 3 ||
+             *done != DoneRecord(size_ull, sum_ull) || std::string(version) != kVersion) {
+    why = "malformed completion record";
+  } else if (size = size_ull, checksum = sum_ull; static_cast<uint64_t>(st.st_size) != size) {
+    why = "size " + std::to_string(st.st_size) + ", recorded " + std::to_string(size);
+  } else {
+    // Checked whole once per process (a crash ends the process); the size
+    // at every use.
+    std::lock_guard<std::mutex> lock(mu_);
+    if (verified_.count(*done + path) != 0) return true;
+  }
+  if (why.empty()) {
+    uint64_t read = 0;
+    Result<uint64_t> sum = Checksum(path, &read);
+    if (!sum.ok()) {
+      why = sum.status().message();
+    } else if (*sum != checksum || read != size) {
+      why = "checksum differs from the recorded one";
+    } else {
+      std::lock_guard<std::mutex> lock(mu_);
+      verified_.insert(*done + path);
+      return true;
+    }
+  }
+  // Torn by a crash, or never finished: computed again.
+  Log(LogLevel::kWarning, "average cache: %s is incomplete (%s); computing it again", path.c_str(),
+      why.c_str());
+  ::unlink(done_path.c_str());
+  ::unlink(path.c_str());
+  return false;
+}
+
+Status AverageCache::RecordComplete(const std::string& path) {
+  uint64_t size = 0;
+  Result<uint64_t> sum = Checksum(path, &size);
+  if (!sum.ok()) return sum.status();
+  const std::string record = DoneRecord(size, *sum);
+  const std::string done_path = path + kDoneSuffix;
+  const std::string tmp = done_path + ".tmp-" + std::to_string(::getpid());
+  {
+    ScopedFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    if (fd.get() < 0) return Status::FromErrno(tmp, errno);
+    if (::write(fd.get(), record.data(), record.size()) != static_cast<ssize_t>(record.size())) {
+      Status s = Status::FromErrno(tmp, errno != 0 ? errno : ENOSPC);
+      ::unlink(tmp.c_str());
+      return s;
+    }
+  }
+  if (::rename(tmp.c_str(), done_path.c_str()) != 0) {
+    Status s = Status::FromErrno("rename to " + done_path, errno);
+    ::unlink(tmp.c_str());
+    return s;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  verified_.insert(record + path);
+  return Status::Ok();
 }
 
 void AverageCache::Evict(const std::string& keep) {
@@ -192,6 +333,12 @@ void AverageCache::Evict(const std::string& keep) {
       if (now - st.st_mtim.tv_sec > kStaleTmpSeconds) ::unlink(p.c_str());
       continue;
     }
+    if (EndsWith(name, kDoneSuffix)) {
+      // A record whose result is gone (evicted by another process) goes too.
+      const std::string result = p.substr(0, p.size() - std::strlen(kDoneSuffix));
+      if (::access(result.c_str(), F_OK) != 0 && errno == ENOENT) ::unlink(p.c_str());
+      continue;
+    }
     entries.push_back(
         {p, static_cast<int64_t>(st.st_size), static_cast<int64_t>(st.st_mtim.tv_sec)});
     total += st.st_size;
@@ -202,6 +349,7 @@ void AverageCache::Evict(const std::string& keep) {
   for (const Entry& e : entries) {
     if (total <= max_bytes_) break;
     if (e.path == keep) continue;
+    ::unlink((e.path + kDoneSuffix).c_str());  // first: never a record without its file
     if (::unlink(e.path.c_str()) == 0) {
       total -= e.size;
       Log(LogLevel::kInfo, "average cache: evicted %s (%.1f MB)", e.path.c_str(),

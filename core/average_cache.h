@@ -1,7 +1,14 @@
 // An on-disk cache of averages, keyed by the identity of their members (path,
 // size, mtime, device and inode of every member file): a changed or new member
-// is a new key, so a stale average is never served. Results are written
-// atomically (temporary file, fsync, rename); a crash leaves no half file.
+// is a new key, so a stale average is never served.
+//
+// A cache is a cache: nothing is fsynced on the reader's path. A result is
+// written to a temporary file and renamed, then its completion record KEY.done
+// (size and a 64-bit checksum of its bytes) is written beside it. A result is
+// served only when its record matches: the size at every use, the checksum
+// once per process (the first use after a start, as a crash ends the
+// process). A result torn by a crash (short, zeros, no record) is removed and
+// computed again, never served.
 // The cache keeps under max_bytes by evicting the least recently used
 // results; a result open elsewhere stays readable after eviction (unlink).
 // A member that changes while it is averaged fails the average (kCorrupt
@@ -17,6 +24,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -50,12 +58,17 @@ class AverageCache {
   Result<std::string> KeyOf(const std::vector<std::string>& members,
                             const std::vector<std::string>& identities) const;
   void Evict(const std::string& keep);
+  // Whether the result at path is whole (see the class comment); a torn one
+  // is removed, with its record.
+  bool Complete(const std::string& path);
+  Status RecordComplete(const std::string& path);
 
   const std::string dir_;
   const int64_t max_bytes_;
   const Beneath* source_ = nullptr;
-  std::mutex mu_;  // guards computing_; never held while computing
+  std::mutex mu_;  // guards computing_ and verified_; never held while computing
   std::map<std::string, std::shared_ptr<std::mutex>> computing_;
+  std::set<std::string> verified_;  // record + path of results checked whole
 };
 
 }  // namespace ckptfs::core

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -14,6 +15,8 @@
 #include <mutex>
 #include <new>
 #include <random>
+#include <system_error>
+#include <thread>
 
 #include "core/cancel.h"
 #include "core/safetensors.h"
@@ -47,6 +50,7 @@ Status CopyFile(const std::string& from, OutputFile* out) {
   ::close(fd);
   return out->status();
 }
+#ifndef CKPTFS_TORCH_IN_CORE
 // Finds and loads the torch plugin once: $CKPTFS_TORCH_PLUGIN, then beside
 // the executable, then the install and build directories.
 Result<AverageTorchZipFn> TorchPlugin() {
@@ -87,8 +91,22 @@ Result<AverageTorchZipFn> TorchPlugin() {
   return Status::Unsupported(std::string("averaging PyTorch files needs ") + kTorchPluginName +
                              "; not found or not loadable:" + tried);
 }
+#endif  // CKPTFS_TORCH_IN_CORE
 
 }  // namespace
+
+#ifdef CKPTFS_TORCH_IN_CORE
+Status PreloadAveraging() { return Status::Ok(); }
+
+Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, OutputFile* out,
+                                      const ProgressFn& progress) {
+  return AverageTorchZipFiles(members, out, progress);
+}
+#else
+Status PreloadAveraging() {
+  Result<AverageTorchZipFn> fn = TorchPlugin();
+  return fn.ok() ? Status::Ok() : fn.status();
+}
 
 Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, OutputFile* out,
                                       const ProgressFn& progress) {
@@ -97,6 +115,57 @@ Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, O
   Result<AverageResult> result = Status::Corrupt("plugin returned nothing");
   (*fn)(&members, out, &progress, &CancelRequested, &result);
   return result;
+}
+#endif  // CKPTFS_TORCH_IN_CORE
+
+unsigned AverageThreads(size_t count) {
+  const unsigned hardware = std::max(1u, std::thread::hardware_concurrency());
+  return static_cast<unsigned>(
+      std::max<size_t>(1, std::min<size_t>({hardware, kMaxAverageThreads, count})));
+}
+
+Status RunInParallel(size_t count, const std::function<Status(size_t)>& fn,
+                     const std::function<void()>& after) {
+  const unsigned threads = AverageThreads(count);
+  std::atomic<size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::mutex mu;
+  Status first;
+  auto work = [&](bool caller, bool once) {
+    for (;;) {
+      const size_t i = next.fetch_add(1);
+      if (i >= count || failed.load()) return;
+      Status s;
+      try {
+        s = fn(i);
+      } catch (const std::bad_alloc&) {
+        s = Status::FromErrno("averaging", ENOMEM);
+      } catch (const std::exception& e) {
+        s = Status::Corrupt(std::string("averaging: ") + e.what());
+      }
+      if (!s.ok()) {
+        std::lock_guard<std::mutex> lock(mu);
+        if (!failed.exchange(true)) first = s;
+        return;
+      }
+      if (caller && after) after();
+      if (once) return;
+    }
+  };
+  // The first item alone, on the calling thread, and its report: the
+  // others start after it (a caller's progress report comes between reads).
+  work(true, true);
+  std::vector<std::thread> pool;
+  for (unsigned t = 1; t < threads && !failed.load(); ++t) {
+    try {
+      pool.emplace_back(work, false, false);
+    } catch (const std::system_error&) {
+      break;  // fewer threads: the work still gets done
+    }
+  }
+  work(true, false);
+  for (std::thread& t : pool) t.join();
+  return first;
 }
 
 OutputFile::OutputFile(std::string path) : path_(std::move(path)), buf_(kOutputBuffer) {
@@ -136,9 +205,21 @@ size_t OutputFile::Write(const void* data, size_t n) {
   return n;
 }
 
+Status OutputFile::WriteAt(uint64_t offset, const void* data, size_t n) const {
+  if (!status_.ok()) return status_;
+  const char* p = static_cast<const char*>(data);
+  while (n > 0) {
+    const ssize_t w = ::pwrite(fd_, p, n, static_cast<off_t>(offset));
+    if (w < 0 && errno == EINTR) continue;
+    if (w < 0) return Status::FromErrno(path_, errno);
+    if (w == 0) return Status::FromErrno(path_, ENOSPC);
+    p += w, n -= static_cast<size_t>(w), offset += static_cast<uint64_t>(w);
+  }
+  return Status::Ok();
+}
+
 Status OutputFile::Finish() {
   Flush();
-  if (status_.ok() && ::fsync(fd_) != 0) status_ = Status::FromErrno(path_, errno);
   if (::close(fd_) != 0 && status_.ok()) status_ = Status::FromErrno(path_, errno);
   fd_ = -1;
   return status_;

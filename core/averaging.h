@@ -14,7 +14,8 @@
 // formats we do not handle (legacy pre-1.6 torch files, TorchScript
 // archives, quantized or sparse tensors) and for inputs over a budget
 // (zip_reader.h, kMaxPickleBytes in torch_zip.cc). The output is written to
-// a temporary file beside out_path, fsynced and renamed: never half a file;
+// a temporary file beside out_path and renamed (not fsynced: the caller
+// records completeness, see AverageCache): never half a file;
 // on any failure the temporary file is removed.
 //
 // Untrusted and changing input: members are read with pread in pieces of
@@ -64,6 +65,11 @@ struct AverageResult {
   int tensors_averaged = 0;  // storages (torch) or tensors (safetensors)
   int tensors_copied = 0;    // taken from the newest member
 };
+
+// Loads what averaging PyTorch files needs (the libtorch plugin, about half
+// a second) now, so that the first average does not pay it. Thread-safe;
+// the daemon calls it from a thread of its own at mount start.
+Status PreloadAveraging();
 
 // members: the same file of each member checkpoint, newest first (at least
 // one). A shard index (".index.json") is copied from the newest member.

@@ -5,12 +5,16 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
+#include <thread>
 #include <unordered_map>
 
 #include "core/cancel.h"
@@ -116,37 +120,40 @@ Result<SafetensorsHeader> ParseSafetensorsHeader(std::string_view header_json, u
 
 namespace {
 
-// One tensor of the output: the members' average, or the newest member's
-// bytes for types that are not averaged. Members are read in pieces of
-// kReadChunk; memory is one accumulator and one output buffer. `piece` and
-// `output` are reused from one tensor to the next (allocating and faulting in
-// megabytes per tensor and member would cost as much as the averaging).
-Status AverageTensor(
+// Bytes [begin, end) of one tensor of the output: the members' average, or
+// the newest member's bytes for types that are not averaged. Pieces of
+// kAverageChunk bytes are averaged by several threads at once (tensor_io.h);
+// `piece` and `output` are the calling thread's, reused from one piece to
+// the next.
+struct Piece {
+  const SafetensorsTensor* tensor;
+  uint64_t begin, end;
+};
+
+Status AveragePiece(
     const std::vector<InputFile>& files, const std::vector<SafetensorsHeader>& headers,
     const std::vector<std::unordered_map<std::string, const SafetensorsTensor*>>& by_name,
-    const SafetensorsTensor& t, OutputFile* out, AverageResult* result, std::vector<char>* piece,
-    std::vector<char>* output) {
-  const size_t bytes = static_cast<size_t>(t.end - t.begin);
+    const Piece& p, OutputFile* out, std::vector<char>* piece, std::vector<char>* output) {
+  const SafetensorsTensor& t = *p.tensor;
+  const size_t bytes = static_cast<size_t>(p.end - p.begin);
   const size_t item = ItemSize(t.dtype);
   const size_t readers = IsAveraged(t.dtype) ? files.size() : 1;
+  if (piece->size() < bytes) piece->resize(bytes);
+  const uint64_t to = 8 + headers[0].header_size + t.begin + p.begin;
+  if (readers == 1) {
+    if (Status s = files[0].ReadAt(to, piece->data(), bytes); !s.ok()) return s;
+    return out->WriteAt(to, piece->data(), bytes);
+  }
   Accumulator acc(t.dtype, bytes / item);
-  if (piece->size() < std::min(bytes, kReadChunk)) piece->resize(std::min(bytes, kReadChunk));
   for (size_t i = 0; i < readers; ++i) {
-    const uint64_t at = 8 + headers[i].header_size + by_name[i].at(t.name)->begin;
-    for (size_t done = 0; done < bytes;) {
-      if (CancelRequested()) return CancelledStatus("averaging " + files[0].path());
-      const size_t n = std::min(bytes - done, kReadChunk);
-      if (Status s = files[i].ReadAt(at + done, piece->data(), n); !s.ok()) return s;
-      acc.AddPart(piece->data(), done / item, n / item);  // kReadChunk holds whole elements
-      done += n;
-    }
+    const uint64_t at = 8 + headers[i].header_size + by_name[i].at(t.name)->begin + p.begin;
+    if (Status s = files[i].ReadAt(at, piece->data(), bytes); !s.ok()) return s;
+    acc.AddPart(piece->data(), 0, bytes / item);  // kAverageChunk holds whole elements
     acc.EndInput();
   }
-  output->resize(bytes);
+  if (output->size() < bytes) output->resize(bytes);
   acc.Finish(output->data());
-  out->Write(output->data(), bytes);
-  ++(readers > 1 ? result->tensors_averaged : result->tensors_copied);
-  return out->status();
+  return out->WriteAt(to, output->data(), bytes);
 }
 
 }  // namespace
@@ -202,23 +209,53 @@ Result<AverageResult> AverageSafetensors(const std::vector<std::string>& paths, 
   result.format = TensorFormat::kSafetensors;
   const uint64_t total = files[0].size() - 8 - headers[0].header_size;
   if (progress) progress({"averaging", 0, static_cast<int64_t>(total)});
-  out->Write(newest_header.data(), newest_header.size());
-  uint64_t done = 0;
-  std::vector<char> piece, output;
+  if (Status s = out->WriteAt(0, newest_header.data(), newest_header.size()); !s.ok()) return s;
+  std::vector<Piece> pieces;
   for (const SafetensorsTensor& t : headers[0].tensors) {
-    try {
-      if (Status s = AverageTensor(files, headers, by_name, t, out, &result, &piece, &output);
-          !s.ok()) {
-        return s;
-      }
-    } catch (const std::bad_alloc&) {
-      return Status::FromErrno(
-          paths[0] + ": tensor '" + t.name + "' (" + std::to_string(t.end - t.begin) + " bytes)",
-          ENOMEM);
+    const uint64_t bytes = t.end - t.begin;
+    for (uint64_t b = 0; b < bytes; b += kAverageChunk) {
+      pieces.push_back({&t, b, std::min(bytes, b + kAverageChunk)});
     }
-    done += t.end - t.begin;
-    if (progress) progress({"averaging", static_cast<int64_t>(done), static_cast<int64_t>(total)});
+    ++(IsAveraged(t.dtype) && paths.size() > 1 ? result.tensors_averaged : result.tensors_copied);
   }
+  struct Scratch {
+    std::vector<char> piece, output;
+  };
+  std::vector<Scratch> scratch(AverageThreads(pieces.size()));
+  std::atomic<unsigned> next_scratch{0};
+  std::mutex scratch_mu;
+  std::map<std::thread::id, Scratch*> by_thread;
+  std::atomic<uint64_t> done{0};
+  Status averaged = RunInParallel(
+      pieces.size(),
+      [&](size_t i) -> Status {
+        if (CancelRequested()) return CancelledStatus("averaging " + files[0].path());
+        Scratch* mine;
+        {
+          std::lock_guard<std::mutex> lock(scratch_mu);
+          Scratch*& slot = by_thread[std::this_thread::get_id()];
+          if (slot == nullptr) slot = &scratch[next_scratch.fetch_add(1)];
+          mine = slot;
+        }
+        const Piece& p = pieces[i];
+        Status r;
+        try {
+          r = AveragePiece(files, headers, by_name, p, out, &mine->piece, &mine->output);
+        } catch (const std::bad_alloc&) {
+          return Status::FromErrno(paths[0] + ": tensor '" + p.tensor->name + "' (" +
+                                       std::to_string(p.end - p.begin) + " bytes)",
+                                   ENOMEM);
+        }
+        if (!r.ok()) return r;
+        done.fetch_add(p.end - p.begin);
+        return Status::Ok();
+      },
+      [&] {
+        if (progress) {
+          progress({"averaging", static_cast<int64_t>(done.load()), static_cast<int64_t>(total)});
+        }
+      });
+  if (!averaged.ok()) return averaged;
   // What was read is what each member holds now, or the average is refused.
   for (const InputFile& f : files) {
     if (Status s = f.CheckUnchanged(); !s.ok()) return s;

@@ -4,6 +4,7 @@
 #define CKPTFS_CORE_TENSOR_IO_H_
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -13,7 +14,13 @@
 namespace ckptfs::core {
 
 // An output file written through a buffer: Write never fails silently; the
-// first error is kept and returned by Finish, which fsyncs and closes.
+// first error is kept and returned by Finish, which closes. No fsync: an
+// average is a cache entry, and AverageCache records it complete (size and
+// checksum) only after it is written, so a torn file is recomputed, never
+// served.
+//
+// WriteAt writes at an offset (pwrite, unbuffered), and may be called from
+// several threads at once; it must not be mixed with Write on one file.
 class OutputFile {
  public:
   explicit OutputFile(std::string path);
@@ -23,6 +30,7 @@ class OutputFile {
 
   const Status& status() const { return status_; }
   size_t Write(const void* data, size_t n);  // returns n, or 0 after an error
+  Status WriteAt(uint64_t offset, const void* data, size_t n) const;
   Status Finish();
 
  private:
@@ -34,11 +42,37 @@ class OutputFile {
   Status status_;
 };
 
+// Pieces of this many output bytes are averaged by one thread at a time: a
+// multiple of every element size, small enough that threads × a few pieces
+// stay far below one model, large enough for long sequential reads and
+// writes.
+inline constexpr uint64_t kAverageChunk = uint64_t{2} << 20;
+// At most this many threads average one file (fewer on smaller machines).
+inline constexpr unsigned kMaxAverageThreads = 16;
+
+// The threads RunInParallel uses for `count` items: the machine's hardware
+// threads, at most kMaxAverageThreads, at most count, at least 1.
+unsigned AverageThreads(size_t count);
+
+// Runs fn(i) for every i in [0, count) on AverageThreads(count) threads, the
+// calling one among them, each taking the next i; `after` (may be empty) runs
+// on the calling thread after each of its own calls (progress reports are
+// made there). Item 0 and its `after` run before any other item starts. Stops at the first error,
+// which it returns; an exception of fn becomes a Status (std::bad_alloc: ENOMEM).
+Status RunInParallel(size_t count, const std::function<Status(size_t)>& fn,
+                     const std::function<void()>& after);
+
 // PyTorch zip averaging lives in a plugin, libckptfs_torch.so, loaded on
-// first use: libtorch's start-up (operator registration, relocations) costs
-// about half a second, which every `ckptfs ls` would otherwise pay.
+// first use: the plugin links libtorch, whose start-up (operator
+// registration, relocations) costs about half a second, which every
+// `ckptfs ls` would otherwise pay. Built with CKPTFS_TORCH_IN_CORE (and
+// torch_zip.cc in ckptfs_core), it is called directly instead: torch_zip.cc
+// needs nothing of libtorch but c10's header-only Half and BFloat16.
 Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, OutputFile* out,
                                       const ProgressFn& progress);
+// torch_zip.cc's implementation, which the plugin's entry point calls.
+Result<AverageResult> AverageTorchZipFiles(const std::vector<std::string>& members, OutputFile* out,
+                                           const ProgressFn& progress);
 
 // The plugin's entry point (extern "C" so dlsym finds it by this name; the
 // name changes with the signature). The plugin holds its own copy of core,
@@ -46,7 +80,7 @@ Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, O
 using AverageTorchZipFn = void (*)(const std::vector<std::string>* members, OutputFile* out,
                                    const ProgressFn* progress, bool (*cancel_requested)(),
                                    Result<AverageResult>* result);
-inline constexpr char kTorchPluginEntry[] = "ckptfs_average_torch_zip_v2";
+inline constexpr char kTorchPluginEntry[] = "ckptfs_average_torch_zip_v3";
 inline constexpr char kTorchPluginName[] = "libckptfs_torch.so";
 Result<AverageResult> AverageSafetensors(const std::vector<std::string>& members, OutputFile* out,
                                          const ProgressFn& progress);

@@ -24,9 +24,11 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
+#include "core/averaging.h"
 #include "core/cancel.h"
 #include "core/log.h"
 #include "core/retention.h"
@@ -521,6 +523,22 @@ int RunMount(const Options& opt) {
   // Threads start after daemonising (a thread started before the fork would
   // not survive it), each with the stop signals blocked.
   core::Result<std::unique_ptr<index::Watcher>> watcher = core::Status::Internal("not started");
+  // The first average must not pay for loading the libtorch plugin (about
+  // half a second) inside a lookup: it is loaded now, beside the loop.
+  std::thread preload;
+  WithStopSignalsBlocked([&] {
+    try {
+      preload = std::thread([] {
+        core::CatchAndLog("loading the averaging plugin", [] {
+          if (core::Status s = core::PreloadAveraging(); !s.ok()) {
+            core::Log(LogLevel::kWarning, "%s", s.message().c_str());
+          }
+        });
+      });
+    } catch (const std::system_error&) {
+      // No thread: the plugin is loaded by the first average instead.
+    }
+  });
   const core::Status started = core::CatchAll("start", [&] {
     notifier = std::make_unique<Notifier>(se);
     later.Start(notifier.get());
@@ -600,6 +618,7 @@ int RunMount(const Options& opt) {
   later.Stop();
   watcher_ptr = nullptr;
   if (watcher.ok()) watcher->reset();
+  if (preload.joinable()) preload.join();
   fuse_session_unmount(se);
   fuse_session_destroy(se);
   // A forced unmount that found the mount busy aborts the connection, and

@@ -3,9 +3,12 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <ctime>
 
+#include "core/averaging.h"
 #include "core/log.h"
 #include "fs/committer.h"
 
@@ -21,6 +24,10 @@ namespace {
 constexpr char kXattrRealPath[] = "user.ckptfs.real_path";
 constexpr char kXattrCheckpoint[] = "user.ckptfs.checkpoint";
 constexpr char kXattrMembers[] = "user.ckptfs.members";
+// An average still running this long after it began logs its progress,
+// then again at this interval.
+constexpr std::chrono::seconds kAverageProgressAfter{3};
+constexpr std::chrono::seconds kAverageProgressEvery{2};
 
 struct timespec Now() {
   struct timespec ts {};
@@ -47,6 +54,57 @@ Status Denied(const Status& s, const std::string& path) {
 
 bool Under(const std::string& path, const std::string& root) {
   return path == root || path.rfind(root + "/", 0) == 0;
+}
+
+// avg/lastN/ and avg/bestN/…/ hold the newest member's files, so that
+// `cp -r avg/last3 DEST` gives a whole checkpoint: a tensor file (PyTorch
+// zip or safetensors, by its bytes) that every member holds is averaged;
+// every other file (counter.ckpt, CKPT.yaml, hyperparams.yaml, a tensor file
+// some member lacks) is the newest member's own copy.
+bool IsAverageDir(const index::Resolution& r) {
+  return r.in_view && r.type == NodeType::kVirtualDir &&
+         r.query.node == core::QueryNode::kAverage && r.query.rest.empty() && !r.members.empty() &&
+         r.members.front().layout != core::Layout::kSingleFile;
+}
+
+bool HasFile(const core::Checkpoint& c, const std::string& name) {
+  for (const core::CheckpointFile& f : c.files) {
+    if (f.name == name) return true;
+  }
+  return false;
+}
+
+// Whether the newest member's `name` is a tensor file (read beneath the
+// source); a shard index (".index.json") counts as one, as averages copy it.
+bool IsTensorFile(const core::Beneath& source, const std::string& path) {
+  if (path.size() > 11 && path.compare(path.size() - 11, 11, ".index.json") == 0) return true;
+  Result<core::ScopedFd> fd = source.OpenAt(path, O_RDONLY | O_NOFOLLOW);
+  if (!fd.ok()) return true;  // the average's own open names the error
+  Result<core::TensorFormat> format =
+      core::DetectFormat("/proc/self/fd/" + std::to_string(fd->get()));
+  return !format.ok() || *format != core::TensorFormat::kUnknown;
+}
+
+// avg/…/NAME: `r` as resolved when NAME is averaged or the parent is not an
+// average's directory; otherwise the newest member's own file NAME.
+Result<index::Resolution> AverageDirEntry(const index::Resolver& resolver,
+                                          const std::string& parent_vpath, const std::string& name,
+                                          Result<index::Resolution> r, const core::Caller* caller) {
+  const bool averaged = r.ok() && r->type == NodeType::kAverageFile;
+  if (r.ok() ? !averaged : r.status().code() != StatusCode::kNotFound) return r;
+  Result<index::Resolution> dir = resolver.Resolve(parent_vpath, caller);
+  if (!dir.ok() || !IsAverageDir(*dir)) return r;
+  const core::Checkpoint& newest = dir->members.front();
+  const std::string path = newest.path + "/" + name;
+  if (name.find('/') != std::string::npos || !HasFile(newest, name)) return r;
+  if (averaged && IsTensorFile(resolver.beneath(), path)) return r;
+  index::Resolution copy = std::move(*dir);
+  copy.type = NodeType::kRealFile;
+  copy.real_path = path;
+  copy.checkpoint = newest;
+  copy.members.clear();
+  copy.query.rest = {name};
+  return copy;
 }
 
 }  // namespace
@@ -270,6 +328,7 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
     return Remember(std::move(node));
   }
   Result<index::Resolution> r = resolver_.Resolve(node.vpath, caller);
+  if (parent->in_view) r = AverageDirEntry(resolver_, parent->vpath, name, std::move(r), caller);
   if (!r.ok()) return r.status();
   *view = *view || r->in_view;
   node.type = r->type;
@@ -312,10 +371,20 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
       Status allowed = MembersAllowed(*caller, node.members);
       if (!allowed.ok()) return allowed;
     }
+    // Averages that take more than a few seconds log their progress.
+    const auto start = std::chrono::steady_clock::now();
+    auto logged = start;
     Result<std::string> avg = options_.averages->Get(members, [&](const core::AverageProgress& p) {
       if (std::string(p.stage) != "averaging" || p.total == 0) return;
       core::Log(core::LogLevel::kDebug, "%s: %.0f%%", node.vpath.c_str(),
                 100.0 * static_cast<double>(p.done) / static_cast<double>(p.total));
+      const auto now = std::chrono::steady_clock::now();
+      if (now - start < kAverageProgressAfter || now - logged < kAverageProgressEvery) return;
+      logged = now;
+      core::Log(
+          core::LogLevel::kInfo, "%s: averaging, %.0f%% of %.1f MB after %.0f s",
+          node.vpath.c_str(), 100.0 * static_cast<double>(p.done) / static_cast<double>(p.total),
+          static_cast<double>(p.total) / 1e6, std::chrono::duration<double>(now - start).count());
     });
     if (!avg.ok()) {
       // EIO for members that disagree or cannot be parsed; the log names them.
@@ -446,6 +515,14 @@ Result<std::vector<index::DirEntry>> NodeTable::ReadDir(uint64_t ino, const core
   Result<std::vector<index::DirEntry>> entries = resolver_.List(*r, caller);
   if (!entries.ok() && entries.status().code() == StatusCode::kPermission) {
     return Denied(entries.status(), r->real_path);
+  }
+  if (entries.ok() && IsAverageDir(*r)) {
+    // The newest member's files (AverageDirEntry): those averaged first.
+    for (const core::CheckpointFile& f : r->members.front().files) {
+      const bool listed = std::any_of(entries->begin(), entries->end(),
+                                      [&](const index::DirEntry& e) { return e.name == f.name; });
+      if (!listed && f.name.find('/') == std::string::npos) entries->push_back({f.name, false});
+    }
   }
   return entries;
 }

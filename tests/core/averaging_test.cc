@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -253,15 +254,16 @@ TEST_F(AveragingTest, MemberChangedWhileReadFailsNamingIt) {
 }
 
 TEST_F(AveragingTest, CancellationStopsAnAverageWithinATensor) {
-  // One tensor of 16 MiB: four pieces per member. Cancelled at the third
-  // poll, the average stops before that tensor is done.
+  // One tensor of 16 MiB: several pieces per member. Cancelled at the third
+  // poll, the average stops before that tensor is done (pieces are averaged
+  // by several threads, each polling: at least three polls).
   std::string a = Safetensors(dir_.path() + "/a.safetensors", 4 << 20, 1.0f);
   std::string b = Safetensors(dir_.path() + "/b.safetensors", 4 << 20, 3.0f);
   std::vector<std::string> inputs = {"a.safetensors", "b.safetensors"};
   std::string big = dir_.path() + "/big.pt";
   if (TorchSave("{\"w\": torch.ones(4 << 20)}", big)) inputs.push_back("big.pt");
   struct Poll {
-    int polls = 0;
+    std::atomic<int> polls{0};
   } poll;
   ScopedCancelCheck check([](void* arg) { return ++static_cast<Poll*>(arg)->polls >= 3; }, &poll);
   std::vector<std::vector<std::string>> runs = {{a, b}};
@@ -275,8 +277,8 @@ TEST_F(AveragingTest, CancellationStopsAnAverageWithinATensor) {
     ASSERT_FALSE(r.ok()) << members[0];
     EXPECT_EQ(r.status().sys_errno(), ECANCELED) << r.status().message();
     EXPECT_NE(r.status().message().find("cancelled (ckptfs is stopping)"), std::string::npos);
-    EXPECT_EQ(done, 0) << "stopped within the first tensor";
-    EXPECT_EQ(poll.polls, 3);
+    EXPECT_LT(done, int64_t{16} << 20) << "stopped within the first tensor";
+    EXPECT_GE(poll.polls.load(), 3);
     ExpectOnly(inputs);
   }
   if (inputs.size() == 2) GTEST_SKIP() << "torch part skipped: no /usr/bin/python3 with torch";

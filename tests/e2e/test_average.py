@@ -211,7 +211,9 @@ class AverageTest(unittest.TestCase):
         paths = self.experiment("m", [tf.state_dict(i) for i in range(4)])
         with mounted(self.src, index=self.index) as (mnt, _, log):
             path = os.path.join(mnt, "m", "avg", "last3", "model.ckpt")
-            self.assertEqual(os.listdir(os.path.join(mnt, "m", "avg", "last3")), ["model.ckpt"])
+            # The newest member's files: model.ckpt averaged, CKPT.yaml its copy.
+            self.assertEqual(sorted(os.listdir(os.path.join(mnt, "m", "avg", "last3"))),
+                             ["CKPT.yaml", "model.ckpt"])
             out = torch.load(path)
             members = [torch.load(p) for p in paths[:3]]
             self.assert_same(out, reference_average(members, members[0]))

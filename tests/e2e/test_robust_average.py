@@ -252,7 +252,8 @@ class RobustAverageTest(unittest.TestCase):
     def test_truncated_member_fails_with_eio_and_the_daemon_serves_on(self):
         paths = self.experiment("t", [tf.state_dict(i) for i in range(3)])
         with mounted(self.src, "--avg-cache", self.cache) as (mnt, _, log):
-            self.assertEqual(os.listdir(os.path.join(mnt, "t", "avg", "last3")), ["model.ckpt"])  # indexed
+            self.assertEqual(sorted(os.listdir(os.path.join(mnt, "t", "avg", "last3"))),
+                             ["CKPT.yaml", "model.ckpt"])  # indexed
             size = os.path.getsize(paths[1])
             with open(paths[1], "r+b") as f:
                 f.truncate(size // 2)
