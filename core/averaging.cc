@@ -50,73 +50,21 @@ Status CopyFile(const std::string& from, OutputFile* out) {
   ::close(fd);
   return out->status();
 }
-#ifndef CKPTFS_TORCH_IN_CORE
-// Finds and loads the torch plugin once: $CKPTFS_TORCH_PLUGIN, then beside
-// the executable, then the install and build directories.
-Result<AverageTorchZipFn> TorchPlugin() {
-  static std::mutex mu;
-  static AverageTorchZipFn fn = nullptr;
-  static std::string tried;
-  std::lock_guard<std::mutex> lock(mu);
-  if (fn != nullptr) return fn;
-  std::vector<std::string> candidates;
-  if (const char* env = std::getenv("CKPTFS_TORCH_PLUGIN"); env != nullptr && *env != '\0') {
-    candidates.push_back(env);
-  }
-  char exe[4096];
-  ssize_t n = ::readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-  if (n > 0) {
-    std::string dir(exe, static_cast<size_t>(n));
-    dir = dir.substr(0, dir.rfind('/'));
-    candidates.push_back(dir + "/" + kTorchPluginName);
-    candidates.push_back(dir + "/../lib/ckptfs/" + kTorchPluginName);
-  }
-  candidates.push_back(std::string(CKPTFS_PLUGIN_INSTALL_DIR) + "/" + kTorchPluginName);
-  candidates.push_back(std::string(CKPTFS_PLUGIN_BUILD_DIR) + "/" + kTorchPluginName);
-  tried.clear();
-  for (const std::string& c : candidates) {
-    if (::access(c.c_str(), R_OK) != 0) {
-      tried += " " + c;
-      continue;
-    }
-    void* handle = ::dlopen(c.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (handle == nullptr) {
-      tried += " " + c + " (" + ::dlerror() + ")";
-      continue;
-    }
-    fn = reinterpret_cast<AverageTorchZipFn>(::dlsym(handle, kTorchPluginEntry));
-    if (fn != nullptr) return fn;
-    tried += " " + c + " (no entry point)";
-  }
-  return Status::Unsupported(std::string("averaging PyTorch files needs ") + kTorchPluginName +
-                             "; not found or not loadable:" + tried);
-}
-#endif  // CKPTFS_TORCH_IN_CORE
 
 }  // namespace
 
-#ifdef CKPTFS_TORCH_IN_CORE
 Status PreloadAveraging() { return Status::Ok(); }
 
 Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, OutputFile* out,
                                       const ProgressFn& progress) {
-  return AverageTorchZipFiles(members, out, progress);
+  try {
+    return AverageTorchZipFiles(members, out, progress);
+  } catch (const std::bad_alloc&) {
+    return Status::FromErrno("averaging " + members.front(), ENOMEM);
+  } catch (const std::exception& e) {
+    return Status::Corrupt("averaging " + members.front() + " failed: " + e.what());
+  }
 }
-#else
-Status PreloadAveraging() {
-  Result<AverageTorchZipFn> fn = TorchPlugin();
-  return fn.ok() ? Status::Ok() : fn.status();
-}
-
-Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, OutputFile* out,
-                                      const ProgressFn& progress) {
-  Result<AverageTorchZipFn> fn = TorchPlugin();
-  if (!fn.ok()) return fn.status();
-  Result<AverageResult> result = Status::Corrupt("plugin returned nothing");
-  (*fn)(&members, out, &progress, &CancelRequested, &result);
-  return result;
-}
-#endif  // CKPTFS_TORCH_IN_CORE
 
 unsigned AverageThreads(size_t count) {
   const unsigned hardware = std::max(1u, std::thread::hardware_concurrency());

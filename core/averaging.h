@@ -66,9 +66,9 @@ struct AverageResult {
   int tensors_copied = 0;    // taken from the newest member
 };
 
-// Loads what averaging PyTorch files needs (the libtorch plugin, about half
-// a second) now, so that the first average does not pay it. Thread-safe;
-// the daemon calls it from a thread of its own at mount start.
+// Prepares what averaging needs before the first average (nothing to load
+// since the PyTorch zip code is built in; kept so that the daemon's warm-up
+// at mount start has one place to grow). Thread-safe.
 Status PreloadAveraging();
 
 // members: the same file of each member checkpoint, newest first (at least

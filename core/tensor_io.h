@@ -62,26 +62,13 @@ unsigned AverageThreads(size_t count);
 Status RunInParallel(size_t count, const std::function<Status(size_t)>& fn,
                      const std::function<void()>& after);
 
-// PyTorch zip averaging lives in a plugin, libckptfs_torch.so, loaded on
-// first use: the plugin links libtorch, whose start-up (operator
-// registration, relocations) costs about half a second, which every
-// `ckptfs ls` would otherwise pay. Built with CKPTFS_TORCH_IN_CORE (and
-// torch_zip.cc in ckptfs_core), it is called directly instead: torch_zip.cc
-// needs nothing of libtorch but c10's header-only Half and BFloat16.
+// PyTorch zip averaging (core/torch_zip.cc): our own zip reader and writer
+// and c10's header-only Half and BFloat16; nothing of libtorch is loaded.
 Result<AverageResult> AverageTorchZip(const std::vector<std::string>& members, OutputFile* out,
                                       const ProgressFn& progress);
-// torch_zip.cc's implementation, which the plugin's entry point calls.
+// torch_zip.cc's implementation, which AverageTorchZip calls.
 Result<AverageResult> AverageTorchZipFiles(const std::vector<std::string>& members, OutputFile* out,
                                            const ProgressFn& progress);
-
-// The plugin's entry point (extern "C" so dlsym finds it by this name; the
-// name changes with the signature). The plugin holds its own copy of core,
-// so it asks the host's CancelRequested (core/cancel.h), passed here.
-using AverageTorchZipFn = void (*)(const std::vector<std::string>* members, OutputFile* out,
-                                   const ProgressFn* progress, bool (*cancel_requested)(),
-                                   Result<AverageResult>* result);
-inline constexpr char kTorchPluginEntry[] = "ckptfs_average_torch_zip_v3";
-inline constexpr char kTorchPluginName[] = "libckptfs_torch.so";
 Result<AverageResult> AverageSafetensors(const std::vector<std::string>& members, OutputFile* out,
                                          const ProgressFn& progress);
 

@@ -824,32 +824,3 @@ Result<AverageResult> AverageTorchZipFiles(const std::vector<std::string>& membe
 }
 
 }  // namespace ckptfs::core
-
-namespace {
-
-// The host's CancelRequested: this plugin's copy of core/cancel.cc is not the
-// one the daemon sets.
-std::atomic<bool (*)()> g_host_cancel{nullptr};
-
-bool HostCancelRequested(void* /*unused*/) {
-  bool (*host)() = g_host_cancel.load();
-  return host != nullptr && host();
-}
-
-}  // namespace
-
-extern "C" __attribute__((visibility("default"))) void ckptfs_average_torch_zip_v3(
-    const std::vector<std::string>* members, ckptfs::core::OutputFile* out,
-    const ckptfs::core::ProgressFn* progress, bool (*cancel_requested)(),
-    ckptfs::core::Result<ckptfs::core::AverageResult>* result) {
-  g_host_cancel.store(cancel_requested);
-  ckptfs::core::SetCancelCheck(HostCancelRequested, nullptr);
-  try {
-    *result = ckptfs::core::AverageTorchZipFiles(*members, out, *progress);
-  } catch (const std::bad_alloc&) {
-    *result = ckptfs::core::Status::FromErrno("averaging " + members->front(), ENOMEM);
-  } catch (const std::exception& e) {
-    *result =
-        ckptfs::core::Status::Corrupt("averaging " + members->front() + " failed: " + e.what());
-  }
-}

@@ -7,8 +7,7 @@
 #   scripts/e2e_repeat.sh [N] [REGEX]   REGEX: only tests matching it (ctest -R),
 #                                       e.g. scripts/e2e_repeat.sh 10 e2e_write
 # Builds build/ first if the ckptfs binary is missing (scripts/build.sh), and
-# otherwise brings what the e2e tests run up to date: the ckptfs binary and
-# the libtorch plugin (libckptfs_torch.so, which averaging loads).
+# otherwise brings what the e2e tests run up to date: the ckptfs binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs="${1:-20}"
@@ -20,7 +19,7 @@ fi
 if [[ ! -x build/fs/ckptfs ]]; then
   bash scripts/build.sh -DCKPTFS_WERROR=ON
 else
-  cmake --build build -j"$(nproc)" --target ckptfs ckptfs_torch >/dev/null
+  cmake --build build -j"$(nproc)" --target ckptfs >/dev/null
 fi
 selector=(-L e2e)
 [[ -n "$regex" ]] && selector+=(-R "$regex")

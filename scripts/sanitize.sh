@@ -11,9 +11,8 @@
 # prints them. The files catch what exit codes cannot: a CLI run a test
 # expects to fail, a daemon that mount(8) detached from the test's stderr.
 #
-# The ckptfs binary has the ASan runtime linked in and dlopens
-# libckptfs_torch.so, which is built with it too; libtorch, libfuse and
-# SQLite are not instrumented, so overflows inside them go unseen, but every
+# The ckptfs binary has the ASan runtime linked in (averaging included);
+# libfuse and SQLite are not instrumented, so overflows inside them go unseen, but every
 # call from our code into them is checked on our side.
 set -euo pipefail
 cd "$(dirname "$0")/.."

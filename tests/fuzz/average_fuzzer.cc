@@ -23,11 +23,6 @@ constexpr std::string_view kMemberSeparator = "\n--ckptfs-fuzz-member--\n";
 constexpr size_t kMaxMembers = 4;  // more adds cost, not coverage
 }  // namespace
 
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  ckptfs::fuzz::PreloadTorchPlugin();
-  return 0;
-}
-
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using ckptfs::fuzz::ScratchDir;
   std::string_view input(reinterpret_cast<const char*>(data), size);

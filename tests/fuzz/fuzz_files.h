@@ -7,7 +7,6 @@
 #ifndef CKPTFS_TESTS_FUZZ_FUZZ_FILES_H_
 #define CKPTFS_TESTS_FUZZ_FUZZ_FILES_H_
 
-#include <dlfcn.h>
 #include <fcntl.h>
 #include <ftw.h>
 #include <unistd.h>
@@ -66,19 +65,6 @@ inline void WriteFileOrDie(const std::string& path, const uint8_t* data, size_t 
   ::close(fd);
 }
 
-#ifdef CKPTFS_TORCH_PLUGIN_FILE
-// The plugin of this build, named explicitly (an installed one elsewhere on
-// the search path would be another build) and loaded before the first
-// input: libtorch's start-up under ASan takes seconds, which libFuzzer would
-// otherwise charge to an input as a timeout.
-inline void PreloadTorchPlugin() {
-  ::setenv("CKPTFS_TORCH_PLUGIN", CKPTFS_TORCH_PLUGIN_FILE, 1);
-  if (::dlopen(CKPTFS_TORCH_PLUGIN_FILE, RTLD_NOW | RTLD_LOCAL) == nullptr) {
-    std::fprintf(stderr, "%s\n", ::dlerror());
-    std::abort();
-  }
-}
-#endif
 
 }  // namespace ckptfs::fuzz
 

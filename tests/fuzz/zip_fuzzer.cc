@@ -1,11 +1,10 @@
 // libFuzzer target: a PyTorch zip checkpoint (torch.save since 1.6) averaged
 // end to end, exactly as avg/ views do: DetectFormat, the completeness check,
-// then AverageFiles with the input as both members. That dlopens
-// libckptfs_torch.so (built instrumented in the fuzz build, like the code
-// under test) and runs caffe2's zip reader (libtorch's own code, not
-// instrumented), our pickle reader on data.pkl, tensor extents against
-// storages, our record bounds over the zip directory (Map/View in
-// core/torch_zip.cc), the float accumulation and the zip writer.
+// then AverageFiles with the input as both members: our zip reader
+// (core/zip_reader.cc), our pickle reader on data.pkl, tensor extents
+// against storages, record bounds over the zip directory
+// (core/torch_zip.cc), the float accumulation and our zip writer, all
+// built in and instrumented.
 #include <unistd.h>
 
 #include <cstddef>
@@ -14,11 +13,6 @@
 
 #include "core/averaging.h"
 #include "fuzz_files.h"
-
-extern "C" int LLVMFuzzerInitialize(int*, char***) {
-  ckptfs::fuzz::PreloadTorchPlugin();
-  return 0;
-}
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   using ckptfs::fuzz::ScratchDir;
