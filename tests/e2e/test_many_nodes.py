@@ -156,6 +156,14 @@ class ManyNodesTest(unittest.TestCase):
         self.assertNotIn("standby", a.log())
         self.assertNotIn(".ckptfs-lease", os.listdir(os.path.join(a.mnt)))  # hidden
         self.assertIn(".ckptfs-lease", os.listdir(self.src))
+        # `ckptfs prune` is one more pruner: it refuses while a mount holds the lease.
+        prune = subprocess.run([CKPTFS, "prune", "--index", os.path.join(self.tmp, "cli.sqlite"),
+                                "--keep-last", "1", self.src], capture_output=True, text=True)
+        self.assertEqual(prune.returncode, 1, prune.stdout + prune.stderr)
+        self.assertIn("holds the pruning lease", prune.stderr)
+        dry = subprocess.run([CKPTFS, "prune", "--dry-run", "--index", os.path.join(self.tmp, "cli.sqlite"),
+                              "--keep-last", "1", self.src], capture_output=True, text=True)
+        self.assertEqual(dry.returncode, 0, dry.stdout + dry.stderr)
 
         poll_lags = []
         i = 1
