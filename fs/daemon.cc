@@ -358,6 +358,10 @@ class Ticker {
   std::thread thread_;
 };
 
+// On a shared source, staging changed within this many seconds (or
+// --commit-wait, if longer) is taken for another node's write in progress.
+constexpr int64_t kSharedStagingQuietSeconds = 120;
+
 // How often a standby daemon tries the pruning lease when it does not poll.
 constexpr std::chrono::milliseconds kLeaseRetry{2000};
 
@@ -435,8 +439,19 @@ int RunMount(const Options& opt) {
     if (all.ok()) {
       for (const core::Checkpoint& c : *all) experiments.insert(c.experiment);
     }
+    // On a shared source, staging that changed lately may be another node's
+    // write in progress, not a killed run's: it is left for a later start.
+    const auto live = std::chrono::seconds(
+        std::max<int64_t>(kSharedStagingQuietSeconds, static_cast<int64_t>(opt.commit_wait)));
     for (const std::string& e : experiments) {
-      Committer::RecoverStaging(*source, e);
+      if ((source_fs.shared || poll_seconds > 0) && StagingActive(*source, e, live)) {
+        core::Log(LogLevel::kInfo,
+                  "%s/%s: changed in the last %lld s, perhaps by another node writing through "
+                  "new/; left in place (recovered at a later start if it stays unchanged)",
+                  e.c_str(), core::kStagingDir, static_cast<long long>(live.count()));
+      } else {
+        Committer::RecoverStaging(*source, e);
+      }
       if (core::Status s = core::RemoveTrash(*source, e); !s.ok()) {
         core::Log(LogLevel::kError, "trash cleanup skipped: %s", s.message().c_str());
       }

@@ -1,7 +1,12 @@
 #include "fs/source_fs.h"
 
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/vfs.h>
+#include <unistd.h>
 
+#include <ctime>
 #include <fstream>
 #include <sstream>
 #include <vector>
@@ -48,7 +53,52 @@ bool Under(const std::string& path, const std::string& mountpoint) {
           path[mountpoint.size()] == '/');
 }
 
+// Whether dir_fd or anything below it changed at or after since. budget:
+// entries left to look at; running out reads as changed.
+bool ChangedSince(int dir_fd, std::time_t since, int depth, int* budget) {
+  const int dup_fd = ::dup(dir_fd);
+  DIR* d = dup_fd < 0 ? nullptr : ::fdopendir(dup_fd);
+  if (d == nullptr) {
+    if (dup_fd >= 0) ::close(dup_fd);
+    return false;
+  }
+  bool changed = false;
+  while (!changed) {
+    struct dirent* e = ::readdir(d);
+    if (e == nullptr) break;
+    const std::string n = e->d_name;
+    if (n == "." || n == "..") continue;
+    if (--*budget < 0) {
+      changed = true;
+      break;
+    }
+    struct stat st {};
+    if (::fstatat(dir_fd, n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+    if (st.st_mtime >= since || st.st_ctime >= since) {
+      changed = true;
+    } else if (S_ISDIR(st.st_mode) && depth > 0) {
+      const int sub = ::openat(dir_fd, n.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+      if (sub >= 0) {
+        changed = ChangedSince(sub, since, depth - 1, budget);
+        ::close(sub);
+      }
+    }
+  }
+  ::closedir(d);
+  return changed;
+}
+
 }  // namespace
+
+bool StagingActive(const core::Beneath& source, const std::string& experiment,
+                   std::chrono::seconds window) {
+  core::Result<core::ScopedFd> staging =
+      core::OpenOwnDirUnder(source, experiment, core::kStagingDir, false);
+  if (!staging.ok()) return false;
+  const std::time_t since = std::time(nullptr) - static_cast<std::time_t>(window.count());
+  int budget = kStagingWalkBudget;
+  return ChangedSince(staging->get(), since, kStagingWalkDepth, &budget);
+}
 
 SourceFilesystem ClassifyFilesystem(long f_type, const std::string& mount_fstype) {
   SourceFilesystem fs;

@@ -9,7 +9,10 @@
 #ifndef CKPTFS_FS_SOURCE_FS_H_
 #define CKPTFS_FS_SOURCE_FS_H_
 
+#include <chrono>
 #include <string>
+
+#include "core/beneath.h"
 
 namespace ckptfs::fs {
 
@@ -30,6 +33,18 @@ std::string MountFstype(const std::string& mountinfo, const std::string& path);
 // statfs(source) and /proc/self/mountinfo, classified. A statfs that fails
 // reads as local.
 SourceFilesystem DescribeSourceFilesystem(const std::string& source);
+
+// Whether anything in experiment's staging directory (core::kStagingDir)
+// was modified or changed within `window` of now: on a shared source, what
+// another node is writing through its new/ right now, which a starting
+// daemon must not move aside as a killed run's leftovers. Walks at most
+// kStagingWalkBudget entries, kStagingWalkDepth deep, without following a
+// link (what is past the budget counts as active: left alone). false when
+// there is no staging directory or it is refused (RecoverStaging reports that).
+inline constexpr int kStagingWalkBudget = 100000;
+inline constexpr int kStagingWalkDepth = 16;
+bool StagingActive(const core::Beneath& source, const std::string& experiment,
+                   std::chrono::seconds window);
 
 }  // namespace ckptfs::fs
 

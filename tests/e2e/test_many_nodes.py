@@ -188,9 +188,29 @@ class ManyNodesTest(unittest.TestCase):
             self.commit_through(b, [], i)
         self.assertTrue(wait_for(lambda: len(deletions(b.log())) >= 3, timeout=5), b.log())
 
-        # The first node comes back: it serves, writes commit through it, and it stands by.
-        a2 = self.start("a", "--poll", str(POLL))
-        self.assertTrue(wait_for(lambda: "retention: standby" in a2.log(), timeout=5), a2.log())
+        # The first node comes back while b's writer is in the middle of a save:
+        # it serves, stands by, and leaves that save in staging for b to commit.
+        i += 1
+        d = os.path.join(b.mnt, "exp", "new", "CKPT+%d" % i)
+        os.mkdir(d)
+        with open(os.path.join(d, "CKPT.yaml"), "w") as f:
+            f.write("unixtime: %d\nloss: 0.5\n" % (100 * i))
+        held = open(os.path.join(d, "model.ckpt"), "wb")
+        try:
+            torch.save({"w": torch.randn(64)}, held)
+            held.flush()
+            a2 = self.start("a", "--poll", str(POLL))
+            self.assertTrue(wait_for(lambda: "retention: standby" in a2.log(), timeout=5), a2.log())
+            self.assertIn("left in place", a2.log())
+            self.assertFalse(os.path.exists(os.path.join(self.exp, ".ckptfs-abandoned")))
+        finally:
+            held.close()
+        want = os.path.join(self.exp, "CKPT+%d" % i)
+        for node in (b, a2):
+            self.assertTrue(wait_for(lambda: checkpoint_of(os.path.join(node.mnt, "exp", "latest")) == want,
+                                     timeout=VIEW_TIMEOUT), node.log())
+        self.assertTrue(wait_for(lambda: self.on_disk() == ["CKPT+%d" % (i - 1), "CKPT+%d" % i],
+                                 timeout=VIEW_TIMEOUT), self.on_disk())
         for _ in range(4):
             i += 1
             writer, reader = (a2, b) if i % 2 == 0 else (b, a2)

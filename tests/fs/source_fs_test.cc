@@ -2,6 +2,10 @@
 #include "fs/source_fs.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "test_util.h"
 
 namespace ckptfs::fs {
 namespace {
@@ -51,6 +55,32 @@ TEST(SourceFilesystemTest, MountFstypeTakesTheInnermostMount) {
   EXPECT_EQ(MountFstype(mountinfo, "/data/bucketeer"), "nfs4");
   EXPECT_EQ(MountFstype(mountinfo, "/mnt/with space/x"), "fuse.goofys");
   EXPECT_EQ(MountFstype("", "/x"), "");
+}
+
+// Another node's save in progress is found, however deep; no staging, an
+// empty one or one that is not ckptfs's own reads as nothing in progress.
+TEST(SourceFilesystemTest, StagingActive) {
+  testing::TempDir dir;
+  const std::string src = dir.path() + "/src", exp = src + "/exp";
+  testing::MakeDirs(exp);
+  auto source = core::Beneath::Open(src);
+  ASSERT_TRUE(source.ok());
+  const auto window = std::chrono::seconds(120);
+  EXPECT_FALSE(StagingActive(*source, exp, window));  // none
+  const std::string staging = exp + "/" + core::kStagingDir;
+  ASSERT_EQ(::mkdir(staging.c_str(), 0700), 0);
+  EXPECT_FALSE(StagingActive(*source, exp, window));  // empty
+  testing::WriteFile(staging + "/CKPT+2/sub/model.ckpt", "x");
+  const double old = 1e9;  // 2001
+  testing::SetMtime(staging + "/CKPT+2/sub/model.ckpt", old);
+  testing::SetMtime(staging + "/CKPT+2/sub", old);
+  EXPECT_TRUE(StagingActive(*source, exp, window));  // changed just now (ctime, mtime above)
+  EXPECT_FALSE(
+      StagingActive(*source, exp, std::chrono::seconds(-3600)));  // nothing after an hour from now
+  testing::RemoveTree(staging);
+  testing::MakeDirs(dir.path() + "/elsewhere/CKPT+3");
+  ASSERT_EQ(::symlink((dir.path() + "/elsewhere").c_str(), staging.c_str()), 0);
+  EXPECT_FALSE(StagingActive(*source, exp, window));  // refused: not ckptfs's own
 }
 
 }  // namespace
