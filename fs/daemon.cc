@@ -443,15 +443,19 @@ int RunMount(const Options& opt) {
     // write in progress, not a killed run's: it is left for a later start.
     const auto live = std::chrono::seconds(
         std::max<int64_t>(kSharedStagingQuietSeconds, static_cast<int64_t>(opt.commit_wait)));
+    const bool shared = source_fs.shared || poll_seconds > 0;
+    auto in_use = [&](const std::string& e, const char* name) {
+      if (!shared || !OwnDirActive(*source, e, name, live)) return false;
+      core::Log(LogLevel::kInfo,
+                "%s/%s: changed in the last %lld s, perhaps by another node writing or "
+                "deleting through new/; left in place (cleaned up at a later start if it stays "
+                "unchanged)",
+                e.c_str(), name, static_cast<long long>(live.count()));
+      return true;
+    };
     for (const std::string& e : experiments) {
-      if ((source_fs.shared || poll_seconds > 0) && StagingActive(*source, e, live)) {
-        core::Log(LogLevel::kInfo,
-                  "%s/%s: changed in the last %lld s, perhaps by another node writing through "
-                  "new/; left in place (recovered at a later start if it stays unchanged)",
-                  e.c_str(), core::kStagingDir, static_cast<long long>(live.count()));
-      } else {
-        Committer::RecoverStaging(*source, e);
-      }
+      if (!in_use(e, core::kStagingDir)) Committer::RecoverStaging(*source, e);
+      if (in_use(e, core::kTrashDir)) continue;
       if (core::Status s = core::RemoveTrash(*source, e); !s.ok()) {
         core::Log(LogLevel::kError, "trash cleanup skipped: %s", s.message().c_str());
       }

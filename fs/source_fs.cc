@@ -90,14 +90,13 @@ bool ChangedSince(int dir_fd, std::time_t since, int depth, int* budget) {
 
 }  // namespace
 
-bool StagingActive(const core::Beneath& source, const std::string& experiment,
-                   std::chrono::seconds window) {
-  core::Result<core::ScopedFd> staging =
-      core::OpenOwnDirUnder(source, experiment, core::kStagingDir, false);
-  if (!staging.ok()) return false;
+bool OwnDirActive(const core::Beneath& source, const std::string& experiment,
+                  const std::string& name, std::chrono::seconds window) {
+  core::Result<core::ScopedFd> dir = core::OpenOwnDirUnder(source, experiment, name, false);
+  if (!dir.ok()) return false;
   const std::time_t since = std::time(nullptr) - static_cast<std::time_t>(window.count());
-  int budget = kStagingWalkBudget;
-  return ChangedSince(staging->get(), since, kStagingWalkDepth, &budget);
+  int budget = kOwnDirWalkBudget;
+  return ChangedSince(dir->get(), since, kOwnDirWalkDepth, &budget);
 }
 
 SourceFilesystem ClassifyFilesystem(long f_type, const std::string& mount_fstype) {

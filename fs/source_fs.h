@@ -34,17 +34,18 @@ std::string MountFstype(const std::string& mountinfo, const std::string& path);
 // reads as local.
 SourceFilesystem DescribeSourceFilesystem(const std::string& source);
 
-// Whether anything in experiment's staging directory (core::kStagingDir)
-// was modified or changed within `window` of now: on a shared source, what
-// another node is writing through its new/ right now, which a starting
-// daemon must not move aside as a killed run's leftovers. Walks at most
-// kStagingWalkBudget entries, kStagingWalkDepth deep, without following a
-// link (what is past the budget counts as active: left alone). false when
-// there is no staging directory or it is refused (RecoverStaging reports that).
-inline constexpr int kStagingWalkBudget = 100000;
-inline constexpr int kStagingWalkDepth = 16;
-bool StagingActive(const core::Beneath& source, const std::string& experiment,
-                   std::chrono::seconds window);
+// Whether anything in one of experiment's own hidden directories (name:
+// core::kStagingDir, core::kTrashDir) was modified or changed within
+// `window` of now: on a shared source, what another node is writing through
+// its new/ (or deleting through it) right now, which a starting daemon must
+// not take for a killed run's leftovers. Walks at most kOwnDirWalkBudget
+// entries, kOwnDirWalkDepth deep, without following a link (what is past
+// the budget counts as active: left alone). false when the directory is
+// missing or refused (its users report that).
+inline constexpr int kOwnDirWalkBudget = 100000;
+inline constexpr int kOwnDirWalkDepth = 16;
+bool OwnDirActive(const core::Beneath& source, const std::string& experiment,
+                  const std::string& name, std::chrono::seconds window);
 
 }  // namespace ckptfs::fs
 

@@ -59,28 +59,29 @@ TEST(SourceFilesystemTest, MountFstypeTakesTheInnermostMount) {
 
 // Another node's save in progress is found, however deep; no staging, an
 // empty one or one that is not ckptfs's own reads as nothing in progress.
-TEST(SourceFilesystemTest, StagingActive) {
+TEST(SourceFilesystemTest, OwnDirActive) {
   testing::TempDir dir;
   const std::string src = dir.path() + "/src", exp = src + "/exp";
   testing::MakeDirs(exp);
   auto source = core::Beneath::Open(src);
   ASSERT_TRUE(source.ok());
   const auto window = std::chrono::seconds(120);
-  EXPECT_FALSE(StagingActive(*source, exp, window));  // none
+  EXPECT_FALSE(OwnDirActive(*source, exp, core::kStagingDir, window));  // none
   const std::string staging = exp + "/" + core::kStagingDir;
   ASSERT_EQ(::mkdir(staging.c_str(), 0700), 0);
-  EXPECT_FALSE(StagingActive(*source, exp, window));  // empty
+  EXPECT_FALSE(OwnDirActive(*source, exp, core::kStagingDir, window));  // empty
   testing::WriteFile(staging + "/CKPT+2/sub/model.ckpt", "x");
   const double old = 1e9;  // 2001
   testing::SetMtime(staging + "/CKPT+2/sub/model.ckpt", old);
   testing::SetMtime(staging + "/CKPT+2/sub", old);
-  EXPECT_TRUE(StagingActive(*source, exp, window));  // changed just now (ctime, mtime above)
-  EXPECT_FALSE(
-      StagingActive(*source, exp, std::chrono::seconds(-3600)));  // nothing after an hour from now
+  EXPECT_TRUE(OwnDirActive(*source, exp, core::kStagingDir,
+                           window));  // changed just now (ctime, mtime above)
+  EXPECT_FALSE(OwnDirActive(*source, exp, core::kStagingDir,
+                            std::chrono::seconds(-3600)));  // nothing after an hour from now
   testing::RemoveTree(staging);
   testing::MakeDirs(dir.path() + "/elsewhere/CKPT+3");
   ASSERT_EQ(::symlink((dir.path() + "/elsewhere").c_str(), staging.c_str()), 0);
-  EXPECT_FALSE(StagingActive(*source, exp, window));  // refused: not ckptfs's own
+  EXPECT_FALSE(OwnDirActive(*source, exp, core::kStagingDir, window));  // refused: not ckptfs's own
 }
 
 }  // namespace
