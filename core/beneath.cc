@@ -284,7 +284,7 @@ Result<ScopedFd> OpenOwnDir(int dir_fd, const std::string& dir, const std::strin
 }
 
 bool IsOwnDirName(const std::string& name) {
-  return name == kTrashDir || name == kStagingDir || name == kAbandonedDir;
+  return name == kTrashDir || name == kStagingDir || name == kAbandonedDir || name == kLeaseDir;
 }
 
 Result<ScopedFd> OpenOwnDirUnder(const Beneath& source, const std::string& dir,

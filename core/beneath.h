@@ -128,12 +128,14 @@ Status RemoveTreeAt(int dir_fd, const std::string& name, const std::string& what
 inline constexpr char kTrashDir[] = ".ckptfs-trash";          // deletions in flight
 inline constexpr char kStagingDir[] = ".ckptfs-staging";      // what new/ is writing
 inline constexpr char kAbandonedDir[] = ".ckptfs-abandoned";  // staging left by a stopped run
+// At SOURCE's root only: the pruning lease (index/lease.h).
+inline constexpr char kLeaseDir[] = ".ckptfs-lease";
 
-// Whether name is one of the three above (the mount hides them).
+// Whether name is one of the four above (the mount hides them).
 bool IsOwnDirName(const std::string& name);
 
 // One of ckptfs's own hidden directories (kTrashDir, kStagingDir,
-// kAbandonedDir) in the directory dir_fd (whose path is dir, for messages):
+// kAbandonedDir, kLeaseDir) in the directory dir_fd (whose path is dir, for messages):
 // created mode 0700 with mkdirat when create is set and it is missing, then
 // checked with fstatat(AT_SYMLINK_NOFOLLOW): it must be a real directory
 // owned by owner, not writable by group or others. Anything else (a

@@ -15,6 +15,7 @@
 #include <iostream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,7 @@
 #include "fs/mount_status.h"
 #include "fs/options.h"
 #include "index/index.h"
+#include "index/lease.h"
 #include "index/pruner.h"
 #include "index/resolver.h"
 
@@ -107,7 +109,12 @@ const char kUsage[] =
     "  --direct-new     new/NAME directories become symbolic links into the staging area\n"
     "                   once created: their files are written at disk speed, not through\n"
     "                   the daemon (writers must see the source's path, as with --links)\n"
-    "  POLICY           retention rules (above): run after every commit and new checkpoint\n"
+    "  --poll S         look for changes by rescanning every S seconds instead of inotify,\n"
+    "                   which misses what other nodes write; on by itself (every 2 s) when\n"
+    "                   SOURCE is on NFS, Lustre, CephFS, SMB or FUSE; --poll 0 turns it off\n"
+    "  POLICY           retention rules (above): run after every commit and new checkpoint;\n"
+    "                   with several daemons on one SOURCE only the holder of the lease\n"
+    "                   (SOURCE/.ckptfs-lease/lease) prunes, the others stand by\n"
     "  -d               FUSE debug output (implies -f)\n"
     "\n"
     "Under systemd (ckptfs@NAME.service runs `ckptfs mount -f --name NAME`), readiness is\n"
@@ -288,6 +295,24 @@ int RunPrune(const Options& opt) {
   if (!idx.ok()) return Fail(idx.status());
   Result<core::Beneath> source = core::Beneath::Open((*idx)->source());
   if (!source.ok()) return Fail(source.status());
+  // One pruner per source: a mount that prunes holds the lease; prune waits
+  // for nobody and refuses instead (a dry run changes nothing: no lease).
+  std::optional<index::Lease> lease;
+  if (!opt.dry_run && !opt.policy.empty()) {
+    Result<index::Lease> opened = index::Lease::Open(*source);
+    if (!opened.ok()) return Fail(opened.status());
+    lease.emplace(std::move(*opened));
+    Result<bool> got = lease->TryAcquire();
+    if (!got.ok()) return Fail(got.status());
+    if (!*got) {
+      const std::string holder = lease->Holder();
+      return Fail(Status::Exists(
+          "another ckptfs process" + (holder.empty() ? "" : " (" + holder + ")") +
+          " holds the pruning lease " + lease->path() +
+          " and prunes this source with its own policy; nothing deleted (use --dry-run to see "
+          "what this policy would delete, or stop that mount's policy)"));
+    }
+  }
   Result<index::PruneReport> report =
       index::Prune(idx->get(), *source, opt.policy, {}, opt.dry_run, nullptr);
   if (!report.ok()) return Fail(report.status());

@@ -22,6 +22,7 @@
 #include <iterator>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <system_error>
@@ -37,6 +38,8 @@
 #include "fs/mount_status.h"
 #include "fs/node_table.h"
 #include "fs/options.h"
+#include "fs/source_fs.h"
+#include "index/lease.h"
 #include "index/pruner.h"
 #include "index/resolver.h"
 #include "index/watcher.h"
@@ -318,6 +321,52 @@ void DetachDeadMount(const std::string& mountpoint) {
   }
 }
 
+// Runs fn every period on its own thread (stop signals blocked) until
+// destroyed; the destructor returns once the call under way, if any, has.
+class Ticker {
+ public:
+  Ticker(std::chrono::milliseconds period, std::function<void()> fn)
+      : period_(period), fn_(std::move(fn)) {
+    WithStopSignalsBlocked([this] {
+      thread_ = std::thread([this] { core::CatchAndLog("ticker", [this] { Run(); }); });
+    });
+  }
+  Ticker(const Ticker&) = delete;
+  Ticker& operator=(const Ticker&) = delete;
+  ~Ticker() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ private:
+  void Run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!cv_.wait_for(lock, period_, [this] { return stop_; })) {
+      lock.unlock();
+      core::CatchAndLog("ticker", fn_);
+      lock.lock();
+    }
+  }
+
+  const std::chrono::milliseconds period_;
+  std::function<void()> fn_;
+  std::mutex mu_;  // guards stop_
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+// On a shared source, staging changed within this many seconds (or
+// --commit-wait, if longer) is taken for another node's write in progress.
+constexpr int64_t kSharedStagingQuietSeconds = 120;
+
+// How often a standby daemon tries the pruning lease when it does not poll.
+constexpr std::chrono::milliseconds kLeaseRetry{2000};
+
 void RecordError(void* status, const char* message) {
   static_cast<MountStatus*>(status)->Record(EventKind::kError, message);
 }
@@ -360,6 +409,31 @@ int RunMount(const Options& opt) {
     return 1;
   }
   averages.set_source(&*source);
+  // A source shared with other nodes: their changes reach inotify never, so
+  // the watcher polls; an object store's rename copies, so new/ is refused.
+  const SourceFilesystem source_fs = DescribeSourceFilesystem(opt.source);
+  double poll_seconds = opt.poll > 0 ? opt.poll : 0;
+  if (opt.poll < 0 && source_fs.shared) {
+    poll_seconds = kAutoPollSeconds;
+    core::Log(LogLevel::kInfo,
+              "%s is on %s, a shared filesystem: polling for changes every %.1f s instead of "
+              "inotify (--poll 0 turns this off)",
+              opt.source.c_str(), source_fs.name.c_str(), poll_seconds);
+  } else if (poll_seconds > 0) {
+    core::Log(LogLevel::kInfo, "polling %s for changes every %.1f s (--poll)", opt.source.c_str(),
+              poll_seconds);
+  }
+  // One pruner per source: only the holder of the lease prunes (index/lease.h).
+  std::optional<index::Lease> lease;
+  if (!opt.policy.empty()) {
+    auto opened = index::Lease::Open(*source);
+    if (!opened.ok()) {
+      core::Log(LogLevel::kError, "retention needs the pruning lease, refused: %s",
+                opened.status().message().c_str());
+      return 1;
+    }
+    lease.emplace(std::move(*opened));
+  }
   // What a killed daemon left half-written in new/ is never committed.
   {
     auto all = (*idx)->List(opt.source);
@@ -367,13 +441,29 @@ int RunMount(const Options& opt) {
     if (all.ok()) {
       for (const core::Checkpoint& c : *all) experiments.insert(c.experiment);
     }
+    // On a shared source, staging that changed lately may be another node's
+    // write in progress, not a killed run's: it is left for a later start.
+    const auto live = std::chrono::seconds(
+        std::max<int64_t>(kSharedStagingQuietSeconds, static_cast<int64_t>(opt.commit_wait)));
+    const bool shared = source_fs.shared || poll_seconds > 0;
+    auto in_use = [&](const std::string& e, const char* name) {
+      if (!shared || !OwnDirActive(*source, e, name, live)) return false;
+      core::Log(LogLevel::kInfo,
+                "%s/%s: changed in the last %lld s, perhaps by another node writing or "
+                "deleting through new/; left in place (cleaned up at a later start if it stays "
+                "unchanged)",
+                e.c_str(), name, static_cast<long long>(live.count()));
+      return true;
+    };
     for (const std::string& e : experiments) {
-      Committer::RecoverStaging(*source, e);
+      if (!in_use(e, core::kStagingDir)) Committer::RecoverStaging(*source, e);
+      if (in_use(e, core::kTrashDir)) continue;
       if (core::Status s = core::RemoveTrash(*source, e); !s.ok()) {
         core::Log(LogLevel::kError, "trash cleanup skipped: %s", s.message().c_str());
       }
     }
   }
+  std::unique_ptr<Ticker> lease_retry;  // stopped before what it uses
   // Notifications need the session, made below; threads that send them
   // start only once it exists.
   std::unique_ptr<Notifier> notifier;
@@ -410,9 +500,34 @@ int RunMount(const Options& opt) {
   };
   std::mutex prune_mu;  // one retention run at a time
   NodeTable* table_ptr = nullptr;
+  // said_standby: this daemon said it stands by and has not taken over since.
+  std::atomic<bool> said_standby{false}, said_lease_error{false};
+  // Whether this daemon holds the lease now, taking it if it is free.
+  auto holds_lease = [&]() {
+    auto got = lease->TryAcquire();
+    if (!got.ok()) {
+      if (!said_lease_error.exchange(true)) {
+        core::Log(LogLevel::kError, "retention paused: %s", got.status().message().c_str());
+      }
+      return false;
+    }
+    if (*got && said_standby.exchange(false)) {
+      core::Log(LogLevel::kInfo, "retention: took over the pruning lease %s; pruning here",
+                lease->path().c_str());
+    }
+    if (!*got && !said_standby.exchange(true)) {
+      const std::string holder = lease->Holder();
+      core::Log(LogLevel::kInfo,
+                "retention: standby; another ckptfs daemon%s%s holds the pruning lease %s and "
+                "prunes; this one serves and takes over if that one stops",
+                holder.empty() ? "" : " on ", holder.c_str(), lease->path().c_str());
+    }
+    return *got;
+  };
   auto prune = [&](const std::vector<std::string>& experiments) {
     if (opt.policy.empty() || experiments.empty()) return;
     std::lock_guard<std::mutex> lock(prune_mu);
+    if (!holds_lease()) return;
     auto report = index::Prune(idx->get(), *source, opt.policy, experiments, false,
                                [&](const std::string& path) { return table_ptr->IsOpen(path); });
     if (!report.ok()) {
@@ -469,7 +584,14 @@ int RunMount(const Options& opt) {
       send(table_ptr->PathChanged(experiment, name));
     });
   });
-  table_options.committer = committer.get();
+  if (source_fs.atomic_rename) {
+    table_options.committer = committer.get();
+  } else {
+    core::Log(LogLevel::kWarning,
+              "%s is on %s, whose rename copies (not atomic): new/ is read-only here, since a "
+              "commit could be seen half-done; write checkpoints elsewhere",
+              opt.source.c_str(), source_fs.name.c_str());
+  }
   NodeTable table(idx->get(), table_options);
   table_ptr = &table;
 
@@ -559,8 +681,10 @@ int RunMount(const Options& opt) {
       for (const core::Checkpoint& c : *all) experiments.insert(c.experiment);
       prune(std::vector<std::string>(experiments.begin(), experiments.end()));
     };
+    index::Watcher::Settings watch_settings;
+    watch_settings.poll = std::chrono::milliseconds(static_cast<int64_t>(poll_seconds * 1000));
     WithStopSignalsBlocked([&] {
-      watcher = index::Watcher::Start(idx->get(), callbacks, index::Watcher::Settings{});
+      watcher = index::Watcher::Start(idx->get(), callbacks, watch_settings);
       committer->Start();
     });
     if (!watcher.ok()) {
@@ -579,6 +703,25 @@ int RunMount(const Options& opt) {
       std::set<std::string> experiments;
       if (all.ok()) {
         for (const core::Checkpoint& c : *all) experiments.insert(c.experiment);
+      }
+      if (!holds_lease()) {
+        // A standby tries again every poll period (or kLeaseRetry): the
+        // kernel, or the NFS lock manager, frees the lease when its holder
+        // dies or unmounts; the new holder then prunes everything once.
+        const auto period = poll_seconds > 0 ? watch_settings.poll : kLeaseRetry;
+        lease_retry = std::make_unique<Ticker>(period, [&] {
+          if (lease->held()) return;
+          auto now_all = (*idx)->List(opt.source);
+          std::set<std::string> exps;
+          if (now_all.ok()) {
+            for (const core::Checkpoint& c : *now_all) exps.insert(c.experiment);
+          }
+          if (exps.empty()) {
+            (void)holds_lease();  // nothing to prune yet, but the lease is taken
+            return;
+          }
+          prune(std::vector<std::string>(exps.begin(), exps.end()));
+        });
       }
       prune(std::vector<std::string>(experiments.begin(), experiments.end()));
     }
@@ -606,6 +749,7 @@ int RunMount(const Options& opt) {
   // step.
   signals.Finish();
   if (notifier != nullptr) notifier->Close();
+  lease_retry.reset();
   // A clean stop commits what is complete (no writer is left); what was
   // really mid-write stays staged, moved aside at the next start.
   if (committer != nullptr) {

@@ -51,6 +51,7 @@ const FlagSpec kFlags[] = {
     {"--commit-quiet", true, kMount},
     {"--commit-wait", true, kMount},
     {"--explicit-commit", false, kMount},
+    {"--poll", true, kMount},
     {"--links", false, kMount},
     {"--direct-new", false, kMount},
     {"--log-level", true, kMount | Bit(Command::kPrune)},
@@ -260,6 +261,14 @@ Status Apply(const Arg& a, Options* opt) {
     seconds = std::strtod(v.c_str(), &end);
     if (end == v.c_str() || *end != '\0' || !(seconds >= 0) || seconds > 3600) {
       return Status::InvalidArgument(f + ": expected seconds from 0 to 3600, got '" + v + "'");
+    }
+  } else if (f == "--poll") {
+    char* end = nullptr;
+    opt->poll = std::strtod(v.c_str(), &end);
+    if (end == v.c_str() || *end != '\0' || !(opt->poll >= 0) || opt->poll > 3600 ||
+        (opt->poll > 0 && opt->poll < 0.1)) {
+      return Status::InvalidArgument(
+          "--poll: expected seconds from 0.1 to 3600 (0: inotify only), got '" + v + "'");
     }
   } else if (f == "--log-level") {
     Result<core::LogLevel> level = ParseLogLevel(v);

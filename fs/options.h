@@ -17,6 +17,9 @@ namespace ckptfs::fs {
 
 enum class Command { kHelp, kVersion, kLs, kResolve, kCat, kPrune, kMount, kStatus };
 
+// --poll's period when the daemon turns polling on by itself.
+inline constexpr double kAutoPollSeconds = 2.0;
+
 // Where --name looks for its mount when no --config is given.
 inline constexpr char kDefaultConfigPath[] = "/etc/ckptfs/ckptfs.json";
 
@@ -39,6 +42,10 @@ struct Options {
   double commit_quiet = 0.3;   // mount --commit-quiet SECONDS
   double commit_wait = 30.0;   // mount --commit-wait SECONDS
   bool explicit_commit = false;  // mount --explicit-commit
+  // mount --poll SECONDS: rescan at that period instead of inotify (shared
+  // filesystems); 0: inotify even on a network filesystem; < 0 (not given):
+  // poll every kAutoPollSeconds if SOURCE is on a network or FUSE filesystem.
+  double poll = -1;
   core::RetentionPolicy policy;  // prune and mount: --keep-*, --max-bytes, --policy FILE
   std::vector<std::string> fuse_options;  // mount -o items that are not ckptfs options
 };

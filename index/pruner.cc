@@ -2,6 +2,7 @@
 
 #include <sys/stat.h>
 
+#include <cerrno>
 #include <map>
 #include <mutex>
 #include <set>
@@ -14,6 +15,10 @@ using core::Result;
 using core::Status;
 
 namespace {
+
+bool Gone(const Status& s) {
+  return s.code() == core::StatusCode::kNotFound || s.sys_errno() == ENOENT;
+}
 
 // Whether message has not been logged by this process yet: a refusal or an
 // ignored checkpoint is news once, not at every pruning run.
@@ -64,6 +69,13 @@ Result<PruneReport> Prune(Index* index, const core::Beneath& source,
       const core::Checkpoint& c = checkpoints[i];
       struct stat st {};
       Status s = source.Lstat(c.path, &st);
+      if (Gone(s)) {
+        // Deleted meanwhile (by another node's pruner, or by hand): not an
+        // error, and the index forgets it below.
+        core::Log(core::LogLevel::kDebug, "retention: %s is gone already", c.path.c_str());
+        removed.emplace_back(experiment, c.name);
+        continue;
+      }
       if (s.ok() && !core::CountsForRetention(est.st_uid, st.st_uid)) {
         s = Status::Permission("owned by uid " + std::to_string(st.st_uid) +
                                ", not the experiment's owner (uid " + std::to_string(est.st_uid) +
@@ -88,6 +100,12 @@ Result<PruneReport> Prune(Index* index, const core::Beneath& source,
       PruneEntry e{checkpoints[counted[k]], decisions[k], false, ""};
       if (!e.decision.keep && !dry_run) {
         Status s = core::DeleteCheckpoint(source, e.checkpoint);
+        if (Gone(s)) {
+          core::Log(core::LogLevel::kDebug, "retention: %s was deleted meanwhile",
+                    e.checkpoint.path.c_str());
+          removed.emplace_back(experiment, e.checkpoint.name);
+          continue;
+        }
         if (s.ok()) {
           e.deleted = true;
           ++report.deleted;

@@ -41,11 +41,16 @@ class Watcher::Impl {
     ssize_t ignored = ::write(stop_fd_, &one, sizeof(one));
     (void)ignored;
     if (thread_.joinable()) thread_.join();
-    ::close(inotify_fd_);
+    if (inotify_fd_ >= 0) ::close(inotify_fd_);
     ::close(stop_fd_);
   }
 
   void Begin() {
+    if (polling()) {
+      // The caller has just scanned; the first poll comes one period later.
+      thread_ = std::thread([this] { core::CatchAndLog("watcher", [this] { Loop(); }); });
+      return;
+    }
     WatchAll();
     // Whatever changed between the caller's scan and these watches is found
     // by one full scan right away.
@@ -74,6 +79,7 @@ class Watcher::Impl {
   // contents may have changed before the watch existed.
   std::vector<std::string> Watch(const std::vector<std::string>& dirs) {
     std::vector<std::string> added;
+    if (polling()) return added;
     std::lock_guard<std::mutex> lock(mu_);
     for (const std::string& dir : dirs) {
       if (by_path_.count(dir) != 0) continue;
@@ -158,11 +164,14 @@ class Watcher::Impl {
     pending_ = true;
   }
 
+  bool polling() const { return settings_.poll.count() > 0; }
+
   void Loop() {
     auto next_periodic = Clock::now() + settings_.periodic;
+    next_poll_ = Clock::now() + settings_.poll;
     for (;;) {
       auto now = Clock::now();
-      auto until = pending_ ? deadline_ : next_periodic;
+      auto until = polling() ? next_poll_ : pending_ ? deadline_ : next_periodic;
       int timeout_ms = static_cast<int>(
           std::max<int64_t>(0, std::chrono::duration_cast<std::chrono::milliseconds>(until - now).count()));
       struct pollfd fds[2] = {{inotify_fd_, POLLIN, 0}, {stop_fd_, POLLIN, 0}};
@@ -181,6 +190,10 @@ class Watcher::Impl {
   }
 
   void Step(bool readable, Clock::time_point* next_periodic) {
+    if (polling()) {
+      Poll(next_periodic);
+      return;
+    }
     if (readable) HandleEvents();
     const auto now = Clock::now();
     if (pending_ && now >= deadline_) {
@@ -194,6 +207,22 @@ class Watcher::Impl {
     }
   }
 
+  // Poll mode: an incremental scan of the whole source every poll period
+  // (it reads only what changed), and on_periodic at the periodic cadence.
+  void Poll(Clock::time_point* next_periodic) {
+    const auto now = Clock::now();
+    if (now < next_poll_) return;
+    next_poll_ = now + settings_.poll;  // a scan that throws is not retried at once
+    Rescan(/*full=*/true);
+    if (Clock::now() >= *next_periodic) {
+      *next_periodic = Clock::now() + settings_.periodic;
+      if (callbacks_.on_periodic) callbacks_.on_periodic();
+    }
+    // The period runs from the end of this scan: a scan slower than the
+    // period never piles up.
+    next_poll_ = Clock::now() + settings_.poll;
+  }
+
   Index* index_;
   Callbacks callbacks_;
   Settings settings_;
@@ -204,6 +233,7 @@ class Watcher::Impl {
   bool pending_ = false;
   bool overflowed_ = false;
   Clock::time_point deadline_;
+  Clock::time_point next_poll_;
   std::vector<std::pair<std::string, std::string>> changes_;
 
   mutable std::mutex mu_;  // guards the maps and warned_limit_
@@ -214,12 +244,15 @@ class Watcher::Impl {
 
 Result<std::unique_ptr<Watcher>> Watcher::Start(Index* index, Callbacks callbacks,
                                                 Settings settings) {
-  int ifd = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
-  if (ifd < 0) return Status::FromErrno("inotify_init1", errno);
+  int ifd = -1;  // poll(2) skips a negative descriptor
+  if (settings.poll.count() <= 0) {
+    ifd = ::inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+    if (ifd < 0) return Status::FromErrno("inotify_init1", errno);
+  }
   int sfd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   if (sfd < 0) {
     int err = errno;
-    ::close(ifd);
+    if (ifd >= 0) ::close(ifd);
     return Status::FromErrno("eventfd", err);
   }
   auto impl = std::make_unique<Impl>(index, std::move(callbacks), settings, ifd, sfd);

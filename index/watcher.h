@@ -1,6 +1,10 @@
 // Keeps an Index current while a mount runs: inotify watches on every
 // directory the index knows, a debounced incremental scan after changes, and
 // a periodic rescan as a fallback (queue overflow, watch limit reached).
+// Poll mode (Settings::poll > 0, for sources on a shared filesystem, where
+// inotify reports only this node's changes): no inotify at all, an
+// incremental Index::Scan every poll period instead, with the same
+// callbacks (on_path_changed is then never called; IsWatched is false).
 //
 // Ownership: a Watcher owns its inotify descriptor and one thread; the Index
 // must outlive it. Callbacks run on the watcher thread, never concurrently
@@ -36,6 +40,9 @@ class Watcher {
   struct Settings {
     std::chrono::milliseconds debounce{50};
     std::chrono::milliseconds periodic{30000};
+    // > 0: poll mode, a scan every period; on_periodic still runs every
+    // `periodic` (after that period's scan).
+    std::chrono::milliseconds poll{0};
   };
 
   static core::Result<std::unique_ptr<Watcher>> Start(Index* index, Callbacks callbacks,

@@ -120,5 +120,23 @@ TEST_F(OptionsTest, BadConfigurationsNameTheFileAndTheProblem) {
   EXPECT_FALSE(Parse({"ls", "--config", config, "--name", "exp", src_}).ok());
 }
 
+TEST_F(OptionsTest, PollPeriod) {
+  auto o = Parse({"mount", src_, mnt_});
+  ASSERT_TRUE(o.ok()) << o.status().message();
+  EXPECT_LT(o->poll, 0);  // not given: decided by the source's filesystem
+  o = Parse({"mount", "--poll", "1.5", src_, mnt_});
+  ASSERT_TRUE(o.ok()) << o.status().message();
+  EXPECT_DOUBLE_EQ(o->poll, 1.5);
+  o = Parse({"mount", src_, mnt_, "-o", "poll=0"});
+  ASSERT_TRUE(o.ok()) << o.status().message();
+  EXPECT_DOUBLE_EQ(o->poll, 0);
+  for (const char* bad : {"-1", "x", "0.01", "4000", ""}) {
+    o = Parse({"mount", "--poll", bad, src_, mnt_});
+    ASSERT_FALSE(o.ok()) << bad;
+    EXPECT_NE(o.status().message().find("--poll"), std::string::npos) << o.status().message();
+  }
+  EXPECT_FALSE(Parse({"ls", "--poll", "1", src_}).ok());  // a mount option only
+}
+
 }  // namespace
 }  // namespace ckptfs::fs

@@ -505,5 +505,36 @@ TEST(PrunerTest, SkipsAnExperimentWhoseTrashIsRefused) {
   EXPECT_EQ(testing::ReadFile(victim + "/precious.txt"), "keep me");
 }
 
+// Another node's pruner (or a user) deleted checkpoints first: one before
+// this run looked at it, one between the decision and the deletion. Neither
+// is an error; both leave the index.
+TEST(PrunerTest, ACheckpointDeletedElsewhereIsNotAnError) {
+  TempDir dir;
+  const std::string src = dir.path() + "/src", exp = src + "/exp";
+  AddSb(exp, "CKPT+1", "unixtime: 100\n");
+  AddSb(exp, "CKPT+2", "unixtime: 200\n");
+  AddSb(exp, "CKPT+3", "unixtime: 300\n");
+  auto idx = Index::Open(src, dir.path() + "/index.sqlite");
+  ASSERT_TRUE(idx.ok()) << idx.status().message();
+  ASSERT_TRUE((*idx)->Scan().ok());
+  auto source = core::Beneath::Open(src);
+  ASSERT_TRUE(source.ok());
+  testing::RemoveTree(exp + "/CKPT+2");
+  core::RetentionPolicy policy;
+  policy.keep_last = 1;
+  auto report = Prune(idx->get(), *source, policy, {}, false, [&](const std::string& path) {
+    if (path == exp + "/CKPT+1") testing::RemoveTree(path);  // after the look, before the deletion
+    return false;
+  });
+  ASSERT_TRUE(report.ok()) << report.status().message();
+  EXPECT_EQ(report->failed, 0);
+  EXPECT_EQ(report->deleted, 0);
+  for (const PruneEntry& e : report->entries) EXPECT_EQ(e.error, "") << e.checkpoint.path;
+  auto all = (*idx)->List(exp);
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->size(), 1u);
+  EXPECT_EQ((*all)[0].name, "CKPT+3");
+}
+
 }  // namespace
 }  // namespace ckptfs::index
