@@ -356,7 +356,8 @@ Result<std::pair<ScopedFd, std::string>> MoveToTrashAt(int exp_fd, const std::st
   return std::make_pair(std::move(*trash), target);
 }
 
-Status RemoveTrash(const Beneath& source, const std::string& experiment) {
+Status RemoveTrash(const Beneath& source, const std::string& experiment,
+                   std::chrono::seconds min_age) {
   Result<ScopedFd> exp = source.OpenAt(experiment, O_RDONLY | O_DIRECTORY);
   if (!exp.ok()) return exp.status();
   Result<ScopedFd> trash = OpenOwnDir(exp->get(), experiment, kTrashDir, ::geteuid(), false);
@@ -380,13 +381,22 @@ Status RemoveTrash(const Beneath& source, const std::string& experiment) {
     ::closedir(d);
   }
   Status status;
+  bool left = false;
+  const auto now = std::chrono::system_clock::now().time_since_epoch();
+  const int64_t now_s = std::chrono::duration_cast<std::chrono::seconds>(now).count();
   for (const std::string& n : names) {
     const std::string what = trash_path + "/" + n;
+    struct stat st {};
+    if (min_age.count() > 0 && ::fstatat(trash->get(), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        std::max(st.st_mtim.tv_sec, st.st_ctim.tv_sec) > now_s - min_age.count()) {
+      left = true;  // being emptied by an rmtree through new/, perhaps
+      continue;
+    }
     Log(LogLevel::kInfo, "removing %s left by an interrupted deletion", what.c_str());
     Status s = RemoveTreeAt(trash->get(), n, what);
     if (!s.ok() && status.ok()) status = s;
   }
-  if (status.ok()) ::unlinkat(exp->get(), kTrashDir, AT_REMOVEDIR);
+  if (status.ok() && !left) ::unlinkat(exp->get(), kTrashDir, AT_REMOVEDIR);
   return status;
 }
 

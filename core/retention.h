@@ -12,6 +12,7 @@
 #ifndef CKPTFS_CORE_RETENTION_H_
 #define CKPTFS_CORE_RETENTION_H_
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -108,8 +109,11 @@ Status DeleteCheckpoint(const Beneath& source, const Checkpoint& checkpoint);
 Result<std::pair<ScopedFd, std::string>> MoveToTrashAt(int exp_fd, const std::string& experiment,
                                                        const std::string& name);
 // Empties and removes experiment's trash directory. Missing: Ok. Refused by
-// OpenOwnDir: kPermission naming it, and nothing is touched.
-Status RemoveTrash(const Beneath& source, const std::string& experiment);
+// OpenOwnDir: kPermission naming it, and nothing is touched. Entries changed
+// (mtime or ctime) less than min_age ago are left: a deletion through new/
+// whose rmtree is still emptying its trash copy (fs/committer.h).
+Status RemoveTrash(const Beneath& source, const std::string& experiment,
+                   std::chrono::seconds min_age = std::chrono::seconds(0));
 
 inline constexpr char kPinMarker[] = ".keep";
 

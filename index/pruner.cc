@@ -50,7 +50,8 @@ Result<PruneReport> Prune(Index* index, const core::Beneath& source,
     // The trash is checked first: a refused one means no deletion at all here.
     Status trash = dry_run
                        ? core::OpenOwnDirUnder(source, experiment, core::kTrashDir, false).status()
-                       : core::RemoveTrash(source, experiment);
+                       // Not what an rmtree through new/ is emptying now.
+                       : core::RemoveTrash(source, experiment, std::chrono::seconds(120));
     if (!trash.ok() && trash.code() != core::StatusCode::kNotFound) {
       const std::string why = "retention skipped for " + experiment + ": " + trash.message();
       if (FirstTime(why)) core::Log(core::LogLevel::kError, "%s", why.c_str());
