@@ -21,6 +21,7 @@
 // 4 × kAverageChunk); a deflated storage: its size, twice.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <cpuid.h>
 #include <fcntl.h>
 #include <immintrin.h>
 #include <unistd.h>
@@ -473,8 +474,14 @@ struct Scratch {
 // conversions), which sums every other averaged type.
 bool SummedInPieces(DType t) { return t == DType::kF16 || t == DType::kBF16 || t == DType::kF32; }
 
+// F16C from cpuid (clang's __builtin_cpu_supports does not know "f16c");
+// "avx" also checks that the OS saves the AVX registers.
 bool HasF16C() {
-  static const bool has = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid(1, &eax, &ebx, &ecx, &edx) != 0 && (ecx & bit_F16C) != 0 &&
+           __builtin_cpu_supports("avx");
+  }();
   return has;
 }
 

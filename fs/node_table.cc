@@ -598,6 +598,13 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags, const core::Caller* 
         ::close(f.fd);
         return Status::FromErrno(node->real_path, err);
       }
+      if (!writing && node->key_ino != 0 && st.st_ino != node->key_ino) {
+        // Replaced between the kernel's lookup and this open (a new version
+        // committed): this inode's size and pages are the old file's.
+        // ESTALE makes the kernel look the name up again and reopen.
+        ::close(f.fd);
+        return Status::FromErrno(node->real_path, ESTALE);
+      }
       const int64_t mtime_ns =
           static_cast<int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
       std::lock_guard<std::mutex> lock(mu_);

@@ -120,6 +120,23 @@ bool ChownFor(const core::Caller* caller) {
   return caller != nullptr && ::geteuid() == 0 && caller->uid != 0;
 }
 
+// mkdir of path (under source, reached beneath it), given to caller.
+Status MakeDirFor(const core::Beneath& source, const std::string& path, mode_t mode,
+                  const core::Caller* caller) {
+  auto in = source.OpenParent(path);
+  if (!in.ok()) return in.status();
+  if (::mkdirat(in->first.get(), in->second.c_str(), mode & 07777) != 0) {
+    return Status::FromErrno(path, errno);
+  }
+  if (ChownFor(caller) && ::fchownat(in->first.get(), in->second.c_str(), caller->uid, caller->gid,
+                                     AT_SYMLINK_NOFOLLOW) != 0) {
+    const int err = errno;
+    ::unlinkat(in->first.get(), in->second.c_str(), AT_REMOVEDIR);
+    return Status::FromErrno(path + ": giving it to uid " + std::to_string(caller->uid), err);
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status NodeTable::MkdirReal(const Node& parent, const std::string& name, mode_t mode,
@@ -135,17 +152,7 @@ Status NodeTable::MkdirReal(const Node& parent, const std::string& name, mode_t 
       return allowed;
     }
   }
-  auto in = beneath().OpenParent(path);
-  if (!in.ok()) return in.status();
-  if (::mkdirat(in->first.get(), in->second.c_str(), mode & 07777) != 0) {
-    return Status::FromErrno(path, errno);
-  }
-  if (ChownFor(caller) && ::fchownat(in->first.get(), in->second.c_str(), caller->uid, caller->gid,
-                                     AT_SYMLINK_NOFOLLOW) != 0) {
-    const int err = errno;
-    ::unlinkat(in->first.get(), in->second.c_str(), AT_REMOVEDIR);
-    return Status::FromErrno(path + ": giving it to uid " + std::to_string(caller->uid), err);
-  }
+  if (Status made = MakeDirFor(beneath(), path, mode, caller); !made.ok()) return made;
   core::Log(core::LogLevel::kInfo, "made directory %s through the mount", path.c_str());
   return Status::Ok();
 }
@@ -169,17 +176,7 @@ Result<NodeAttr> NodeTable::Mkdir(uint64_t parent, const std::string& name, mode
   Result<std::string> dir = StagedDir(parent, name, true);
   if (!dir.ok()) return dir.status();
   const std::string path = *dir + "/" + name;
-  auto in = options_.committer->source().OpenParent(path);
-  if (!in.ok()) return in.status();
-  if (::mkdirat(in->first.get(), in->second.c_str(), mode & 07777) != 0) {
-    return Status::FromErrno(path, errno);
-  }
-  if (ChownFor(caller) && ::fchownat(in->first.get(), in->second.c_str(), caller->uid, caller->gid,
-                                     AT_SYMLINK_NOFOLLOW) != 0) {
-    const int err = errno;
-    ::unlinkat(in->first.get(), in->second.c_str(), AT_REMOVEDIR);
-    return Status::FromErrno(path + ": giving it to uid " + std::to_string(caller->uid), err);
-  }
+  if (Status made = MakeDirFor(beneath(), path, mode, caller); !made.ok()) return made;
   options_.committer->Touched(path);
   return Lookup(parent, name, /*redirect=*/false);  // mkdir must answer with a directory
 }
