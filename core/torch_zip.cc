@@ -512,6 +512,7 @@ __attribute__((target("avx,f16c"))) void StoreHalfF16C(const float* sum, size_t 
 
 // Adds n elements of type t (the first input: sets them).
 void AddPiece(DType t, const char* data, size_t n, bool first, float* sum) {
+  if (n == 0) return;  // an empty storage: sum may be null
   if (t == DType::kF32) {
     const float* in = reinterpret_cast<const float*>(data);
     if (first) {
@@ -568,7 +569,7 @@ Status AveragePiece(const std::vector<StoragePlan>& plans, ZipLayout* layout, Ou
       Status s = ReadStorage(
           *plan.members[0], plan.key, info,
           [&](uint64_t offset, const char* data, size_t n) {
-            std::memcpy(output.data() + offset, data, n);
+            if (n > 0) std::memcpy(output.data() + offset, data, n);
           },
           &scratch->read);
       if (!s.ok()) return s;
