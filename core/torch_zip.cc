@@ -4,7 +4,7 @@
 // CRC-32 checked). The output is a zip archive laid out as libtorch's
 // PyTorchStreamWriter lays it out (stored records, data aligned to 64 bytes
 // by an "FB" extra field, zip64 where sizes or offsets need it), written by
-// ZipLayout below: its size is known from the newest member's structure
+// ZipLayout (zip_writer.h): its size is known from the newest member's structure
 // before anything is averaged, and records are written in place (pwrite)
 // by several threads at once.
 //
@@ -45,407 +45,20 @@
 #include "core/dtype.h"
 #include "core/pickle.h"
 #include "core/tensor_io.h"
+#include "core/torch_archive.h"
 #include "core/zip_reader.h"
+#include "core/zip_writer.h"
 
 namespace ckptfs::core {
 namespace {
 
-// Real data.pkl files hold the structure of a checkpoint, not its tensors:
-// kilobytes to a few megabytes, more when a checkpoint pickles big Python
-// objects inline. Beyond this it is refused before being read.
-constexpr uint64_t kMaxPickleBytes = uint64_t{256} << 20;
-
-struct StorageInfo {
-  DType dtype = DType::kOpaque;
-  std::string type_name;
-  int64_t numel = 0;
-  int64_t nbytes = 0;
-  std::string first_tensor;  // a tensor using it, to name in messages
-};
-
-struct TensorInfo {
-  std::string key;
-  int64_t offset = 0;
-  std::vector<int64_t> size;
-  std::vector<int64_t> stride;
-  std::string dtype;  // v3 dtype, if any
-};
-
-struct Member {
-  std::string path;
-  ZipArchive zip;
-  std::map<std::string, const ZipEntry*> records;  // by name inside the archive's folder
-  std::string pickle;
-  std::string byteorder;                        // the record's bytes, if any
-  std::map<std::string, StorageInfo> storages;  // by key, sorted as torch 1.13 writes them
-  std::map<std::string, TensorInfo> tensors;    // by path
-};
-
-std::string Shape(const std::vector<int64_t>& v) {
-  std::string s = "[";
-  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
-  return s + "]";
-}
-
-bool KnownRecord(const std::string& name) {
-  static const std::set<std::string> kKnown = {"data.pkl",
-                                               "version",
-                                               ".data/version",
-                                               "byteorder",
-                                               ".data/serialization_id",
-                                               ".format_version",
-                                               ".storage_alignment"};
-  return kKnown.count(name) != 0 || name.rfind("data/", 0) == 0;
-}
-
-// numel × item size, or nullopt when it overflows or numel is negative.
-std::optional<int64_t> Bytes(int64_t numel, size_t item) {
-  int64_t n = 0;
-  if (numel < 0 || __builtin_mul_overflow(numel, static_cast<int64_t>(item), &n))
-    return std::nullopt;
-  return n;
-}
-
-// The largest element index a non-empty tensor reaches in its storage
-// (offset + sum of (size - 1) × stride; sizes, strides and offset not
-// negative), or nullopt when that overflows.
-std::optional<int64_t> Extent(const pickle::Object& t) {
-  int64_t extent = t.offset;
-  for (size_t d = 0; d < t.size.size(); ++d) {
-    int64_t step = 0;
-    if (__builtin_mul_overflow(t.size[d] - 1, t.stride[d], &step) ||
-        __builtin_add_overflow(extent, step, &extent)) {
-      return std::nullopt;
-    }
-  }
-  return extent;
-}
-
-Status Load(const std::string& path, Member* m) {
-  m->path = path;
-  if (Status s = m->zip.Open(path); !s.ok()) return s;
-  // As libtorch's reader: every record lies in the folder of the first one.
-  if (m->zip.entries().empty()) return Status::Corrupt(path + ": an empty zip archive");
-  const std::string& first = m->zip.entries().front().name;
-  const size_t slash = first.find('/');
-  if (slash == std::string::npos) {
-    return Status::Corrupt(path + ": record '" + first + "' is not in the archive's folder");
-  }
-  const std::string prefix = first.substr(0, slash + 1);
-  for (const ZipEntry& e : m->zip.entries()) {
-    if (e.name.compare(0, prefix.size(), prefix) != 0) {
-      return Status::Corrupt(path + ": record '" + e.name + "' is outside the archive's folder " +
-                             prefix);
-    }
-    const std::string name = e.name.substr(prefix.size());
-    if (!KnownRecord(name)) {
-      return Status::Unsupported(path + ": holds record '" + name +
-                                 "' (a TorchScript or other archive), not a torch.save checkpoint");
-    }
-    m->records[name] = &e;
-  }
-  if (m->records.count("version") == 0 && m->records.count(".data/version") == 0) {
-    return Status::Corrupt(path + ": no version record (torch.load refuses such a file)");
-  }
-  if (m->records.count("data.pkl") == 0) return Status::Corrupt(path + ": no data.pkl record");
-  Result<std::string> pkl =
-      m->zip.Read(*m->records["data.pkl"], kMaxPickleBytes, "kMaxPickleBytes");
-  if (!pkl.ok()) return pkl.status();
-  m->pickle = std::move(*pkl);
-  if (auto it = m->records.find("byteorder"); it != m->records.end()) {
-    Result<std::string> order = m->zip.Read(*it->second, 16, "16 bytes for byteorder");
-    if (!order.ok()) return order.status();
-    if (*order != "little") {
-      return Status::Unsupported(path + ": byte order '" + *order +
-                                 "' (only little-endian files are averaged)");
-    }
-    m->byteorder = std::move(*order);
-  }
-
-  Result<pickle::Unpickled> parsed = pickle::Unpickle(m->pickle, path + ":data.pkl");
-  if (!parsed.ok()) return parsed.status();
-  Result<std::vector<pickle::TensorEntry>> tensors = pickle::FindTensors(parsed->root, path);
-  if (!tensors.ok()) return tensors.status();
-  for (const pickle::TensorEntry& t : *tensors) {
-    const pickle::Object& st = *t.tensor->storage;
-    std::optional<DType> dtype = DTypeFromStorage(st.storage_type);
-    if (!dtype) {
-      return Status::Unsupported(path + ": tensor '" + t.path + "' has storage type " +
-                                 st.storage_type);
-    }
-    StorageInfo& info = m->storages[st.storage_key];
-    if (info.type_name.empty()) {
-      std::optional<int64_t> nbytes = Bytes(st.storage_numel, ItemSize(*dtype));
-      if (!nbytes) {
-        return Status::Corrupt(path + ": storage " + st.storage_key + " of tensor '" + t.path +
-                               "' has an impossible size (" + std::to_string(st.storage_numel) +
-                               " elements)");
-      }
-      info.dtype = *dtype;
-      info.type_name = st.storage_type;
-      info.numel = st.storage_numel;
-      info.nbytes = *nbytes;
-      info.first_tensor = t.path;
-    }
-    // The tensor must lie inside its storage, or torch.load itself would fail.
-    const pickle::Object& tensor = *t.tensor;
-    bool empty = false;
-    if (tensor.size.size() != tensor.stride.size() || tensor.offset < 0) {
-      return Status::Corrupt(path + ": tensor '" + t.path +
-                             "' has a malformed size, stride or offset");
-    }
-    for (size_t d = 0; d < tensor.size.size(); ++d) {
-      if (tensor.size[d] < 0 || tensor.stride[d] < 0) {
-        return Status::Corrupt(path + ": tensor '" + t.path + "' has a negative size or stride");
-      }
-      empty = empty || tensor.size[d] == 0;
-    }
-    if (*dtype != DType::kOpaque && !empty) {
-      std::optional<int64_t> extent = Extent(tensor);
-      if (!extent || *extent >= info.numel) {
-        return Status::Corrupt(path + ": tensor '" + t.path + "' reaches past its storage " +
-                               st.storage_key);
-      }
-    }
-    std::string key = t.path;
-    for (int n = 2; m->tensors.count(key) != 0; ++n) key = t.path + "#" + std::to_string(n);
-    m->tensors[key] = {st.storage_key, t.tensor->offset, t.tensor->size, t.tensor->stride,
-                       t.tensor->tensor_dtype};
-  }
-  // Each storage's record holds at least its bytes: checked here, before
-  // anything of that size is allocated.
-  for (const auto& [key, info] : m->storages) {
-    auto it = m->records.find("data/" + key);
-    if (it == m->records.end()) {
-      return Status::Corrupt(path + ": storage " + key + " of tensor '" + info.first_tensor +
-                             "' has no data record");
-    }
-    if (it->second->size < static_cast<uint64_t>(info.nbytes)) {
-      return Status::Corrupt(path + ": record data/" + key + " holds " +
-                             std::to_string(it->second->size) + " bytes, tensor '" +
-                             info.first_tensor + "' needs " + std::to_string(info.nbytes) +
-                             " (truncated or corrupt file)");
-    }
-  }
-  return Status::Ok();
-}
-
-// Members must agree with the newest on every tensor: the same paths, shapes,
-// dtypes and layout in their storages, and the same storage sharing. Storage
-// keys may differ (they are numbered in pickling order); `key_map` receives,
-// for each storage key of the newest member, the member's key.
-Status Compare(const Member& newest, const Member& m, std::map<std::string, std::string>* key_map) {
-  for (const auto& [path, t] : newest.tensors) {
-    if (m.tensors.count(path) == 0) {
-      return Status::Corrupt(m.path + ": has no tensor '" + path + "' (the newest member " +
-                             newest.path + " has)");
-    }
-  }
-  for (const auto& [path, t] : m.tensors) {
-    if (newest.tensors.count(path) == 0) {
-      return Status::Corrupt(m.path + ": has tensor '" + path + "' that the newest member " +
-                             newest.path + " lacks");
-    }
-  }
-  for (const auto& [path, t] : newest.tensors) {
-    const TensorInfo& u = m.tensors.at(path);
-    const StorageInfo& a = newest.storages.at(t.key);
-    const StorageInfo& b = m.storages.at(u.key);
-    if (a.type_name != b.type_name || u.dtype != t.dtype) {
-      return Status::Corrupt(m.path + ": tensor '" + path + "' is " + b.type_name + u.dtype +
-                             ", the newest member has " + a.type_name + t.dtype);
-    }
-    if (u.size != t.size) {
-      return Status::Corrupt(m.path + ": tensor '" + path + "' has shape " + Shape(u.size) +
-                             ", the newest member has " + Shape(t.size));
-    }
-    if (u.offset != t.offset || u.stride != t.stride || a.numel != b.numel) {
-      return Status::Corrupt(m.path + ": tensor '" + path +
-                             "' is laid out differently in its storage than in the newest member");
-    }
-    auto [it, inserted] = key_map->emplace(t.key, u.key);
-    if (!inserted && it->second != u.key) {
-      return Status::Corrupt(m.path + ": tensor '" + path +
-                             "' shares storage differently than in the newest member");
-    }
-  }
-  std::set<std::string> used;
-  for (const auto& [from, to] : *key_map) {
-    if (!used.insert(to).second) {
-      return Status::Corrupt(m.path + ": storage " + to +
-                             " is shared by tensors that the newest member keeps apart");
-    }
-  }
-  return Status::Ok();
-}
-
-// torch.save aligns every record's data to this (PyTorchStreamWriter).
-constexpr uint64_t kAlignment = 64;
-constexpr uint64_t kZip32Max = 0xFFFFFFFF;
-
-void Put16(std::string* s, uint16_t v) {
-  s->push_back(static_cast<char>(v & 0xFF));
-  s->push_back(static_cast<char>(v >> 8));
-}
-void Put32(std::string* s, uint32_t v) {
-  for (int i = 0; i < 4; ++i) s->push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
-}
-void Put64(std::string* s, uint64_t v) {
-  for (int i = 0; i < 8; ++i) s->push_back(static_cast<char>((v >> (8 * i)) & 0xFF));
-}
-
-// The output archive, laid out before anything is written: where each
-// record's local header and data go, as PyTorchStreamWriter places them
-// (stored, data aligned to kAlignment by an "FB" extra field of 'Z's; a
-// zip64 extra field where a size or offset needs 64 bits).
-class ZipLayout {
- public:
-  struct Record {
-    std::string name;  // in the archive, with its folder
-    uint64_t size = 0;
-    uint64_t header_offset = 0;
-    uint64_t data_offset = 0;
-    uint32_t crc = 0;  // set once its data is written
-  };
-
-  size_t Add(const std::string& name, uint64_t size) {
-    Record r;
-    r.name = "archive/" + name;
-    r.size = size;
-    r.header_offset = end_;
-    const uint64_t base = end_ + 30 + r.name.size() + (size >= kZip32Max ? 20 : 0) + 4;
-    r.data_offset = base + (kAlignment - base % kAlignment) % kAlignment;
-    end_ = r.data_offset + size;
-    records_.push_back(std::move(r));
-    return records_.size() - 1;
-  }
-  Record& record(size_t i) { return records_[i]; }
-
-  std::string LocalHeader(const Record& r) const {
-    const bool zip64 = r.size >= kZip32Max;
-    const uint64_t fixed = 30 + r.name.size() + (zip64 ? 20 : 0) + 4;
-    const uint16_t pad = static_cast<uint16_t>(r.data_offset - r.header_offset - fixed);
-    std::string h;
-    Put32(&h, 0x04034b50);
-    Put16(&h, zip64 ? 45 : 20);
-    Put16(&h, 0);  // flags
-    Put16(&h, 0);  // stored
-    Put16(&h, 0);  // time: fixed, so equal inputs give equal bytes
-    Put16(&h, 0x21);
-    Put32(&h, r.crc);
-    Put32(&h, zip64 ? 0xFFFFFFFF : static_cast<uint32_t>(r.size));
-    Put32(&h, zip64 ? 0xFFFFFFFF : static_cast<uint32_t>(r.size));
-    Put16(&h, static_cast<uint16_t>(r.name.size()));
-    Put16(&h, static_cast<uint16_t>((zip64 ? 20 : 0) + 4 + pad));
-    h += r.name;
-    if (zip64) {
-      Put16(&h, 1);
-      Put16(&h, 16);
-      Put64(&h, r.size);
-      Put64(&h, r.size);
-    }
-    Put16(&h, 0x4246);  // "FB"
-    Put16(&h, pad);
-    h.append(pad, 'Z');
-    return h;
-  }
-
-  // The central directory and the end records, written at data_end().
-  std::string Directory() const {
-    std::string d;
-    for (const Record& r : records_) {
-      const bool big = r.size >= kZip32Max, far = r.header_offset >= kZip32Max;
-      std::string extra;
-      if (big || far) {
-        Put16(&extra, 1);
-        Put16(&extra, static_cast<uint16_t>((big ? 16 : 0) + (far ? 8 : 0)));
-        if (big) Put64(&extra, r.size), Put64(&extra, r.size);
-        if (far) Put64(&extra, r.header_offset);
-      }
-      Put32(&d, 0x02014b50);
-      Put16(&d, 45);  // made by
-      Put16(&d, big || far ? 45 : 20);
-      Put16(&d, 0);
-      Put16(&d, 0);
-      Put16(&d, 0);
-      Put16(&d, 0x21);
-      Put32(&d, r.crc);
-      Put32(&d, big ? 0xFFFFFFFF : static_cast<uint32_t>(r.size));
-      Put32(&d, big ? 0xFFFFFFFF : static_cast<uint32_t>(r.size));
-      Put16(&d, static_cast<uint16_t>(r.name.size()));
-      Put16(&d, static_cast<uint16_t>(extra.size()));
-      Put16(&d, 0);  // comment
-      Put16(&d, 0);  // disk
-      Put16(&d, 0);  // internal attributes
-      Put32(&d, 0);  // external attributes
-      Put32(&d, far ? 0xFFFFFFFF : static_cast<uint32_t>(r.header_offset));
-      d += r.name;
-      d += extra;
-    }
-    const uint64_t count = records_.size(), size = d.size(), offset = end_;
-    if (count >= 0xFFFF || size >= kZip32Max || offset >= kZip32Max) {
-      const uint64_t at = offset + size;
-      Put32(&d, 0x06064b50);
-      Put64(&d, 44);
-      Put16(&d, 45);
-      Put16(&d, 45);
-      Put32(&d, 0);
-      Put32(&d, 0);
-      Put64(&d, count);
-      Put64(&d, count);
-      Put64(&d, size);
-      Put64(&d, offset);
-      Put32(&d, 0x07064b50);
-      Put32(&d, 0);
-      Put64(&d, at);
-      Put32(&d, 1);
-    }
-    Put32(&d, 0x06054b50);
-    Put16(&d, 0);
-    Put16(&d, 0);
-    Put16(&d, static_cast<uint16_t>(std::min<uint64_t>(count, 0xFFFF)));
-    Put16(&d, static_cast<uint16_t>(std::min<uint64_t>(count, 0xFFFF)));
-    Put32(&d, static_cast<uint32_t>(std::min<uint64_t>(size, kZip32Max)));
-    Put32(&d, static_cast<uint32_t>(std::min<uint64_t>(offset, kZip32Max)));
-    Put16(&d, 0);
-    return d;
-  }
-
-  uint64_t data_end() const { return end_; }
-
- private:
-  std::vector<Record> records_;
-  uint64_t end_ = 0;
-};
-
-// Reads `nbytes` of one member's storage record in pieces into `sink`
-// (the record may hold more; all of it is read, for its CRC-32).
-Status ReadStorage(const Member& m, const std::string& key, const StorageInfo& info,
-                   const std::function<void(uint64_t offset, const char* data, size_t n)>& sink,
-                   std::vector<char>* piece) {
-  const ZipEntry& entry = *m.records.at("data/" + key);
-  const uint64_t nbytes = static_cast<uint64_t>(info.nbytes);
-  Status s = m.zip.ReadChunks(
-      entry,
-      [&](uint64_t offset, const char* data, size_t n) {
-        if (offset < nbytes) {
-          sink(offset, data, static_cast<size_t>(std::min<uint64_t>(n, nbytes - offset)));
-        }
-        return Status::Ok();
-      },
-      piece);
-  // I/O errors and cancellation keep their errno.
-  if (s.ok() || s.code() == StatusCode::kIoError) return s;
-  return Status::Corrupt(s.message() + " (tensor '" + info.first_tensor + "')");
-}
-
 // One storage of the output and how it is cut into pieces.
 struct StoragePlan {
   const StorageInfo* info = nullptr;
-  std::string key;                       // the newest member's
-  std::vector<const ZipEntry*> entries;  // the record read from each member used
-  std::vector<const Member*> members;    // all members if averaged, else the newest
-  size_t record = 0;                     // in the layout
+  std::string key;                           // the newest member's
+  std::vector<const ZipEntry*> entries;      // the record read from each member used
+  std::vector<const TorchArchive*> members;  // all members if averaged, else the newest
+  size_t record = 0;                         // in the layout
   bool averaged = false;
   bool whole = false;  // deflated in some member: read whole, as one piece
 };
@@ -644,7 +257,7 @@ Status AveragePiece(const std::vector<StoragePlan>& plans, ZipLayout* layout, Ou
 
 // The members loaded and checked against the newest, the output laid out.
 struct Job {
-  std::vector<Member> members;
+  std::vector<TorchArchive> members;
   std::vector<std::map<std::string, std::string>> key_maps;
   ZipLayout layout;
   std::vector<StoragePlan> plans;
@@ -658,14 +271,15 @@ Status Prepare(const std::vector<std::string>& paths, bool newest_only, Job* job
   job->members.resize(newest_only ? 1 : paths.size());
   job->key_maps.resize(job->members.size());
   for (size_t i = 0; i < job->members.size(); ++i) {
-    if (Status s = Load(paths[i], &job->members[i]); !s.ok()) return s;
+    if (Status s = LoadTorchArchive(paths[i], &job->members[i]); !s.ok()) return s;
     if (i == 0) {
       for (const auto& [key, info] : job->members[0].storages) job->key_maps[0][key] = key;
-    } else if (Status s = Compare(job->members[0], job->members[i], &job->key_maps[i]); !s.ok()) {
+    } else if (Status s = CompareTorchArchives(job->members[0], job->members[i], &job->key_maps[i]);
+               !s.ok()) {
       return s;
     }
   }
-  const Member& newest = job->members[0];
+  const TorchArchive& newest = job->members[0];
   job->pickle_record = job->layout.Add("data.pkl", newest.pickle.size());
   if (!newest.byteorder.empty()) {
     job->byteorder_record = job->layout.Add("byteorder", newest.byteorder.size());
@@ -677,7 +291,7 @@ Status Prepare(const std::vector<std::string>& paths, bool newest_only, Job* job
     plan.averaged = IsAveraged(info.dtype);
     const size_t used = plan.averaged ? job->members.size() : 1;
     for (size_t i = 0; i < used; ++i) {
-      const Member& m = job->members[i];
+      const TorchArchive& m = job->members[i];
       const ZipEntry* e = m.records.at("data/" + job->key_maps[i].at(key));
       plan.members.push_back(&m);
       plan.entries.push_back(e);
@@ -695,13 +309,13 @@ Result<AverageResult> AverageTorchZipImpl(const std::vector<std::string>& paths,
                                           const ProgressFn& progress) {
   Job job;
   if (Status s = Prepare(paths, false, &job); !s.ok()) return s;
-  const Member& newest = job.members[0];
+  const TorchArchive& newest = job.members[0];
   AverageResult result;
   result.format = TensorFormat::kTorchZip;
   if (progress) progress({"averaging", 0, job.total});
   // Inputs are read once, front to back: have the kernel read them ahead
   // (for the file, whatever descriptor reads it).
-  for (const Member& m : job.members) {
+  for (const TorchArchive& m : job.members) {
     const int fd = ::open(m.path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) continue;  // read below, which names the error
     (void)::posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED);
@@ -817,7 +431,7 @@ Result<AverageResult> AverageTorchZipImpl(const std::vector<std::string>& paths,
   if (Status w = out->WriteAt(job.layout.data_end(), directory.data(), directory.size()); !w.ok())
     return w;
   // What was read is what each member holds now, or the average is refused.
-  for (const Member& m : job.members) {
+  for (const TorchArchive& m : job.members) {
     if (Status c = m.zip.file().CheckUnchanged(); !c.ok()) return c;
   }
   result.bytes = job.total;
