@@ -241,6 +241,12 @@ Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
   return path;
 }
 
+Result<std::string> AverageCache::GetSafetensors(const std::vector<std::string>& members,
+                                                 const ProgressFn&) {
+  if (members.empty()) return Status::InvalidArgument("a conversion needs a file");
+  return Status::Unsupported(members.front() + ": conversion to safetensors is not built yet");
+}
+
 bool AverageCache::Complete(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return false;

@@ -44,6 +44,14 @@ class AverageCache {
   // member checkpoint, newest first), computed now if not cached.
   Result<std::string> Get(const std::vector<std::string>& members, const ProgressFn& progress);
 
+  // The path of a safetensors file converting the average of `members` (of
+  // the one member itself when there is one; safetensors_convert.h), cached
+  // like averages: same directory, keys from the same identities (a kind
+  // apart), same bounds. A member that is already safetensors is not
+  // converted: callers serve it as it is.
+  Result<std::string> GetSafetensors(const std::vector<std::string>& members,
+                                     const ProgressFn& progress);
+
   const std::string& dir() const { return dir_; }
 
   // Members under source are opened beneath it (no symbolic link at any

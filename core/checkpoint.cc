@@ -155,8 +155,7 @@ std::optional<Layout> DirectoryLayout(std::string_view dir_name, bool has_ckpt_y
   return std::nullopt;
 }
 
-Result<std::string> CheckpointStamp(const Beneath& source, const std::string& path,
-                                    Layout layout) {
+Result<std::string> CheckpointStamp(const Beneath& source, const std::string& path, Layout layout) {
   struct stat st {};
   if (Status s = source.Lstat(path, &st); !s.ok()) return s;
   std::string stamp = std::to_string(MtimeNs(st)) + ":" + std::to_string(st.st_size);

@@ -37,7 +37,7 @@ struct Checkpoint {
   Layout layout = Layout::kNative;
   Meta meta;
   bool valid = true;
-  std::string error;  // why it is invalid
+  std::string error;   // why it is invalid
   double recency = 0;  // unixtime from meta, else newest file mtime (seconds); see RecencyOf
   std::optional<double> step;
   std::vector<CheckpointFile> files;  // for kSingleFile: the one file
@@ -78,8 +78,7 @@ double RecencyOf(const std::string& path, std::optional<double> unixtime, double
 
 // The stamp LoadCheckpoint would record, from a couple of stat calls: if it
 // equals the stored one, the checkpoint need not be reloaded.
-Result<std::string> CheckpointStamp(const Beneath& source, const std::string& path,
-                                    Layout layout);
+Result<std::string> CheckpointStamp(const Beneath& source, const std::string& path, Layout layout);
 
 // A key under which plain byte order is natural order:
 // "checkpoint-5000" < "checkpoint-10000", "a2" < "a10".

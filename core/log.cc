@@ -84,7 +84,8 @@ void Log(LogLevel level, const char* format, ...) noexcept {
                   : std::snprintf(line, sizeof(line), "ckptfs[%d]: %s: %s\n",
                                   static_cast<int>(::getpid()), Name(level), msg);
   if (n > 0) {
-    ssize_t ignored = ::write(STDERR_FILENO, line, static_cast<size_t>(n) < sizeof(line) ? n : sizeof(line) - 1);
+    ssize_t ignored =
+        ::write(STDERR_FILENO, line, static_cast<size_t>(n) < sizeof(line) ? n : sizeof(line) - 1);
     (void)ignored;
   }
 }

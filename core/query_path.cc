@@ -118,7 +118,8 @@ Result<Predicate> ParsePredicate(std::string_view text) {
   if (value.empty()) return Status::InvalidArgument("'" + std::string(text) + "': no value");
   p.value = MetaValue::FromToken(value);
   if (p.value.type == MetaType::kBool && p.op != CompareOp::kEq && p.op != CompareOp::kNe) {
-    return Status::InvalidArgument("'" + std::string(text) + "': a bool compares only with = or !=");
+    return Status::InvalidArgument("'" + std::string(text) +
+                                   "': a bool compares only with = or !=");
   }
   return p;
 }

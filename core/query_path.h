@@ -60,15 +60,15 @@ struct Query {
   bool ranked = false;                    // best/top/avg-best: order and key are set
   Order order = Order::kMin;
   std::string key;
-  int k = 0;     // top/<k>
-  int rank = 0;  // 1-based, top/<k>/…/<rank>; 1 for best
-  int n = 0;     // avg/last<N>, avg/best<N>
+  int k = 0;                      // top/<k>
+  int rank = 0;                   // 1-based, top/<k>/…/<rank>; 1 for best
+  int n = 0;                      // avg/last<N>, avg/best<N>
   std::vector<std::string> rest;  // the path below a kSelected/kAverage/kNew node
 };
 
 // Limits that keep a hostile path from asking for absurd work.
-inline constexpr int kMaxCount = 100000;       // k, N
-inline constexpr size_t kMaxNameBytes = 255;   // one segment, as NAME_MAX
+inline constexpr int kMaxCount = 100000;      // k, N
+inline constexpr size_t kMaxNameBytes = 255;  // one segment, as NAME_MAX
 
 // The names the virtual root lists, in order.
 const std::vector<std::string>& VirtualRootNames();
@@ -82,7 +82,6 @@ Result<Query> ParseQuery(const std::vector<std::string>& segments);
 
 // "loss<=0.5" -> Predicate; kInvalidArgument without key, operator or value.
 Result<Predicate> ParsePredicate(std::string_view text);
-
 
 }  // namespace ckptfs::core
 

@@ -348,7 +348,8 @@ Result<std::pair<ScopedFd, std::string>> MoveToTrashAt(int exp_fd, const std::st
   if (!trash.ok()) return trash.status();
   const auto now = std::chrono::system_clock::now().time_since_epoch();
   const std::string target =
-      name + "." + std::to_string(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
+      name + "." +
+      std::to_string(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count());
   const std::string trash_path = experiment + "/" + kTrashDir;
   if (::renameat2(exp_fd, name.c_str(), trash->get(), target.c_str(), RENAME_NOREPLACE) != 0) {
     return Status::FromErrno("cannot move " + experiment + "/" + name + " to " + trash_path, errno);

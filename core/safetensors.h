@@ -27,7 +27,7 @@ struct SafetensorsTensor {
 };
 
 struct SafetensorsHeader {
-  uint64_t header_size = 0;  // N: the JSON's bytes; data starts at 8 + N
+  uint64_t header_size = 0;                // N: the JSON's bytes; data starts at 8 + N
   std::vector<SafetensorsTensor> tensors;  // in data order
 };
 

@@ -79,7 +79,7 @@ class Status {
 template <typename T>
 class Result {
  public:
-  Result(T v) : v_(std::move(v)) {}                // NOLINT(google-explicit-constructor)
+  Result(T v) : v_(std::move(v)) {}                 // NOLINT(google-explicit-constructor)
   Result(Status status) : v_(std::move(status)) {}  // NOLINT(google-explicit-constructor)
 
   bool ok() const { return std::holds_alternative<T>(v_); }
