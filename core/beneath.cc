@@ -222,23 +222,14 @@ Status RemoveTreeDepth(int dir_fd, const std::string& name, const std::string& w
   }
   int fd = ::openat(dir_fd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) return errno == ENOENT ? Status::Ok() : ErrnoStatus(what, errno);
-  DIR* d = ::fdopendir(fd);
-  if (d == nullptr) {
-    int err = errno;
-    ::close(fd);
-    return Status::FromErrno(what, err);
-  }
-  std::vector<std::string> names;
-  while (struct dirent* e = ::readdir(d)) {
-    std::string n = e->d_name;
-    if (n != "." && n != "..") names.push_back(std::move(n));
-  }
+  ScopedFd dir(fd);
+  Result<std::vector<std::string>> names = ListDirAt(dir.get(), what);
+  if (!names.ok()) return names.status();
   Status status;
-  for (const std::string& n : names) {
-    Status s = RemoveTreeDepth(::dirfd(d), n, what + "/" + n, depth + 1);
+  for (const std::string& n : *names) {
+    Status s = RemoveTreeDepth(dir.get(), n, what + "/" + n, depth + 1);
     if (!s.ok() && status.ok()) status = s;
   }
-  ::closedir(d);
   if (!status.ok()) return status;
   if (::unlinkat(dir_fd, name.c_str(), AT_REMOVEDIR) != 0 && errno != ENOENT) {
     return Status::FromErrno(what, errno);
@@ -247,6 +238,28 @@ Status RemoveTreeDepth(int dir_fd, const std::string& name, const std::string& w
 }
 
 }  // namespace
+
+bool ExistsBeneath(int dir_fd, const std::string& rel) {
+  return OpenBeneathFd(dir_fd, rel, O_PATH, 0, rel).ok();
+}
+
+Result<std::vector<std::string>> ListDirAt(int dir_fd, const std::string& what) {
+  const int fd = ::dup(dir_fd);
+  DIR* d = fd < 0 ? nullptr : ::fdopendir(fd);
+  if (d == nullptr) {
+    const int err = errno;
+    if (fd >= 0) ::close(fd);
+    return Status::FromErrno(what, err);
+  }
+  ::rewinddir(d);
+  std::vector<std::string> names;
+  while (struct dirent* e = ::readdir(d)) {
+    std::string n = e->d_name;
+    if (n != "." && n != "..") names.push_back(std::move(n));
+  }
+  ::closedir(d);
+  return names;
+}
 
 Status RemoveTreeAt(int dir_fd, const std::string& name, const std::string& what) {
   return RemoveTreeDepth(dir_fd, name, what, 0);

@@ -115,6 +115,15 @@ class Beneath {
 Result<ScopedFd> OpenBeneathFd(int dir_fd, const std::string& name, int flags, mode_t mode,
                                const std::string& what);
 
+// Whether rel (any depth) names something in dir_fd, reached with no
+// symbolic link at any component.
+bool ExistsBeneath(int dir_fd, const std::string& rel);
+
+// The names in the directory dir_fd, without "." and ".." (read through a
+// duplicate of the descriptor, from its start; dir_fd stays open). what names
+// the directory in messages.
+Result<std::vector<std::string>> ListDirAt(int dir_fd, const std::string& what);
+
 // Removes name in dir_fd and everything below it without following a
 // symbolic link: directories are opened O_NOFOLLOW|O_DIRECTORY beneath their
 // parent's descriptor and emptied with unlinkat. A name already gone is not

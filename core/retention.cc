@@ -366,21 +366,9 @@ Status RemoveTrash(const Beneath& source, const std::string& experiment,
     return trash.status().code() == StatusCode::kNotFound ? Status::Ok() : trash.status();
   }
   const std::string trash_path = experiment + "/" + kTrashDir;
-  std::vector<std::string> names;
-  {
-    const int dup_fd = ::dup(trash->get());
-    DIR* d = dup_fd < 0 ? nullptr : ::fdopendir(dup_fd);
-    if (d == nullptr) {
-      const int err = errno;
-      if (dup_fd >= 0) ::close(dup_fd);
-      return Status::FromErrno(trash_path, err);
-    }
-    while (struct dirent* e = ::readdir(d)) {
-      std::string n = e->d_name;
-      if (n != "." && n != "..") names.push_back(std::move(n));
-    }
-    ::closedir(d);
-  }
+  Result<std::vector<std::string>> listed = ListDirAt(trash->get(), trash_path);
+  if (!listed.ok()) return listed.status();
+  const std::vector<std::string>& names = *listed;
   Status status;
   bool left = false;
   const auto now = std::chrono::system_clock::now().time_since_epoch();

@@ -14,10 +14,10 @@
 
 #include "core/averaging.h"
 #include "core/checkpoint.h"
-#include "core/retention.h"
 #include "core/file_util.h"
 #include "core/log.h"
 #include "core/meta.h"
+#include "core/retention.h"
 #include "index/resolver.h"
 
 namespace ckptfs::fs {
@@ -26,29 +26,6 @@ using core::LogLevel;
 using core::Status;
 
 namespace {
-
-// Names in the directory dir_fd, without "." and "..".
-core::Result<std::vector<std::string>> ListAt(int dir_fd, const std::string& what) {
-  const int fd = ::dup(dir_fd);
-  DIR* d = fd < 0 ? nullptr : ::fdopendir(fd);
-  if (d == nullptr) {
-    const int err = errno;
-    if (fd >= 0) ::close(fd);
-    return Status::FromErrno(what, err);
-  }
-  ::rewinddir(d);
-  std::vector<std::string> names;
-  while (struct dirent* e = ::readdir(d)) {
-    std::string n = e->d_name;
-    if (n != "." && n != "..") names.push_back(std::move(n));
-  }
-  ::closedir(d);
-  return names;
-}
-
-bool ExistsAt(int dir_fd, const std::string& rel) {
-  return core::OpenBeneathFd(dir_fd, rel, O_PATH, 0, rel).ok();
-}
 
 // Walks the staged entry `name` of dir_fd (what: its path, for messages):
 // regular files and directories only, each opened beneath its parent's
@@ -96,7 +73,7 @@ Status Walk(int dir_fd, const std::string& name, const std::string& what, bool s
     if (sync && ::fsync(fd.get()) != 0) return Status::FromErrno("fsync " + what, errno);
     return Status::Ok();
   }
-  core::Result<std::vector<std::string>> names = ListAt(fd.get(), what);
+  core::Result<std::vector<std::string>> names = core::ListDirAt(fd.get(), what);
   if (!names.ok()) return names.status();
   for (const std::string& n : *names) {
     if (Status s = Walk(fd.get(), n, what + "/" + n, sync, check, depth + 1, fingerprint);
@@ -146,7 +123,8 @@ Status ReplaceCommitted(int exp_fd, int staging_fd, const std::string& experimen
   if (::fstatat(staging_fd, name.c_str(), &old, AT_SYMLINK_NOFOLLOW) != 0 ||
       old.st_dev != old_dev || old.st_ino != old_ino) {
     ::renameat2(staging_fd, name.c_str(), exp_fd, name.c_str(), RENAME_EXCHANGE);
-    return Status::Exists(what + " was replaced while its new version was written through new/; "
+    return Status::Exists(what +
+                          " was replaced while its new version was written through new/; "
                           "the new version stays staged");
   }
   if (::fsync(exp_fd) != 0) return Status::FromErrno("fsync " + experiment, errno);
@@ -303,7 +281,7 @@ Status Committer::CheckReady(int staging_fd, const std::string& staging, const s
     return Status::FromErrno(top, errno);
   }
   if (S_ISDIR(st.st_mode)) {
-    auto has = [&](const char* f) { return ExistsAt(staging_fd, name + "/" + f); };
+    auto has = [&](const char* f) { return core::ExistsBeneath(staging_fd, name + "/" + f); };
     if (!core::DirectoryLayout(name, has("CKPT.yaml"), has("meta.json"),
                                has("trainer_state.json"))) {
       return Status::NotFound(top +
@@ -409,15 +387,15 @@ int Committer::CommitCandidates(bool at_exit) {
   // An explicit marker commits at once, quiet or not.
   for (const auto& key : maybe_marked) {
     const int fd = staging_of(key.first);
-    if (fd >= 0 && (ExistsAt(fd, key.second + "/" + kCommitMarker) ||
-                    ExistsAt(fd, key.second + kCommitMarker))) {
+    if (fd >= 0 && (core::ExistsBeneath(fd, key.second + "/" + kCommitMarker) ||
+                    core::ExistsBeneath(fd, key.second + kCommitMarker))) {
       candidates.push_back(key);
     }
   }
   for (auto it = quiet_ones.begin(); it != quiet_ones.end();) {
     const int fd = staging_of(it->first.first);
-    if (fd >= 0 && (ExistsAt(fd, it->first.second + "/" + kCommitMarker) ||
-                    ExistsAt(fd, it->first.second + kCommitMarker))) {
+    if (fd >= 0 && (core::ExistsBeneath(fd, it->first.second + "/" + kCommitMarker) ||
+                    core::ExistsBeneath(fd, it->first.second + kCommitMarker))) {
       candidates.push_back(it->first);
       it = quiet_ones.erase(it);
     } else {
@@ -448,8 +426,8 @@ int Committer::CommitCandidates(bool at_exit) {
   for (const auto& [exp, name] : candidates) {
     const int staging_fd = staging_of(exp);
     if (staging_fd >= 0 && must_be_whole.count({exp, name}) != 0 &&
-        !ExistsAt(staging_fd, name + "/" + kCommitMarker) &&
-        !ExistsAt(staging_fd, name + kCommitMarker) &&
+        !core::ExistsBeneath(staging_fd, name + "/" + kCommitMarker) &&
+        !core::ExistsBeneath(staging_fd, name + kCommitMarker) &&
         !HoldsPredecessorFiles(staging_fd, exp, name)) {
       continue;  // logged by HoldsPredecessorFiles; looked at again later
     }
@@ -465,8 +443,8 @@ int Committer::CommitCandidates(bool at_exit) {
     if (staging_fd < 0) {
       s = stagings.at(exp).status();
     } else {
-      marked = ExistsAt(staging_fd, name + "/" + kCommitMarker) ||
-               ExistsAt(staging_fd, name + kCommitMarker);
+      marked = core::ExistsBeneath(staging_fd, name + "/" + kCommitMarker) ||
+               core::ExistsBeneath(staging_fd, name + kCommitMarker);
       Staged st;
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -525,218 +503,13 @@ void Committer::Loop() {
   }
 }
 
-namespace {
-
-// Recreates the directory tree of src_fd in dst_fd (what: its path, for
-// messages): directories with their modes and owners, regular files as hard
-// links to the same inodes; anything else is left out (never committed).
-Status LinkTree(int src_fd, int dst_fd, const std::string& what, int depth = 0) {
-  if (depth > 32) return Status::InvalidArgument(what + ": nested too deeply");
-  core::Result<std::vector<std::string>> names = ListAt(src_fd, what);
-  if (!names.ok()) return names.status();
-  for (const std::string& n : *names) {
-    struct stat st {};
-    if (::fstatat(src_fd, n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;  // gone
-    if (S_ISREG(st.st_mode)) {
-      if (::linkat(src_fd, n.c_str(), dst_fd, n.c_str(), 0) != 0) {
-        return Status::FromErrno("link " + what + "/" + n, errno);
-      }
-    } else if (S_ISDIR(st.st_mode)) {
-      if (::mkdirat(dst_fd, n.c_str(), st.st_mode & 07777) != 0) {
-        return Status::FromErrno("mkdir " + what + "/" + n, errno);
-      }
-      if (::geteuid() == 0) ::fchownat(dst_fd, n.c_str(), st.st_uid, st.st_gid, AT_SYMLINK_NOFOLLOW);
-      core::Result<core::ScopedFd> from = core::OpenBeneathFd(src_fd, n, O_RDONLY | O_DIRECTORY, 0, n);
-      core::Result<core::ScopedFd> to = core::OpenBeneathFd(dst_fd, n, O_RDONLY | O_DIRECTORY, 0, n);
-      if (!from.ok()) return from.status();
-      if (!to.ok()) return to.status();
-      if (Status s = LinkTree(from->get(), to->get(), what + "/" + n, depth + 1); !s.ok()) return s;
-    }
-  }
-  return Status::Ok();
-}
-
-// Makes name in dir_fd a new file with src's mode, owner and (unless
-// truncate) data: src is the descriptor of the file it was (a link to a
-// committed version's file, or that file itself). what names it.
-Status FreshCopyAt(int dir_fd, const std::string& name, int src, bool truncate,
-                   const std::string& what) {
-  struct stat st {};
-  if (::fstat(src, &st) != 0) return Status::FromErrno(what, errno);
-  const int raw =
-      ::openat(dir_fd, name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC,
-               st.st_mode & 07777);
-  if (raw < 0) return Status::FromErrno(what, errno);
-  core::ScopedFd out(raw);
-  if (::geteuid() == 0 && ::fchown(out.get(), st.st_uid, st.st_gid) != 0) {
-    return Status::FromErrno(what + ": keeping its owner", errno);
-  }
-  if (truncate) return Status::Ok();
-  off_t in_off = 0;
-  while (in_off < st.st_size) {
-    const ssize_t n = ::copy_file_range(src, &in_off, out.get(), nullptr,
-                                        static_cast<size_t>(st.st_size - in_off), 0);
-    if (n < 0) return Status::FromErrno("copy " + what, errno);
-    if (n == 0) break;
-  }
-  return Status::Ok();
-}
-
-}  // namespace
-
-Status Committer::BeginVersion(const std::string& experiment, const std::string& name,
-                               bool truncate_file) {
-  core::Result<core::ScopedFd> exp = source_->OpenAt(experiment, O_RDONLY | O_DIRECTORY);
-  if (!exp.ok()) return exp.status();
-  core::Result<core::ScopedFd> staging = OpenStaging(experiment, true);
-  if (!staging.ok()) return staging.status();
-  std::lock_guard<std::mutex> lock(version_mu_);  // one version per name at a time
-  struct stat st {};
-  if (::fstatat(staging->get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
-    return Status::Ok();  // a version is staged already
-  }
-  if (::fstatat(exp->get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
-    return Status::FromErrno(experiment + "/" + name, errno);
-  }
-  const std::string top = index::StagingDir(experiment) + "/" + name;
-  if (S_ISDIR(st.st_mode)) {
-    if (::mkdirat(staging->get(), name.c_str(), st.st_mode & 07777) != 0) {
-      return Status::FromErrno("mkdir " + top, errno);
-    }
-    if (::geteuid() == 0) {
-      ::fchownat(staging->get(), name.c_str(), st.st_uid, st.st_gid, AT_SYMLINK_NOFOLLOW);
-    }
-    core::Result<core::ScopedFd> from =
-        core::OpenBeneathFd(exp->get(), name, O_RDONLY | O_DIRECTORY, 0, name);
-    core::Result<core::ScopedFd> to =
-        core::OpenBeneathFd(staging->get(), name, O_RDONLY | O_DIRECTORY, 0, name);
-    Status linked = !from.ok() ? from.status() : !to.ok() ? to.status()
-                                                          : LinkTree(from->get(), to->get(), top);
-    if (!linked.ok()) {
-      (void)core::RemoveTreeAt(staging->get(), name, top);
-      return linked;
-    }
-  } else if (S_ISREG(st.st_mode)) {
-    const int raw =
-        ::openat(exp->get(), name.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-    if (raw < 0) return Status::FromErrno(experiment + "/" + name, errno);
-    core::ScopedFd committed(raw);
-    struct stat again {};
-    if (::fstat(committed.get(), &again) != 0 || again.st_ino != st.st_ino) {
-      return Status::FromErrno(experiment + "/" + name + " (replaced meanwhile)", EAGAIN);
-    }
-    if (Status s = FreshCopyAt(staging->get(), name, committed.get(), truncate_file, top);
-        !s.ok()) {
-      ::unlinkat(staging->get(), name.c_str(), 0);
-      return s;
-    }
-  } else {
-    return Status::InvalidArgument(experiment + "/" + name + ": not a file or directory");
-  }
-  {
-    std::lock_guard<std::mutex> state(mu_);
-    Staged& s = staged_[{experiment, name}];
-    s.replaces = true;
-    s.old_dev = st.st_dev;
-    s.old_ino = st.st_ino;
-    s.old_ctime = st.st_ctim;
-    s.last = Clock::now();
-  }
-  core::Log(LogLevel::kInfo, "new version of %s/%s started through new/", experiment.c_str(),
-            name.c_str());
-  return Status::Ok();
-}
-
-Status Committer::BreakLink(const std::string& path, bool truncate) {
-  auto in = source_->OpenParent(path);
-  if (!in.ok()) return in.status();
-  const int dir_fd = in->first.get();
-  const std::string& name = in->second;
-  const int raw = ::openat(dir_fd, name.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-  if (raw < 0) return errno == ENOENT ? Status::Ok() : Status::FromErrno(path, errno);
-  core::ScopedFd old(raw);
-  struct stat st {};
-  if (::fstat(old.get(), &st) != 0) return Status::FromErrno(path, errno);
-  // Staged files are never hard links of their own (link() is refused under
-  // new/): a second link is the committed version's.
-  if (!S_ISREG(st.st_mode) || st.st_nlink < 2) return Status::Ok();
-  if (::unlinkat(dir_fd, name.c_str(), 0) != 0) return Status::FromErrno(path, errno);
-  return FreshCopyAt(dir_fd, name, old.get(), truncate, path);
-}
-
-Status Committer::DeleteThroughNew(const std::string& experiment, const std::string& name,
-                                   uid_t by) {
-  core::Result<core::ScopedFd> exp = source_->OpenAt(experiment, O_RDONLY | O_DIRECTORY);
-  if (!exp.ok()) return exp.status();
-  const std::string what = experiment + "/" + name;
-  struct stat st {};
-  if (::fstatat(exp->get(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
-    return Status::FromErrno(what, errno);
-  }
-  if (S_ISDIR(st.st_mode) && ExistsAt(exp->get(), name + "/.keep")) {
-    return Status::Permission(what + ": pinned (.keep); not deleted through new/", EPERM);
-  }
-  auto moved = core::MoveToTrashAt(exp->get(), experiment, name);
-  if (!moved.ok()) return moved.status();
-  const std::string trash = experiment + "/" + core::kTrashDir + "/" + moved->second;
-  core::Log(LogLevel::kInfo, "deleted %s through new/ (uid %u): moved to %s", what.c_str(),
-            static_cast<unsigned>(by), trash.c_str());
-  if (S_ISDIR(st.st_mode)) {
-    std::lock_guard<std::mutex> lock(mu_);
-    deleting_[{experiment, name}] = Deletion{trash, Clock::now()};
-  } else if (::unlinkat(moved->first.get(), moved->second.c_str(), 0) != 0) {
-    core::Log(LogLevel::kWarning, "cannot remove %s: %s", trash.c_str(), std::strerror(errno));
-  }
-  if (on_deleted_) on_deleted_(experiment, name);
-  return Status::Ok();
-}
-
-std::optional<std::string> Committer::Deleting(const std::string& experiment,
-                                               const std::string& name) {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto it = deleting_.find({experiment, name});
-  if (it == deleting_.end()) return std::nullopt;
-  return it->second.trash;
-}
-
-void Committer::DeleteFinished(const std::string& experiment, const std::string& name) {
-  std::lock_guard<std::mutex> lock(mu_);
-  deleting_.erase({experiment, name});
-}
-
-void Committer::ExpireDeletions(bool everything) {
-  std::vector<std::pair<std::string, std::string>> expired;  // (experiment, trash path)
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    const auto now = Clock::now();
-    for (auto it = deleting_.begin(); it != deleting_.end();) {
-      if (everything || now - it->second.since > std::chrono::minutes(1)) {
-        expired.emplace_back(it->first.first, it->second.trash);
-        it = deleting_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-  }
-  for (const auto& [experiment, trash] : expired) {
-    // An rmtree that stopped half-way: what it left goes now.
-    core::Result<core::ScopedFd> exp = source_->OpenAt(experiment, O_RDONLY | O_DIRECTORY);
-    if (!exp.ok()) continue;
-    core::Result<core::ScopedFd> t =
-        core::OpenOwnDir(exp->get(), experiment, core::kTrashDir, ::geteuid(), false);
-    if (!t.ok()) continue;
-    const std::string entry = trash.substr(trash.rfind('/') + 1);
-    (void)core::RemoveTreeAt(t->get(), entry, trash);
-  }
-}
-
 bool Committer::HoldsPredecessorFiles(int staging_fd, const std::string& experiment,
                                       const std::string& name) {
   struct stat st {};
   if (::fstatat(staging_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(st.st_mode)) {
     return true;  // single files: quiet and a complete tensor file are all there is
   }
-  auto has = [&](const char* f) { return ExistsAt(staging_fd, name + "/" + f); };
+  auto has = [&](const char* f) { return core::ExistsBeneath(staging_fd, name + "/" + f); };
   std::optional<core::Layout> layout =
       core::DirectoryLayout(name, has("CKPT.yaml"), has("meta.json"), has("trainer_state.json"));
   if (!layout) return true;  // CheckReady says why it waits
@@ -750,9 +523,10 @@ bool Committer::HoldsPredecessorFiles(int staging_fd, const std::string& experim
   // the files it was made of.
   std::optional<std::vector<std::string>> previous;
   if (version) {
-    core::Result<core::ScopedFd> top = core::OpenBeneathFd(staging_fd, name, O_RDONLY | O_DIRECTORY, 0, name);
+    core::Result<core::ScopedFd> top =
+        core::OpenBeneathFd(staging_fd, name, O_RDONLY | O_DIRECTORY, 0, name);
     if (top.ok()) {
-      core::Result<std::vector<std::string>> names = ListAt(top->get(), name);
+      core::Result<std::vector<std::string>> names = core::ListDirAt(top->get(), name);
       if (names.ok()) previous = std::move(*names);
     }
   } else if (previous_files_) {
@@ -774,8 +548,8 @@ bool Committer::HoldsPredecessorFiles(int staging_fd, const std::string& experim
   if (missing.empty()) return true;
   std::string list;
   for (const std::string& f : missing) list += (list.empty() ? "" : ", ") + f;
-  const std::string reason = (version ? "has not rewritten " : "lacks ") + list +
-                             " of the previous checkpoint";
+  const std::string reason =
+      (version ? "has not rewritten " : "lacks ") + list + " of the previous checkpoint";
   std::lock_guard<std::mutex> lock(mu_);
   Staged& s = staged_[{experiment, name}];
   if (s.reported != reason) {
@@ -814,7 +588,7 @@ std::vector<std::string> Committer::RecoverStaging(const core::Beneath& source,
     return moved;
   }
   const std::string staging_path = index::StagingDir(experiment);
-  core::Result<std::vector<std::string>> names = ListAt(staging->get(), staging_path);
+  core::Result<std::vector<std::string>> names = core::ListDirAt(staging->get(), staging_path);
   if (!names.ok() || names->empty()) {
     if (names.ok()) ::unlinkat(exp->get(), core::kStagingDir, AT_REMOVEDIR);
     return moved;
