@@ -34,6 +34,7 @@
 #include "core/log.h"
 #include "core/retention.h"
 #include "fs/committer.h"
+#include "fs/daemon_threads.h"
 #include "fs/fuse_ops.h"
 #include "fs/mount_status.h"
 #include "fs/node_table.h"
@@ -49,316 +50,6 @@ namespace ckptfs::fs {
 using core::LogLevel;
 
 namespace {
-
-// Sends the kernel what NodeTable says it must forget. Called from the
-// daemon's own threads, never inside a request handler (libfuse's rule for
-// notifications). A notification can wait in the kernel for a directory
-// lock that a pending request holds, which only a worker's reply releases:
-// so the gate closes while workers still answer. Close() waits for the
-// notifications under way, and none starts after it. Thread-safe.
-class Notifier {
- public:
-  explicit Notifier(struct fuse_session* se) : se_(se) {}
-  Notifier(const Notifier&) = delete;
-  Notifier& operator=(const Notifier&) = delete;
-
-  void Send(const std::vector<Invalidation>& invals) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (closed_) return;
-      ++sending_;
-    }
-    for (const Invalidation& inv : invals) {
-      int rc = inv.entry ? fuse_lowlevel_notify_inval_entry(se_, inv.parent, inv.name.c_str(),
-                                                            inv.name.size())
-                         : fuse_lowlevel_notify_inval_inode(se_, inv.ino, 0, 0);
-      if (rc != 0 && rc != -ENOENT) {
-        core::Log(LogLevel::kDebug, "invalidate %s: %s", inv.entry ? inv.name.c_str() : "inode",
-                  std::strerror(-rc));
-      }
-    }
-    std::lock_guard<std::mutex> lock(mu_);
-    if (--sending_ == 0) idle_.notify_all();
-  }
-
-  void Close() {
-    std::unique_lock<std::mutex> lock(mu_);
-    closed_ = true;
-    idle_.wait(lock, [this] { return sending_ == 0; });
-  }
-
- private:
-  struct fuse_session* const se_;
-  std::mutex mu_;  // guards sending_, closed_
-  std::condition_variable idle_;
-  int sending_ = 0;
-  bool closed_ = false;
-};
-
-// Runs fn() with the stop signals blocked, so that the threads it starts
-// never take them: they must reach the main thread, whose wait in
-// fuse_session_loop_mt only a signal interrupts (libfuse blocks them in its
-// workers for the same reason).
-template <typename Fn>
-void WithStopSignalsBlocked(Fn&& fn) {
-  sigset_t block, old;
-  sigemptyset(&block);
-  for (int sig : {SIGTERM, SIGINT, SIGHUP}) sigaddset(&block, sig);
-  pthread_sigmask(SIG_BLOCK, &block, &old);
-  struct Restore {
-    sigset_t old;
-    ~Restore() { pthread_sigmask(SIG_SETMASK, &old, nullptr); }
-  } restore{old};
-  fn();
-}
-
-// Invalidations that a request handler asks for go out from this thread:
-// libfuse forbids notifying from inside a handler.
-class LaterNotifier {
- public:
-  LaterNotifier() = default;
-  LaterNotifier(const LaterNotifier&) = delete;
-  LaterNotifier& operator=(const LaterNotifier&) = delete;
-  ~LaterNotifier() { Stop(); }
-
-  // After daemonising: a thread started before the fork would not survive it.
-  void Start(Notifier* notifier) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      notifier_ = notifier;
-    }
-    WithStopSignalsBlocked([this] {
-      thread_ = std::thread([this] { core::CatchAndLog("notifier", [this] { Run(); }); });
-    });
-  }
-  void Push(Invalidation inv) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (notifier_ == nullptr || stop_) return;
-    queue_.push_back(std::move(inv));
-    cv_.notify_one();
-  }
-  // Before the session is destroyed; returns once the thread has.
-  void Stop() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-      cv_.notify_one();
-    }
-    if (thread_.joinable()) thread_.join();
-  }
-
- private:
-  void Run() {
-    std::unique_lock<std::mutex> lock(mu_);
-    while (true) {
-      cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
-      if (stop_) return;
-      std::vector<Invalidation> batch;
-      batch.swap(queue_);
-      Notifier* notifier = notifier_;
-      lock.unlock();
-      core::CatchAndLog("notifier", [&] { notifier->Send(batch); });
-      lock.lock();
-    }
-  }
-
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<Invalidation> queue_;
-  Notifier* notifier_ = nullptr;
-  bool stop_ = false;
-  std::thread thread_;
-};
-
-// SIGTERM (systemctl stop), SIGINT and SIGHUP stop the mount cleanly, even
-// while workers are busy. The handler only records the signal and wakes the
-// stopper thread; that thread runs on_stop (while workers still answer),
-// ends the session, and interrupts the main thread's wait in
-// fuse_session_loop_mt until the loop has returned. SIGPIPE is ignored.
-std::atomic<int> g_stop_signal{0};
-std::atomic<int> g_stop_fd{-1};
-
-void OnStopSignal(int sig) {
-  const int saved_errno = errno;
-  int none = 0;
-  g_stop_signal.compare_exchange_strong(none, sig);
-  const uint64_t one = 1;
-  ssize_t ignored = ::write(g_stop_fd.load(), &one, sizeof(one));  // eventfd: async-signal-safe
-  (void)ignored;
-  errno = saved_errno;
-}
-
-class StopSignals {
- public:
-  static constexpr int kSignals[] = {SIGTERM, SIGINT, SIGHUP, SIGPIPE};
-
-  StopSignals() = default;
-  StopSignals(const StopSignals&) = delete;
-  StopSignals& operator=(const StopSignals&) = delete;
-  ~StopSignals() {
-    Finish();
-    if (installed_) {
-      for (size_t i = 0; i < std::size(kSignals); ++i) ::sigaction(kSignals[i], &old_[i], nullptr);
-    }
-    if (fd_ >= 0) {
-      g_stop_fd = -1;
-      ::close(fd_);
-    }
-  }
-
-  bool Install() {
-    fd_ = ::eventfd(0, EFD_CLOEXEC);
-    if (fd_ < 0) return false;
-    g_stop_signal = 0;
-    g_stop_fd = fd_;
-    for (size_t i = 0; i < std::size(kSignals); ++i) {
-      struct sigaction sa {};
-      sa.sa_handler = kSignals[i] == SIGPIPE ? SIG_IGN : OnStopSignal;
-      sigemptyset(&sa.sa_mask);
-      sa.sa_flags = 0;  // no SA_RESTART: the signal must interrupt sem_wait in the loop
-      if (::sigaction(kSignals[i], &sa, &old_[i]) != 0) return false;
-      installed_ = true;
-    }
-    return true;
-  }
-
-  // From the main thread, after daemonising. A signal that came earlier is
-  // acted on now.
-  void Start(struct fuse_session* se, std::function<void()> on_stop) {
-    se_ = se;
-    on_stop_ = std::move(on_stop);
-    main_ = ::pthread_self();
-    WithStopSignalsBlocked([this] {
-      thread_ = std::thread([this] { core::CatchAndLog("stopper", [this] { Run(); }); });
-    });
-  }
-  // The main thread is about to enter the session loop.
-  void LoopEntered() {
-    std::lock_guard<std::mutex> lock(mu_);
-    loop_entered_ = true;
-  }
-  // The session loop returned: the stopper thread ends.
-  void Finish() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      finished_ = true;
-      cv_.notify_all();
-    }
-    if (fd_ >= 0) OnStopSignalWake();
-    if (thread_.joinable()) thread_.join();
-  }
-
- private:
-  void OnStopSignalWake() {
-    const uint64_t one = 1;
-    ssize_t ignored = ::write(fd_, &one, sizeof(one));
-    (void)ignored;
-  }
-
-  void Run() {
-    for (;;) {
-      uint64_t count = 0;
-      if (::read(fd_, &count, sizeof(count)) < 0 && errno == EINTR) continue;
-      std::unique_lock<std::mutex> lock(mu_);
-      if (finished_) return;
-      const int sig = g_stop_signal.load();
-      if (sig == 0) continue;
-      lock.unlock();
-      core::Log(LogLevel::kInfo, "%s: stopping", ::strsignal(sig));
-      core::CatchAndLog("stop", on_stop_);
-      fuse_session_exit(se_);
-      lock.lock();
-      // The loop sees the exit only once its wait is interrupted; a signal
-      // that lands between its check and its wait is lost, hence again
-      // until it returns.
-      while (!finished_) {
-        if (loop_entered_) ::pthread_kill(main_, sig);
-        cv_.wait_for(lock, std::chrono::milliseconds(100));
-      }
-      return;
-    }
-  }
-
-  int fd_ = -1;
-  bool installed_ = false;
-  struct sigaction old_[std::size(kSignals)]{};
-  struct fuse_session* se_ = nullptr;
-  std::function<void()> on_stop_;
-  pthread_t main_{};
-  std::thread thread_;
-  std::mutex mu_;  // guards loop_entered_, finished_
-  std::condition_variable cv_;
-  bool loop_entered_ = false;
-  bool finished_ = false;
-};
-
-// A daemon that died (SIGKILL, OOM) leaves its mount behind, answering
-// ENOTCONN; a restart (systemd's Restart=on-failure) must be able to mount
-// again, so such a mount is detached first. Anything else is left alone.
-void DetachDeadMount(const std::string& mountpoint) {
-  // statfs always reaches the daemon; stat may be answered from the cache.
-  struct statfs st {};
-  if (::statfs(mountpoint.c_str(), &st) == 0 || errno != ENOTCONN) return;
-  core::Log(LogLevel::kWarning, "%s: a mount whose daemon died is still there; detaching it",
-            mountpoint.c_str());
-  if (::geteuid() == 0) {
-    if (::umount2(mountpoint.c_str(), MNT_DETACH) != 0) {
-      core::Log(LogLevel::kError, "%s: cannot detach: %s", mountpoint.c_str(),
-                std::strerror(errno));
-    }
-    return;
-  }
-  const pid_t pid = ::fork();
-  if (pid == 0) {
-    ::execlp("fusermount3", "fusermount3", "-u", "-z", mountpoint.c_str(),
-             static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
-  int status = 0;
-  if (pid < 0 || ::waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
-      WEXITSTATUS(status) != 0) {
-    core::Log(LogLevel::kError, "%s: fusermount3 -u -z failed", mountpoint.c_str());
-  }
-}
-
-// Runs fn every period on its own thread (stop signals blocked) until
-// destroyed; the destructor returns once the call under way, if any, has.
-class Ticker {
- public:
-  Ticker(std::chrono::milliseconds period, std::function<void()> fn)
-      : period_(period), fn_(std::move(fn)) {
-    WithStopSignalsBlocked([this] {
-      thread_ = std::thread([this] { core::CatchAndLog("ticker", [this] { Run(); }); });
-    });
-  }
-  Ticker(const Ticker&) = delete;
-  Ticker& operator=(const Ticker&) = delete;
-  ~Ticker() {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stop_ = true;
-    }
-    cv_.notify_all();
-    if (thread_.joinable()) thread_.join();
-  }
-
- private:
-  void Run() {
-    std::unique_lock<std::mutex> lock(mu_);
-    while (!cv_.wait_for(lock, period_, [this] { return stop_; })) {
-      lock.unlock();
-      core::CatchAndLog("ticker", fn_);
-      lock.lock();
-    }
-  }
-
-  const std::chrono::milliseconds period_;
-  std::function<void()> fn_;
-  std::mutex mu_;  // guards stop_
-  std::condition_variable cv_;
-  bool stop_ = false;
-  std::thread thread_;
-};
 
 // On a shared source, staging changed within this many seconds (or
 // --commit-wait, if longer) is taken for another node's write in progress.
@@ -491,8 +182,9 @@ int RunMount(const Options& opt) {
   };
   Committer::Settings commit_settings;
   commit_settings.quiet = std::chrono::milliseconds(static_cast<int64_t>(opt.commit_quiet * 1000));
-  commit_settings.wait = std::max(
-      commit_settings.quiet, std::chrono::milliseconds(static_cast<int64_t>(opt.commit_wait * 1000)));
+  commit_settings.wait =
+      std::max(commit_settings.quiet,
+               std::chrono::milliseconds(static_cast<int64_t>(opt.commit_wait * 1000)));
   commit_settings.explicit_only = opt.explicit_commit;
   commit_settings.direct = opt.direct_new;
   auto send = [&notifier](const std::vector<Invalidation>& invals) {
@@ -562,20 +254,20 @@ int RunMount(const Options& opt) {
           prune({experiment});
         });
       });
-  committer->set_previous_files([&](const std::string& experiment, const std::string& name,
-                                    const std::string& meta_file)
-                                    -> std::optional<std::vector<std::string>> {
-    auto all = (*idx)->List(experiment);  // newest first
-    if (!all.ok()) return std::nullopt;
-    for (const core::Checkpoint& c : *all) {
-      if (c.experiment != experiment || c.name == name || !c.valid) continue;
-      if (core::MetaFileName(c.layout) != meta_file) continue;
-      std::vector<std::string> files;
-      for (const core::CheckpointFile& f : c.files) files.push_back(f.name);
-      return files;
-    }
-    return std::nullopt;
-  });
+  committer->set_previous_files(
+      [&](const std::string& experiment, const std::string& name,
+          const std::string& meta_file) -> std::optional<std::vector<std::string>> {
+        auto all = (*idx)->List(experiment);  // newest first
+        if (!all.ok()) return std::nullopt;
+        for (const core::Checkpoint& c : *all) {
+          if (c.experiment != experiment || c.name == name || !c.valid) continue;
+          if (core::MetaFileName(c.layout) != meta_file) continue;
+          std::vector<std::string> files;
+          for (const core::CheckpointFile& f : c.files) files.push_back(f.name);
+          return files;
+        }
+        return std::nullopt;
+      });
   committer->set_on_deleted([&](const std::string& experiment, const std::string& name) {
     core::CatchAndLog("after deletion through new/", [&] {
       (void)(*idx)->ScanChanges({{experiment, name}});
