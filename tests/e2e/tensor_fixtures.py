@@ -20,6 +20,19 @@ ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32",
 ST_TYPES = {v: k for k, v in ST_DTYPES.items()}
 
 
+def reference_average(members, newest):
+    """What the contract says: floats averaged in float32 (float64 for
+    float64; newest first), cast back; everything else from the newest."""
+    out = type(newest)()
+    for k, v in newest.items():
+        if torch.is_tensor(v) and v.is_floating_point():
+            acc = sum(m[k].double() if v.dtype == torch.float64 else m[k].float() for m in members)
+            out[k] = (acc / len(members)).to(v.dtype)
+        else:
+            out[k] = v
+    return out
+
+
 def save_safetensors(tensors, path, metadata=None):
     header, blobs, offset = {}, [], 0
     if metadata:

@@ -16,19 +16,6 @@ import tensor_fixtures as tf
 from mount_util import CKPTFS, errno_of, mounted
 
 
-def reference_average(members, newest):
-    """What the contract says: floats averaged in float32 (newest first), cast
-    back; everything else from the newest member."""
-    out = type(newest)()
-    for k, v in newest.items():
-        if torch.is_tensor(v) and v.is_floating_point():
-            acc = sum(m[k].double() if v.dtype == torch.float64 else m[k].float() for m in members)
-            out[k] = (acc / len(members)).to(v.dtype)
-        else:
-            out[k] = v
-    return out
-
-
 class AverageTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="ckptfs-e2e-avg-")
@@ -93,7 +80,7 @@ class AverageTest(unittest.TestCase):
                 members = [torch.load(p) for p in paths]
                 self.assertIsInstance(out, collections.OrderedDict)
                 self.assertEqual(out._metadata, members[0]._metadata)
-                self.assert_same(out, reference_average(members, members[0]))
+                self.assert_same(out, tf.reference_average(members, members[0]))
                 # num_batches_tracked stays int64, from the newest member.
                 self.assertEqual(out["bn.num_batches_tracked"].dtype, torch.int64)
                 self.assertEqual(int(out["bn.num_batches_tracked"]), 3)
@@ -118,13 +105,13 @@ class AverageTest(unittest.TestCase):
         self.assertEqual(out["epoch"], 2)
         self.assertEqual(out["hyper_parameters"], argparse.Namespace(lr=0.003, name="run2"))
         self.assertEqual(out["pytorch-lightning_version"], "1.9.0")
-        self.assert_same(out["state_dict"], reference_average([m["state_dict"] for m in members],
+        self.assert_same(out["state_dict"], tf.reference_average([m["state_dict"] for m in members],
                                                               members[0]["state_dict"]))
         got_opt, want = out["optimizer_states"][0], [m["optimizer_states"][0] for m in members]
         self.assertEqual(got_opt["param_groups"], want[0]["param_groups"])
         for pid, st in want[0]["state"].items():
             self.assert_same(got_opt["state"][pid],
-                             reference_average([w["state"][pid] for w in want], st), f"state.{pid}")
+                             tf.reference_average([w["state"][pid] for w in want], st), f"state.{pid}")
         score = out["callbacks"]["ModelCheckpoint"]["best_model_score"]
         self.assertAlmostEqual(float(score), (0.3 + 0.4) / 2, places=6)
 
@@ -132,7 +119,7 @@ class AverageTest(unittest.TestCase):
         paths = self.experiment("tied", [tf.tied(i) for i in range(3)], file="w.pt")
         out = torch.load(self.cat_to_file("/tied/avg/last3/w.pt"))
         members = [torch.load(p) for p in paths]
-        self.assert_same(out, reference_average(members, members[0]))
+        self.assert_same(out, tf.reference_average(members, members[0]))
         self.assertEqual(out["enc.weight"].data_ptr(), out["dec.weight"].data_ptr())
         self.assertTrue(torch.equal(out["row"], out["enc.weight"][1]))
         self.assertTrue(torch.equal(out["wt"], out["enc.weight"].t()))
@@ -148,7 +135,7 @@ class AverageTest(unittest.TestCase):
         paths = self.experiment("st", objs, file="model.safetensors", save=tf.save_safetensors)
         out = tf.load_safetensors(self.cat_to_file("/st/avg/last3/model.safetensors", "o.safetensors"))
         members = [tf.load_safetensors(p) for p in paths]
-        self.assert_same(out, reference_average(members, members[0]))
+        self.assert_same(out, tf.reference_average(members, members[0]))
 
     def test_bad_members_fail_naming_file_and_tensor(self):
         base = [tf.state_dict(i) for i in range(3)]
@@ -216,7 +203,7 @@ class AverageTest(unittest.TestCase):
                              ["CKPT.yaml", "model.ckpt"])
             out = torch.load(path)
             members = [torch.load(p) for p in paths[:3]]
-            self.assert_same(out, reference_average(members, members[0]))
+            self.assert_same(out, tf.reference_average(members, members[0]))
             self.assertEqual(os.getxattr(path, "user.ckptfs.members").decode().split(), paths[:3])
             with open(path, "rb") as f:
                 self.assertEqual(f.read(), self.cat("/m/avg/last3/model.ckpt").stdout)
@@ -231,7 +218,7 @@ class AverageTest(unittest.TestCase):
             self.assertTrue(mount_util.wait_for(
                 lambda: os.getxattr(path, "user.ckptfs.members").decode().split() == want, timeout=3))
             members = [torch.load(p) for p in want]
-            self.assert_same(torch.load(path), reference_average(members, members[0]))
+            self.assert_same(torch.load(path), tf.reference_average(members, members[0]))
             # Members that disagree: EIO, and the log names the tensor.
             bad = tf.state_dict(5)
             bad["lin.weight"] = torch.zeros(1)

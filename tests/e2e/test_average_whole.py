@@ -13,19 +13,8 @@ import zipfile
 
 import torch
 
+import tensor_fixtures as tf
 from mount_util import mounted
-
-
-def reference_average(members):
-    """Floats averaged in float32 (newest first), cast back; the rest from the newest."""
-    newest = members[0]
-    out = type(newest)()
-    for k, v in newest.items():
-        if torch.is_tensor(v) and v.is_floating_point():
-            out[k] = (sum(m[k].float() for m in members) / len(members)).to(v.dtype)
-        else:
-            out[k] = v
-    return out
 
 
 class AverageWholeTest(unittest.TestCase):
@@ -80,7 +69,7 @@ class AverageWholeTest(unittest.TestCase):
                     self.assertEqual((info.header_offset + 30 + name_len + extra_len) % 64, 0,
                                      info.filename)
         got = torch.load(os.path.join(got_dir, "mdl.ckpt"))
-        want = reference_average(members)
+        want = tf.reference_average(members, members[0])
         self.assertEqual(list(got.keys()), list(want.keys()))
         for k in want:
             self.assertEqual(got[k].dtype, want[k].dtype, k)

@@ -170,16 +170,6 @@ def write_seeds(root):
                     {"a": {"dtype": "U16", "shape": [3], "data_offsets": [0, 6]}}, b"\1" * 6)
 
 
-def reference_average(members, newest):
-    out = type(newest)()
-    for k, v in newest.items():
-        if torch.is_tensor(v) and v.is_floating_point():
-            out[k] = (sum(m[k].float() for m in members) / len(members)).to(v.dtype)
-        else:
-            out[k] = v
-    return out
-
-
 def vm_hwm_kib(pid):
     with open(f"/proc/{pid}/status") as f:
         return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1))
@@ -230,7 +220,7 @@ class RobustAverageTest(unittest.TestCase):
         members = [stored[p] for p in paths]
         with mounted(self.src, "--avg-cache", self.cache) as (mnt, _, _):
             out = torch.load(os.path.join(mnt, "d", "avg", "last3", "model.ckpt"))
-            self.assert_same(out, reference_average(members, members[0]))
+            self.assert_same(out, tf.reference_average(members, members[0]))
 
     def test_zip_bomb_fails_without_allocating_and_the_daemon_serves_on(self):
         paths = self.experiment("b", [tf.state_dict(i) for i in range(2)])
@@ -266,7 +256,7 @@ class RobustAverageTest(unittest.TestCase):
             torch.save(tf.state_dict(1), paths[1])
             self.assertTrue(wait_for(lambda: errno_of(lambda: open(avg, "rb").close()) == 0, timeout=10))
             members = [torch.load(p) for p in paths]
-            self.assert_same(torch.load(avg), reference_average(members, members[0]))
+            self.assert_same(torch.load(avg), tf.reference_average(members, members[0]))
         self.assert_leaves_no_temporary()
 
     def big_experiment(self, name):
