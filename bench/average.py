@@ -14,10 +14,17 @@ directories, page cache warmed), then measures in the same run:
   mount   a fresh `ckptfs mount`, empty cache; the first load of
           MOUNT/exp/avg/lastN/FILE in a Python process (torch.load; for
           safetensors shards, every shard read and parsed), timed around the
-          load only, after the daemon settled (plugin preloaded);
-and prints the ratios python/cat and python/mount, and the daemon's peak
-anonymous memory above its settled baseline (RssAnon sampled every 2 ms)
-divided by one checkpoint's size. The averages are checked against Python's.
+          lookup (os.stat: the daemon averages there) and the load, after
+          the daemon settled; both parts are printed;
+  load    the same load of `cat`'s output from the local disk in a fresh
+          process: the reader's own part, which every way of averaging ends
+          with (most of it is the fresh process faulting in the memory the
+          tensors land in, as it is for the Python loop's first load);
+and prints the ratios python/cat and python/mount, the bound python/(lookup +
+load) (what the mount would reach if reading through FUSE cost nothing),
+and the daemon's peak anonymous memory above its settled baseline (RssAnon
+sampled every 2 ms) divided by one checkpoint's size. The averages are
+checked against Python's.
 
 Shapes (100M parameters, 400 MB in float32, unless said):
   large    12 tensors of 8M (Linear(2048,4096)/(4096,2048) weights)
@@ -143,14 +150,20 @@ for g, paths in enumerate(groups):
 print(time.perf_counter() - t)
 """
 
-# The first load of the average through the mount: prints its seconds.
+# The first load of the files in a fresh process: prints the seconds of the
+# lookups (os.stat: through the mount, the average is computed there) and of
+# the loads, and their sum last. The sum is what a user waits for.
 MOUNT_LOAD = SAFETENSORS + r"""
-import sys, time
+import os, sys, time
 kind, paths = sys.argv[1], sys.argv[2:]
 t = time.perf_counter()
 for p in paths:
+    os.stat(p)
+lookup = time.perf_counter() - t
+for p in paths:
     x = load_file(p) if kind == "safetensors" else torch.load(p)
-print(time.perf_counter() - t)
+total = time.perf_counter() - t
+print(lookup, total - lookup, total)
 """
 
 LARGE = [(4096, 2048) if j % 2 == 0 else (2048, 4096) for j in range(12)]
@@ -308,6 +321,12 @@ def bench_shape(ckptfs, shape, scale, repeat, tmp):
         cat_t = t if cat_t is None else min(cat_t, t)
     for g in range(len(names)):
         check_same(kind, f"{py_out}.{g}", os.path.join(tmp, f"cat.out.{g}"))
+    # The reader's own part: loading a finished average from the local disk
+    # in a fresh process (what any way of averaging ends with).
+    cat_outs = [os.path.join(tmp, f"cat.out.{g}") for g in range(len(names))]
+    p = subprocess.run([sys.executable, "-c", MOUNT_LOAD, kind, *cat_outs],
+                       capture_output=True, text=True, check=True)
+    load_t = float(p.stdout.split()[-1])
 
     shutil.rmtree(cache, ignore_errors=True)
     with mount_util.mounted(src, "--avg-cache", cache, index=index) as (mnt, proc, _):
@@ -317,11 +336,12 @@ def bench_shape(ckptfs, shape, scale, repeat, tmp):
             paths = [os.path.join(mnt, "exp", f"avg/last{n}", name) for name in names]
             p = subprocess.run([sys.executable, "-c", MOUNT_LOAD, kind, *paths],
                                capture_output=True, text=True, check=True)
-        mount_t = float(p.stdout.split()[-1])
+        lookup_t, _, mount_t = (float(x) for x in p.stdout.split()[-3:])
     growth = max(0, sampler.peak - base) / 1024
     shutil.rmtree(src)
     shutil.rmtree(cache, ignore_errors=True)
     return {"shape": shape, "n": n, "mib": size / 2**20, "python": py_t, "cat": cat_t, "mount": mount_t,
+            "load": load_t, "lookup": lookup_t,
             "growth": growth, "growth_ratio": growth / (size / 2**20)}
 
 
@@ -339,7 +359,8 @@ def main():
         load_before = f.read().split()[:3]
     print(f"{os.cpu_count()} CPU(s), load average before: {' '.join(load_before)}; page cache hot")
     print(f"{'shape':10} {'N':>3} {'MiB':>6} {'python s':>9} {'cat s':>7} {'mount s':>8} "
-          f"{'py/cat':>7} {'py/mount':>9} {'daemon anon MiB':>16} {'/model':>7}")
+          f"{'(lookup':>8} {'+ load)':>7} {'load s':>7} {'py/cat':>7} {'py/mount':>9} {'bound':>7} "
+          f"{'daemon anon MiB':>16} {'/model':>7}")
     for shape in args.shapes.split(","):
         tmp = tempfile.mkdtemp(prefix="ckptfs-bench-avg-", dir=args.tmp)
         try:
@@ -347,7 +368,9 @@ def main():
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         print(f"{r['shape']:10} {r['n']:>3} {r['mib']:>6.0f} {r['python']:>9.2f} {r['cat']:>7.2f} "
-              f"{r['mount']:>8.2f} {r['python'] / r['cat']:>6.2f}x {r['python'] / r['mount']:>8.2f}x "
+              f"{r['mount']:>8.2f} {r['lookup']:>8.2f} {r['mount'] - r['lookup']:>7.2f} {r['load']:>7.2f} "
+              f"{r['python'] / r['cat']:>6.2f}x {r['python'] / r['mount']:>8.2f}x "
+              f"{r['python'] / (r['lookup'] + r['load']):>6.2f}x "
               f"{r['growth']:>16.0f} {r['growth_ratio']:>7.3f}", flush=True)
     with open("/proc/loadavg") as f:
         print(f"load average after: {' '.join(f.read().split()[:3])}")
