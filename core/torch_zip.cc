@@ -42,6 +42,7 @@
 #include <thread>
 
 #include "core/cancel.h"
+#include "core/crc32.h"
 #include "core/dtype.h"
 #include "core/pickle.h"
 #include "core/tensor_io.h"
@@ -201,8 +202,7 @@ Status AveragePiece(const std::vector<StoragePlan>& plans, ZipLayout* layout, Ou
       }
       acc.Finish(output.data());
     }
-    piece->out_crc = static_cast<uint32_t>(
-        crc32_z(0, reinterpret_cast<const Bytef*>(output.data()), output.size()));
+    piece->out_crc = Crc32(0, output.data(), output.size());
     return out->WriteAt(data_offset, output.data(), output.size());
   }
   const size_t n = static_cast<size_t>(piece->end - piece->begin);
@@ -222,7 +222,7 @@ Status AveragePiece(const std::vector<StoragePlan>& plans, ZipLayout* layout, Ou
     const ZipEntry& entry = *plan.entries[i];
     const InputFile& file = plan.members[i]->zip.file();
     if (Status s = file.ReadAt(entry.data_offset + piece->begin, buf.data(), n); !s.ok()) return s;
-    uLong crc = crc32_z(0, reinterpret_cast<const Bytef*>(buf.data()), n);
+    uint32_t crc = Crc32(0, buf.data(), n);
     if (in_pieces) {
       AddPiece(info.dtype, buf.data(), elements, i == 0, scratch->sum.data());
     } else if (acc) {
@@ -237,7 +237,7 @@ Status AveragePiece(const std::vector<StoragePlan>& plans, ZipLayout* layout, Ou
     for (uint64_t at = piece->end; piece->last && at < entry.size;) {
       const size_t m = static_cast<size_t>(std::min<uint64_t>(entry.size - at, buf.size()));
       if (Status s = file.ReadAt(entry.data_offset + at, buf.data(), m); !s.ok()) return s;
-      crc = crc32_z(crc, reinterpret_cast<const Bytef*>(buf.data()), m);
+      crc = Crc32(crc, buf.data(), m);
       at += m, length += m;
     }
     piece->crc[i] = static_cast<uint32_t>(crc);
@@ -250,8 +250,7 @@ Status AveragePiece(const std::vector<StoragePlan>& plans, ZipLayout* layout, Ou
   } else {
     acc->Finish(scratch->output.data());
   }
-  piece->out_crc =
-      static_cast<uint32_t>(crc32_z(0, reinterpret_cast<const Bytef*>(scratch->output.data()), n));
+  piece->out_crc = Crc32(0, scratch->output.data(), n);
   return out->WriteAt(data_offset + piece->begin, scratch->output.data(), n);
 }
 
@@ -412,8 +411,7 @@ Result<AverageResult> AverageTorchZipImpl(const std::vector<std::string>& paths,
   // The small records, every local header, the central directory.
   auto write_record = [&](size_t index, const std::string& bytes) -> Status {
     ZipLayout::Record& r = job.layout.record(index);
-    r.crc = static_cast<uint32_t>(
-        crc32_z(0, reinterpret_cast<const Bytef*>(bytes.data()), bytes.size()));
+    r.crc = Crc32(0, bytes.data(), bytes.size());
     return out->WriteAt(r.data_offset, bytes.data(), bytes.size());
   };
   if (Status w = write_record(job.pickle_record, newest.pickle); !w.ok()) return w;

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "core/cancel.h"
+#include "core/crc32.h"
 
 namespace ckptfs::core {
 namespace {
@@ -274,7 +275,7 @@ Result<std::string> ZipArchive::Read(const ZipEntry& entry, uint64_t limit,
 
 Status ZipArchive::ReadChunks(const ZipEntry& entry, const ChunkFn& fn,
                               std::vector<char>* buffer) const {
-  uint32_t crc = static_cast<uint32_t>(crc32(0, nullptr, 0));
+  uint32_t crc = 0;
   if (entry.method == ZipEntry::kDeflated) {
     if (Status s = Inflate(entry, fn, buffer, &crc); !s.ok()) return s;
   } else {
@@ -285,7 +286,7 @@ Status ZipArchive::ReadChunks(const ZipEntry& entry, const ChunkFn& fn,
       if (CancelRequested()) return CancelledStatus(Where(entry));
       const size_t n = static_cast<size_t>(std::min<uint64_t>(entry.size - done, piece));
       if (Status s = file_.ReadAt(entry.data_offset + done, buf, n); !s.ok()) return s;
-      crc = static_cast<uint32_t>(crc32_z(crc, reinterpret_cast<const Bytef*>(buf), n));
+      crc = Crc32(crc, buf, n);
       if (Status s = fn(done, buf, n); !s.ok()) return s;
       done += n;
     }
@@ -346,7 +347,7 @@ Status ZipArchive::Inflate(const ZipEntry& entry, const ChunkFn& fn, std::vector
       return Status::Corrupt(Where(entry) + ": inflates to " + std::to_string(produced + *n) +
                              " bytes, its header says " + std::to_string(entry.size));
     }
-    *crc = static_cast<uint32_t>(crc32_z(*crc, reinterpret_cast<const Bytef*>(out), *n));
+    *crc = Crc32(*crc, out, *n);
     if (Status s = fn(produced, out, *n); !s.ok()) return s;
     produced += *n;
   }

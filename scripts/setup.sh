@@ -8,7 +8,7 @@ PACKAGES=(
   libfuse3-dev fuse3 libsystemd-dev systemd mount
   libsqlite3-dev nlohmann-json3-dev libyaml-cpp-dev libgtest-dev
   libtorch-dev python3-torch python3-yaml python3-numpy
-  clang libclang-rt-14-dev zlib1g-dev util-linux
+  clang libclang-rt-14-dev zlib1g-dev libisal-dev util-linux
 )
 
 missing=()
