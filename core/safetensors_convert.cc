@@ -12,6 +12,8 @@
 // averaging does.
 #include "core/safetensors_convert.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
@@ -23,7 +25,6 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
-#include <unistd.h>
 
 #include "core/cancel.h"
 #include "core/json_text.h"
@@ -180,8 +181,7 @@ Result<bool> TiledGather(const ConvertTensor& t, const InputFile& file, uint64_t
   uint64_t inner = 1;
   for (size_t d = k + 1; d < rank; ++d) inner *= static_cast<uint64_t>(info.size[d]);
   if (inner * t.item > kGatherTileBytes || step * t.item > kGatherTileBytes) return false;
-  const uint64_t block =
-      std::max<uint64_t>(1, kGatherTileBytes / (std::max(inner, step) * t.item));
+  const uint64_t block = std::max<uint64_t>(1, kGatherTileBytes / (std::max(inner, step) * t.item));
   std::vector<char>& tile = scratch->span;
   std::vector<char>& run = scratch->buf;
   std::vector<int64_t> prefix(k, 0), index(rank - k - 1, 0);
@@ -200,8 +200,8 @@ Result<bool> TiledGather(const ConvertTensor& t, const InputFile& file, uint64_t
       for (uint64_t i = 0; i < inner; ++i) {
         int64_t element = first + static_cast<int64_t>(b * step);
         for (size_t d = k + 1; d < rank; ++d) element += index[d - k - 1] * info.stride[d];
-        Status s = file.ReadAt(base + static_cast<uint64_t>(element) * t.item, run.data(),
-                               run.size());
+        Status s =
+            file.ReadAt(base + static_cast<uint64_t>(element) * t.item, run.data(), run.size());
         if (!s.ok()) return s;
         for (uint64_t j = 0; j < n; ++j) {
           std::memcpy(tile.data() + (j * inner + i) * t.item, run.data() + j * step * t.item,
@@ -313,8 +313,7 @@ Result<std::string> Header(const TorchArchive& m, const std::vector<ConvertTenso
   json.append((8 - json.size() % 8) % 8, ' ');
   if (json.size() > kMaxSafetensorsHeader) {
     return Status::Unsupported(m.path + ": the safetensors header would be " +
-                               std::to_string(json.size()) +
-                               " bytes, over safetensors' limit of " +
+                               std::to_string(json.size()) + " bytes, over safetensors' limit of " +
                                std::to_string(kMaxSafetensorsHeader) +
                                " (kMaxSafetensorsHeader): too many names or values");
   }

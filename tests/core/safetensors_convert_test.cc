@@ -193,10 +193,11 @@ TEST_F(ConvertTest, CacheConvertsTheAverage) {
   const std::string a = Make("plain");
   // Two members of the same structure: re-save "plain" scaled.
   const std::string c = dir_.path() + "/c.pt";
-  const std::string cmd = "/usr/bin/python3 -c 'import sys, torch; sd = torch.load(sys.argv[1]); "
-                          "torch.save({k: v * 3 if v.is_floating_point() else v for k, v in "
-                          "sd.items()}, sys.argv[2])' '" +
-                          a + "' '" + c + "'";
+  const std::string cmd =
+      "/usr/bin/python3 -c 'import sys, torch; sd = torch.load(sys.argv[1]); "
+      "torch.save({k: v * 3 if v.is_floating_point() else v for k, v in "
+      "sd.items()}, sys.argv[2])' '" +
+      a + "' '" + c + "'";
   ASSERT_EQ(std::system(cmd.c_str()), 0);
   AverageCache cache(dir_.path() + "/cache", int64_t{1} << 30);
   Result<std::string> conv = cache.GetSafetensors({c, a}, nullptr);
@@ -241,10 +242,11 @@ TEST(ConvertBench, DISABLED_ConvertsALargeCheckpoint) {
   ASSERT_TRUE(r.ok()) << r.status().message();
   struct rusage after {};
   ::getrusage(RUSAGE_SELF, &after);
-  std::printf("converted %d tensors, %.1f MB in %.3f s (%.0f MB/s); peak RSS %.1f MB (before: %.1f MB)\n",
-              r->tensors, static_cast<double>(r->bytes) / 1e6, secs,
-              static_cast<double>(r->bytes) / 1e6 / secs, after.ru_maxrss / 1024.0,
-              before.ru_maxrss / 1024.0);
+  std::printf(
+      "converted %d tensors, %.1f MB in %.3f s (%.0f MB/s); peak RSS %.1f MB (before: %.1f MB)\n",
+      r->tensors, static_cast<double>(r->bytes) / 1e6, secs,
+      static_cast<double>(r->bytes) / 1e6 / secs, after.ru_maxrss / 1024.0,
+      before.ru_maxrss / 1024.0);
 }
 
 }  // namespace
