@@ -67,6 +67,10 @@ Result<std::vector<ConvertTensor>> PlanTensors(const TorchArchive& m, uint64_t* 
   for (const auto& [name, info] : m.tensors) {
     ConvertTensor t;
     t.name = name;
+    // The header's own key: a tensor of that name takes the next free "#n".
+    for (int n = 2; t.name == "__metadata__" || (n > 2 && m.tensors.count(t.name) != 0); ++n) {
+      t.name = name + "#" + std::to_string(n);
+    }
     t.info = &info;
     t.storage = &m.storages.at(info.key);
     t.entry = m.records.at("data/" + info.key);
