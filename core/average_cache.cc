@@ -15,12 +15,17 @@
 #include "core/file_util.h"
 #include "core/log.h"
 #include "core/meta.h"
+#include "core/safetensors_convert.h"
 
 namespace ckptfs::core {
 namespace {
 
 // Bumped when the averaging output changes, so old results are not reused.
 constexpr char kVersion[] = "ckptfs-average-v2";
+// Conversions to safetensors: their kind in the key (bumped when the
+// conversion's output changes), and their extension.
+constexpr char kConvertedKind[] = "safetensors-v1";
+constexpr char kConvertedExtension[] = ".safetensors";
 constexpr int64_t kStaleTmpSeconds = 3600;
 // A result KEY is served only beside KEY + kDoneSuffix, written after it:
 // "ckptfs-average-v2 SIZE CHECKSUM\n".
@@ -154,19 +159,59 @@ Status NamingMembers(const Status& s, const std::vector<std::string>& read_as,
 }  // namespace
 
 Result<std::string> AverageCache::KeyOf(const std::vector<std::string>& members,
-                                        const std::vector<std::string>& identities) const {
+                                        const std::vector<std::string>& identities,
+                                        const char* kind) const {
   std::string identity = kVersion;
+  // Averages keep their historic keys; another kind of result is keyed apart.
+  if (kind != nullptr) identity += std::string("|") + kind;
   for (const std::string& id : identities) identity += "|" + id;
   char key[40];
   std::snprintf(key, sizeof(key), "%016llx%016llx",
                 static_cast<unsigned long long>(Fnv1a(identity, 1469598103934665603ULL)),
                 static_cast<unsigned long long>(Fnv1a(identity, 0x9e3779b97f4a7c15ULL)));
+  if (kind != nullptr) return std::string(key) + kConvertedExtension;
   return std::string(key) + FileExtension(members.front().substr(members.front().rfind('/') + 1));
 }
 
 Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
                                       const ProgressFn& progress) {
+  return Cached(members, nullptr, [&](const std::vector<std::string>& read_as,
+                                      const std::string& path) -> Result<std::string> {
+    Result<AverageResult> r = AverageFiles(read_as, path, progress);
+    if (!r.ok()) return r.status();
+    char line[160];
+    std::snprintf(line, sizeof(line), "averaged %zu member(s) (%s, %d averaged, %d copied, %.1f MB)",
+                  members.size(), TensorFormatName(r->format), r->tensors_averaged,
+                  r->tensors_copied, static_cast<double>(r->bytes) / 1e6);
+    return std::string(line);
+  });
+}
+
+Result<std::string> AverageCache::GetSafetensors(const std::vector<std::string>& members,
+                                                 const ProgressFn& progress) {
+  if (members.empty()) return Status::InvalidArgument("a conversion needs a file");
+  return Cached(members, kConvertedKind, [&](const std::vector<std::string>& read_as,
+                                             const std::string& path) -> Result<std::string> {
+    std::string input = read_as.front();
+    if (members.size() > 1) {
+      // The average first (cached as such), then its conversion.
+      Result<std::string> avg = Get(members, progress);
+      if (!avg.ok()) return avg.status();
+      input = *avg;
+    }
+    Result<ConvertResult> r = ConvertToSafetensors(input, path, progress);
+    if (!r.ok()) return r.status();
+    char line[160];
+    std::snprintf(line, sizeof(line), "converted %zu member(s) to safetensors (%d tensors, %.1f MB)",
+                  members.size(), r->tensors, static_cast<double>(r->bytes) / 1e6);
+    return std::string(line);
+  });
+}
+
+Result<std::string> AverageCache::Cached(const std::vector<std::string>& members, const char* kind,
+                                         const ComputeFn& compute) {
   if (members.empty()) return Status::InvalidArgument("an average needs members");
+  const char* what = kind == nullptr ? "average" : "conversion";
   // Open every member first (beneath the source when one is set); what is
   // read below is read through these descriptors.
   std::vector<ScopedFd> fds;
@@ -187,7 +232,7 @@ Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
     if (!id.ok()) return id.status();
     identities.push_back(std::move(*id));
   }
-  Result<std::string> key = KeyOf(members, identities);
+  Result<std::string> key = KeyOf(members, identities, kind);
   if (!key.ok()) return key.status();
   const std::string path = dir_ + "/" + *key;
   std::shared_ptr<std::mutex> slot;
@@ -204,14 +249,14 @@ Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
   }
   if (Status s = MakeDirs(dir_); !s.ok()) return s;
   auto start = std::chrono::steady_clock::now();
-  Log(LogLevel::kInfo, "averaging %zu member(s), newest %s", members.size(),
+  Log(LogLevel::kInfo, "%s of %zu member(s), newest %s: computing", what, members.size(),
       members.front().c_str());
-  Result<AverageResult> r = AverageFiles(read_as, path, progress);
+  Result<std::string> r = compute(read_as, path);
   if (!r.ok()) r = NamingMembers(r.status(), read_as, members);
   if (!r.ok()) {
     // A cancelled average is the daemon stopping, not a fault of the members.
     const bool cancelled = r.status().sys_errno() == ECANCELED;
-    Log(cancelled ? LogLevel::kInfo : LogLevel::kError, "average of %zu member(s) %s: %s",
+    Log(cancelled ? LogLevel::kInfo : LogLevel::kError, "%s of %zu member(s) %s: %s", what,
         members.size(), cancelled ? "stopped" : "failed", r.status().message().c_str());
     return r.status();
   }
@@ -219,7 +264,7 @@ Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
   // that changed since (touched, replaced, rewritten) makes the result stale.
   if (Status s = CheckUnchanged(members, fds, identities); !s.ok()) {
     ::unlink(path.c_str());
-    Log(LogLevel::kError, "average of %zu member(s) failed: %s", members.size(),
+    Log(LogLevel::kError, "%s of %zu member(s) failed: %s", what, members.size(),
         s.message().c_str());
     return s;
   }
@@ -227,24 +272,15 @@ Result<std::string> AverageCache::Get(const std::vector<std::string>& members,
   // line leaves no record, one that tore the file leaves a record it fails.
   if (Status s = RecordComplete(path); !s.ok()) {
     ::unlink(path.c_str());
-    Log(LogLevel::kError, "average of %zu member(s) failed: %s", members.size(),
+    Log(LogLevel::kError, "%s of %zu member(s) failed: %s", what, members.size(),
         s.message().c_str());
     return s;
   }
   const double secs =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  Log(LogLevel::kInfo,
-      "averaged %zu member(s) (%s, %d averaged, %d copied, %.1f MB) in %.2f s -> %s",
-      members.size(), TensorFormatName(r->format), r->tensors_averaged, r->tensors_copied,
-      static_cast<double>(r->bytes) / 1e6, secs, path.c_str());
+  Log(LogLevel::kInfo, "%s in %.2f s -> %s", r->c_str(), secs, path.c_str());
   Evict(path);
   return path;
-}
-
-Result<std::string> AverageCache::GetSafetensors(const std::vector<std::string>& members,
-                                                 const ProgressFn&) {
-  if (members.empty()) return Status::InvalidArgument("a conversion needs a file");
-  return Status::Unsupported(members.front() + ": conversion to safetensors is not built yet");
 }
 
 bool AverageCache::Complete(const std::string& path) {

@@ -21,6 +21,7 @@
 #define CKPTFS_CORE_AVERAGE_CACHE_H_
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -62,9 +63,18 @@ class AverageCache {
   void set_source(const Beneath* source) { source_ = source; }
 
  private:
-  // The cache file name for members; `identities` receives each member's.
+  // The cache file name for members, from their identities; `kind`
+  // (nullptr for averages) keys other results apart.
   Result<std::string> KeyOf(const std::vector<std::string>& members,
-                            const std::vector<std::string>& identities) const;
+                            const std::vector<std::string>& identities, const char* kind) const;
+  // Computes into `path` from the members as read (read_as: descriptors
+  // under the source); returns a line for the log.
+  using ComputeFn = std::function<Result<std::string>(const std::vector<std::string>& read_as,
+                                                      const std::string& path)>;
+  // Get's steps for any kind of result: open the members, key, wait for one
+  // computation, serve a complete result or compute, check, record, evict.
+  Result<std::string> Cached(const std::vector<std::string>& members, const char* kind,
+                             const ComputeFn& compute);
   void Evict(const std::string& keep);
   // Whether the result at path is whole (see the class comment); a torn one
   // is removed, with its record.

@@ -48,6 +48,13 @@ struct CheckpointAudit {
 // global). kUnsupported for other formats, kCorrupt for malformed input.
 Result<CheckpointAudit> InspectFile(const std::string& path);
 
+// Whether torch.load(weights_only=True) resolves this global ("module.name"):
+// the allow-list of torch 1.13's _get_allowed_globals (pickle_audit.cc).
+bool WeightsOnlyAllowed(const std::string& global);
+
+// Names the allow-list WeightsOnlyAllowed follows, for reports.
+extern const char kWeightsOnlyAllowList[];
+
 // The value of the xattr user.ckptfs.globals: "safe" or
 // "unsafe: module.name, ..." (the globals outside the allow-list).
 std::string GlobalsVerdict(const CheckpointAudit& audit);

@@ -1,12 +1,380 @@
-// Conversion to safetensors: see safetensors_convert.h. (Interface first;
-// the implementation lands with issue 13.)
+// Conversion to safetensors: see safetensors_convert.h.
+//
+// Layout chosen: tensors in the byte order of their names (the map
+// TorchArchive keeps), each at the next offset (dense, in order). A
+// contiguous tensor of a stored record is copied in pieces of kAverageChunk
+// bytes with pread / pwrite by RunInParallel's threads; a view that is not
+// contiguous (a transpose, a slice with a step) is gathered element by
+// element in row-major order into pieces of kAverageChunk bytes, reading
+// the span of storage it touches whole when that is at most
+// kMaxGatherSpanBytes (one such span at a time), else run by run with
+// pread. A deflated record (never written by torch.save) is read whole, as
+// averaging does.
 #include "core/safetensors_convert.h"
 
-namespace ckptfs::core {
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <new>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <thread>
+#include <unistd.h>
 
-Result<ConvertResult> ConvertToSafetensors(const std::string& input, const std::string&,
-                                           const ProgressFn&) {
-  return Status::Unsupported(input + ": conversion to safetensors is not built yet");
+#include "core/cancel.h"
+#include "core/json_text.h"
+#include "core/log.h"
+#include "core/pickle_audit.h"
+#include "core/pickle_inventory.h"
+#include "core/safetensors.h"
+#include "core/tensor_io.h"
+#include "core/torch_archive.h"
+
+namespace ckptfs::core {
+namespace {
+
+// A non-contiguous view whose storage span is at most this is read whole
+// (one at a time, under a lock) and gathered in memory; a larger one is
+// gathered with one pread per run of elements.
+constexpr uint64_t kMaxGatherSpanBytes = uint64_t{64} << 20;
+
+// One tensor of the output.
+struct ConvertTensor {
+  std::string name;
+  const TensorInfo* info = nullptr;
+  const StorageInfo* storage = nullptr;
+  const ZipEntry* entry = nullptr;
+  std::string dtype;
+  size_t item = 1;
+  uint64_t nbytes = 0;
+  uint64_t out_begin = 0;  // in the data section
+  bool contiguous = true;
+};
+
+Result<std::vector<ConvertTensor>> PlanTensors(const TorchArchive& m, uint64_t* total) {
+  std::vector<ConvertTensor> out;
+  uint64_t at = 0;
+  for (const auto& [name, info] : m.tensors) {
+    ConvertTensor t;
+    t.name = name;
+    t.info = &info;
+    t.storage = &m.storages.at(info.key);
+    t.entry = m.records.at("data/" + info.key);
+    const std::string where = m.path + ": tensor '" + name + "'";
+    std::optional<SafetensorsDType> st = SafetensorsDTypeOf(t.storage->dtype, info.dtype);
+    if (!st) {
+      return Status::Unsupported(where + " has dtype " +
+                                 (info.dtype.empty() ? t.storage->type_name : info.dtype) +
+                                 ", which safetensors cannot hold");
+    }
+    t.dtype = st->name;
+    t.item = st->item;
+    // Element count and extent: pickle.h guarantees they fit in int64.
+    int64_t numel = 1, extent = info.offset, expect = 1;
+    for (size_t d = info.size.size(); d-- > 0;) {
+      numel *= info.size[d];
+      if (info.size[d] != 1 && info.stride[d] != expect) t.contiguous = false;
+      expect *= info.size[d];
+      extent += (info.size[d] - 1) * info.stride[d];
+    }
+    if (numel == 0) t.contiguous = true;
+    uint64_t bytes = 0, end = 0;
+    if (__builtin_mul_overflow(static_cast<uint64_t>(numel), t.item, &bytes) ||
+        (numel > 0 && __builtin_mul_overflow(static_cast<uint64_t>(extent) + 1, t.item, &end))) {
+      return Status::Corrupt(where + ": its size overflows");
+    }
+    // A typed storage was checked by LoadTorchArchive; an untyped one holds bytes.
+    if (numel > 0 && end > static_cast<uint64_t>(t.storage->nbytes)) {
+      return Status::Corrupt(where + " reaches past its storage " + info.key);
+    }
+    t.nbytes = bytes;
+    t.out_begin = at;
+    at += bytes;
+    out.push_back(std::move(t));
+  }
+  *total = at;
+  return out;
+}
+
+// Reads n bytes at `offset` of a tensor's storage.
+using ReadFn = std::function<Status(uint64_t offset, char* dst, size_t n)>;
+
+// Writes tensor t's elements in row-major order through `out` at `to`
+// (file offset of its first byte), reading them with `read`; `buf` is the
+// calling thread's scratch space.
+Status Gather(const ConvertTensor& t, const ReadFn& read, uint64_t to, OutputFile* out,
+              std::vector<char>* buf) {
+  const TensorInfo& info = *t.info;
+  const size_t rank = info.size.size();
+  if (t.nbytes == 0) return Status::Ok();
+  // A run: the innermost dimension when its elements are adjacent.
+  const bool runs = rank > 0 && info.stride[rank - 1] == 1;
+  const uint64_t run = runs ? static_cast<uint64_t>(info.size[rank - 1]) : 1;
+  const size_t outer = runs ? rank - 1 : rank;
+  if (buf->size() < kAverageChunk) buf->resize(kAverageChunk);
+  std::vector<int64_t> index(rank, 0);
+  size_t used = 0;
+  uint64_t written = 0;
+  auto flush = [&]() -> Status {
+    if (used == 0) return Status::Ok();
+    if (CancelRequested()) return CancelledStatus("converting tensor '" + t.name + "'");
+    Status s = out->WriteAt(to + written, buf->data(), used);
+    written += used;
+    used = 0;
+    return s;
+  };
+  for (uint64_t done = 0; done < t.nbytes;) {
+    int64_t element = info.offset;
+    for (size_t d = 0; d < outer; ++d) element += index[d] * info.stride[d];
+    uint64_t from = static_cast<uint64_t>(element) * t.item;
+    for (uint64_t left = run * t.item; left > 0;) {
+      if (used == buf->size()) {
+        if (Status s = flush(); !s.ok()) return s;
+      }
+      const size_t n = static_cast<size_t>(std::min<uint64_t>(left, buf->size() - used));
+      if (Status s = read(from, buf->data() + used, n); !s.ok()) return s;
+      used += n, from += n, left -= n, done += n;
+    }
+    for (size_t d = outer; d-- > 0;) {  // the odometer
+      if (++index[d] < info.size[d]) break;
+      index[d] = 0;
+    }
+  }
+  return flush();
+}
+
+struct Piece {
+  const ConvertTensor* tensor;
+  uint64_t begin, end;  // bytes of the tensor (contiguous); whole tensor otherwise
+};
+
+struct Scratch {
+  std::vector<char> buf, span, read;
+};
+
+Status ConvertPiece(const TorchArchive& m, const Piece& p, uint64_t data_start, OutputFile* out,
+                    Scratch* scratch, std::mutex* span_mu) {
+  const ConvertTensor& t = *p.tensor;
+  const TensorInfo& info = *t.info;
+  const InputFile& file = m.zip.file();
+  const uint64_t base = t.entry->data_offset;
+  const uint64_t to = data_start + t.out_begin;
+  if (t.entry->method != ZipEntry::kStored) {
+    // Deflated: the storage whole, then copied or gathered from memory.
+    std::vector<char>& whole = scratch->span;
+    whole.assign(static_cast<size_t>(t.storage->nbytes), 0);
+    Status s = ReadStorage(
+        m, info.key, *t.storage,
+        [&](uint64_t offset, const char* data, size_t n) {
+          if (n > 0) std::memcpy(whole.data() + offset, data, n);
+        },
+        &scratch->read);
+    if (!s.ok()) return s;
+    ReadFn from_memory = [&](uint64_t offset, char* dst, size_t n) {
+      std::memcpy(dst, whole.data() + offset, n);
+      return Status::Ok();
+    };
+    s = Gather(t, from_memory, to, out, &scratch->buf);
+    whole = {};
+    return s;
+  }
+  if (t.contiguous) {
+    const size_t n = static_cast<size_t>(p.end - p.begin);
+    if (scratch->buf.size() < n) scratch->buf.resize(n);
+    const uint64_t from = base + static_cast<uint64_t>(info.offset) * t.item + p.begin;
+    if (Status s = file.ReadAt(from, scratch->buf.data(), n); !s.ok()) return s;
+    return out->WriteAt(to + p.begin, scratch->buf.data(), n);
+  }
+  int64_t extent = info.offset;
+  for (size_t d = 0; d < info.size.size(); ++d) extent += (info.size[d] - 1) * info.stride[d];
+  const uint64_t first = static_cast<uint64_t>(info.offset) * t.item;
+  const uint64_t span = (static_cast<uint64_t>(extent) + 1) * t.item - first;
+  if (span <= kMaxGatherSpanBytes) {
+    std::lock_guard<std::mutex> one_span(*span_mu);
+    std::vector<char>& mem = scratch->span;
+    mem.resize(static_cast<size_t>(span));
+    if (Status s = file.ReadAt(base + first, mem.data(), mem.size()); !s.ok()) return s;
+    ReadFn from_span = [&](uint64_t offset, char* dst, size_t n) {
+      std::memcpy(dst, mem.data() + (offset - first), n);
+      return Status::Ok();
+    };
+    Status s = Gather(t, from_span, to, out, &scratch->buf);
+    mem = {};
+    return s;
+  }
+  ReadFn from_file = [&](uint64_t offset, char* dst, size_t n) {
+    return file.ReadAt(base + offset, dst, n);
+  };
+  return Gather(t, from_file, to, out, &scratch->buf);
+}
+
+// The header: 8-byte little-endian length, then JSON padded with spaces so
+// that the data starts at a multiple of 8.
+Result<std::string> Header(const TorchArchive& m, const std::vector<ConvertTensor>& tensors,
+                           const std::vector<PickleValue>& values,
+                           const std::vector<std::string>& unsafe) {
+  nlohmann::ordered_json doc = nlohmann::ordered_json::object();
+  nlohmann::ordered_json meta = nlohmann::ordered_json::object();
+  meta["format"] = "pt";  // what transformers expects of a PyTorch safetensors file
+  if (!unsafe.empty()) {
+    nlohmann::ordered_json list = nlohmann::ordered_json::array();
+    for (const std::string& g : unsafe) list.push_back(g);
+    meta["ckptfs.unsafe_globals"] = DumpJson(list);
+  }
+  for (const PickleValue& v : values) {
+    std::string key = v.name;
+    for (int n = 2; meta.contains(key); ++n) key = v.name + "#" + std::to_string(n);
+    meta[key] = v.json;
+  }
+  doc["__metadata__"] = std::move(meta);
+  for (const ConvertTensor& t : tensors) {
+    nlohmann::ordered_json e = nlohmann::ordered_json::object();
+    e["dtype"] = t.dtype;
+    e["shape"] = t.info->size;
+    e["data_offsets"] = {t.out_begin, t.out_begin + t.nbytes};
+    doc[t.name] = std::move(e);
+  }
+  std::string json = DumpJson(doc);
+  json.append((8 - json.size() % 8) % 8, ' ');
+  if (json.size() > kMaxSafetensorsHeader) {
+    return Status::Unsupported(m.path + ": the safetensors header would be " +
+                               std::to_string(json.size()) +
+                               " bytes, over safetensors' limit of " +
+                               std::to_string(kMaxSafetensorsHeader) +
+                               " (kMaxSafetensorsHeader): too many names or values");
+  }
+  std::string out(8, '\0');
+  for (int b = 0; b < 8; ++b) out[b] = static_cast<char>((json.size() >> (8 * b)) & 0xff);
+  return out + json;
+}
+
+Result<ConvertResult> Convert(const std::string& input, OutputFile* out,
+                              const ProgressFn& progress) {
+  TorchArchive m;
+  if (Status s = LoadTorchArchive(input, &m, /*keep_graph=*/true); !s.ok()) return s;
+  Result<std::vector<PickleValue>> values = PickleValues(m.graph.root, input + ":data.pkl");
+  if (!values.ok()) return values.status();
+  Result<std::vector<PickleGlobal>> globals = PickleGlobals(m.graph, input + ":data.pkl");
+  if (!globals.ok()) return globals.status();
+  ConvertResult result;
+  for (const PickleGlobal& g : *globals) {
+    if (!WeightsOnlyAllowed(g.name)) result.unsafe_globals.push_back(g.name);
+  }
+  uint64_t total = 0;
+  Result<std::vector<ConvertTensor>> tensors = PlanTensors(m, &total);
+  if (!tensors.ok()) return tensors.status();
+  Result<std::string> header = Header(m, *tensors, *values, result.unsafe_globals);
+  if (!header.ok()) return header.status();
+  if (!result.unsafe_globals.empty()) {
+    std::string names;
+    for (const std::string& g : result.unsafe_globals) names += (names.empty() ? "" : ", ") + g;
+    Log(LogLevel::kWarning,
+        "%s: its pickle references globals outside torch's weights_only allow-list (%s); "
+        "converted without running them, listed in __metadata__ as ckptfs.unsafe_globals",
+        input.c_str(), names.c_str());
+  }
+  if (Status s = out->WriteAt(0, header->data(), header->size()); !s.ok()) return s;
+  const uint64_t data_start = header->size();
+
+  std::vector<Piece> pieces;
+  for (const ConvertTensor& t : *tensors) {
+    if (t.contiguous && t.entry->method == ZipEntry::kStored) {
+      for (uint64_t b = 0; b < t.nbytes; b += kAverageChunk) {
+        pieces.push_back({&t, b, std::min(t.nbytes, b + kAverageChunk)});
+      }
+    } else if (t.nbytes > 0) {
+      pieces.push_back({&t, 0, t.nbytes});
+    }
+  }
+  if (progress) progress({"converting", 0, static_cast<int64_t>(total)});
+  std::vector<Scratch> scratch(AverageThreads(pieces.size()));
+  std::atomic<unsigned> next_scratch{0};
+  std::mutex scratch_mu, span_mu;
+  std::map<std::thread::id, Scratch*> by_thread;
+  std::atomic<int64_t> done{0};
+  Status s = RunInParallel(
+      pieces.size(),
+      [&](size_t i) -> Status {
+        if (CancelRequested()) return CancelledStatus("converting " + input);
+        Scratch* mine;
+        {
+          std::lock_guard<std::mutex> lock(scratch_mu);
+          Scratch*& slot = by_thread[std::this_thread::get_id()];
+          if (slot == nullptr) slot = &scratch[next_scratch.fetch_add(1)];
+          mine = slot;
+        }
+        const Piece& p = pieces[i];
+        Status r = ConvertPiece(m, p, data_start, out, mine, &span_mu);
+        if (!r.ok()) {
+          if (r.code() == StatusCode::kIoError) {
+            if (r.sys_errno() == ENOMEM) {
+              return Status::FromErrno(input + ": tensor '" + p.tensor->name + "'", ENOMEM);
+            }
+            return r;
+          }
+          if (r.message().find("(tensor '") == std::string::npos) {
+            return Status::Corrupt(r.message() + " (tensor '" + p.tensor->name + "')");
+          }
+          return r;
+        }
+        done.fetch_add(static_cast<int64_t>(p.end - p.begin));
+        return Status::Ok();
+      },
+      [&] {
+        if (progress) progress({"converting", done.load(), static_cast<int64_t>(total)});
+      });
+  if (!s.ok()) return s;
+  // What was read is what the file holds now, or the conversion is refused.
+  if (Status c = m.zip.file().CheckUnchanged(); !c.ok()) return c;
+  result.tensors = static_cast<int>(tensors->size());
+  result.bytes = static_cast<int64_t>(total);
+  return result;
+}
+
+}  // namespace
+
+Result<ConvertResult> ConvertToSafetensors(const std::string& input, const std::string& out_path,
+                                           const ProgressFn& progress) {
+  Result<TensorFormat> format = DetectFormat(input);
+  if (!format.ok()) return format.status();
+  if (*format != TensorFormat::kTorchZip) {
+    return Status::Unsupported(input + ": is " + TensorFormatName(*format) +
+                               ", not a PyTorch zip checkpoint: nothing to convert");
+  }
+  std::mt19937_64 rng(std::random_device{}());
+  char suffix[32];
+  std::snprintf(suffix, sizeof(suffix), ".tmp-%016llx", static_cast<unsigned long long>(rng()));
+  const std::string tmp = out_path + suffix;
+  Result<ConvertResult> result = ConvertResult{};
+  {
+    OutputFile out(tmp);
+    if (!out.status().ok()) return out.status();
+    try {
+      result = Convert(input, &out, progress);
+    } catch (const std::bad_alloc&) {
+      result = Status::FromErrno("converting " + input, ENOMEM);
+    } catch (const std::exception& e) {
+      result = Status::Corrupt("converting " + input + ": " + e.what());
+    }
+    if (result.ok()) {
+      if (Status s = out.Finish(); !s.ok()) result = s;
+    }
+  }
+  if (!result.ok()) {
+    ::unlink(tmp.c_str());
+    return result;
+  }
+  if (::rename(tmp.c_str(), out_path.c_str()) != 0) {
+    Status s = Status::FromErrno("rename to " + out_path, errno);
+    ::unlink(tmp.c_str());
+    return s;
+  }
+  if (progress) progress({"done", result->bytes, result->bytes});
+  return result;
 }
 
 }  // namespace ckptfs::core
