@@ -69,8 +69,8 @@ const std::set<std::string, std::less<>>& AllowList() {
     };
     // Tensor and storage classes, on the CPU and CUDA (torch._tensor_classes,
     // torch._storage_classes), and the sparse tensor classes.
-    for (const char* t : {"BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int",
-                          "Long", "Short"}) {
+    for (const char* t :
+         {"BFloat16", "Bool", "Byte", "Char", "Double", "Float", "Half", "Int", "Long", "Short"}) {
       for (const char* module : {"torch.", "torch.cuda."}) {
         s.insert(std::string(module) + t + "Tensor");
         s.insert(std::string(module) + t + "Storage");
@@ -147,8 +147,7 @@ Result<CheckpointAudit> InspectSafetensors(const std::string& path) {
   audit.format = TensorFormat::kSafetensors;
   audit.allow_list = kWeightsOnlyAllowList;
   for (const SafetensorsTensor& t : h->tensors) {
-    audit.tensors.push_back(
-        {t.name, t.dtype_name, t.shape, static_cast<int64_t>(t.end - t.begin)});
+    audit.tensors.push_back({t.name, t.dtype_name, t.shape, static_cast<int64_t>(t.end - t.begin)});
   }
   std::sort(audit.tensors.begin(), audit.tensors.end(),
             [](const AuditTensor& a, const AuditTensor& b) { return a.name < b.name; });
@@ -157,10 +156,11 @@ Result<CheckpointAudit> InspectSafetensors(const std::string& path) {
       doc["__metadata__"].is_object()) {
     for (const auto& [key, value] : doc["__metadata__"].items()) {
       // safetensors' rule: string values; anything else is shown as JSON.
-      audit.values.push_back({key, value.is_string() ? JsonQuote(value.get<std::string>())
-                                                     : value.dump(-1, ' ', false,
-                                                                  nlohmann::json::error_handler_t::replace),
-                              false});
+      audit.values.push_back(
+          {key,
+           value.is_string() ? JsonQuote(value.get<std::string>())
+                             : value.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace),
+           false});
     }
   }
   return audit;

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <optional>
 #include <string_view>
 #include <unordered_map>
@@ -39,8 +40,12 @@ std::string KeyText(ObjectPtr key) {
 std::string FloatJson(double v) {
   if (std::isnan(v)) return "NaN";
   if (std::isinf(v)) return v > 0 ? "Infinity" : "-Infinity";
+  // The shortest digits that read back as v, as Python's repr.
   char buf[40];
-  std::snprintf(buf, sizeof(buf), "%.17g", v);
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof(buf), "%.*g", digits, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
   std::string s = buf;
   if (s.find_first_of(".eE") == std::string::npos) s += ".0";
   return s;
@@ -134,14 +139,22 @@ std::optional<SafetensorsDType> SafetensorsDTypeOf(DType storage, const std::str
   if (storage == DType::kOpaque && !v3_dtype.empty()) {
     std::string name = v3_dtype.rfind("torch.", 0) == 0 ? v3_dtype.substr(6) : v3_dtype;
     static const std::unordered_map<std::string, SafetensorsDType> kTorch = {
-        {"float16", {"F16", 2}},   {"bfloat16", {"BF16", 2}},
-        {"float32", {"F32", 4}},   {"float64", {"F64", 8}},
-        {"complex64", {"C64", 8}}, {"bool", {"BOOL", 1}},
-        {"uint8", {"U8", 1}},      {"int8", {"I8", 1}},
-        {"int16", {"I16", 2}},     {"int32", {"I32", 4}},
-        {"int64", {"I64", 8}},     {"float8_e4m3fn", {"F8_E4M3", 1}},
-        {"float8_e5m2", {"F8_E5M2", 1}}, {"uint16", {"U16", 2}},
-        {"uint32", {"U32", 4}},    {"uint64", {"U64", 8}},
+        {"float16", {"F16", 2}},
+        {"bfloat16", {"BF16", 2}},
+        {"float32", {"F32", 4}},
+        {"float64", {"F64", 8}},
+        {"complex64", {"C64", 8}},
+        {"bool", {"BOOL", 1}},
+        {"uint8", {"U8", 1}},
+        {"int8", {"I8", 1}},
+        {"int16", {"I16", 2}},
+        {"int32", {"I32", 4}},
+        {"int64", {"I64", 8}},
+        {"float8_e4m3fn", {"F8_E4M3", 1}},
+        {"float8_e5m2", {"F8_E5M2", 1}},
+        {"uint16", {"U16", 2}},
+        {"uint32", {"U32", 4}},
+        {"uint64", {"U64", 8}},
     };
     auto it = kTorch.find(name);
     if (it == kTorch.end()) return std::nullopt;

@@ -12,6 +12,8 @@
 // averaging does.
 #include "core/safetensors_convert.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
@@ -23,7 +25,6 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
-#include <unistd.h>
 
 #include "core/cancel.h"
 #include "core/json_text.h"
@@ -39,8 +40,10 @@ namespace {
 
 // A non-contiguous view whose storage span is at most this is read whole
 // (one at a time, under a lock) and gathered in memory; a larger one is
-// gathered with one pread per run of elements.
+// gathered in tiles of at most kGatherTileBytes of output (see TiledGather),
+// or, when it has no dimension of adjacent elements, one pread per element.
 constexpr uint64_t kMaxGatherSpanBytes = uint64_t{64} << 20;
+constexpr uint64_t kGatherTileBytes = uint64_t{4} << 20;
 
 // One tensor of the output.
 struct ConvertTensor {
@@ -156,6 +159,71 @@ struct Scratch {
   std::vector<char> buf, span, read;
 };
 
+// A large view is gathered along its dimension k of smallest stride (a
+// transpose: the dimension of adjacent elements; a slice with a step: that
+// step): for each index of the dimensions before k and each block of B
+// indices along k, the block's output elements are contiguous (B x the
+// dimensions after k); they are read as runs spanning B elements of stride
+// s, one run per index of the dimensions after k, and written as one tile.
+// Tile and run are each at most kGatherTileBytes. False (nothing done) when
+// no dimension gives a block of at least one index within that.
+Result<bool> TiledGather(const ConvertTensor& t, const InputFile& file, uint64_t base, uint64_t to,
+                         OutputFile* out, Scratch* scratch) {
+  const TensorInfo& info = *t.info;
+  const size_t rank = info.size.size();
+  size_t k = rank;
+  for (size_t d = 0; d < rank; ++d) {
+    if (info.size[d] > 1 && info.stride[d] > 0 && (k == rank || info.stride[d] < info.stride[k]))
+      k = d;
+  }
+  if (k == rank) return false;
+  const uint64_t step = static_cast<uint64_t>(info.stride[k]);
+  uint64_t inner = 1;
+  for (size_t d = k + 1; d < rank; ++d) inner *= static_cast<uint64_t>(info.size[d]);
+  if (inner * t.item > kGatherTileBytes || step * t.item > kGatherTileBytes) return false;
+  const uint64_t block = std::max<uint64_t>(1, kGatherTileBytes / (std::max(inner, step) * t.item));
+  std::vector<char>& tile = scratch->span;
+  std::vector<char>& run = scratch->buf;
+  std::vector<int64_t> prefix(k, 0), index(rank - k - 1, 0);
+  uint64_t outer_count = 1;
+  for (size_t d = 0; d < k; ++d) outer_count *= static_cast<uint64_t>(info.size[d]);
+  const uint64_t along = static_cast<uint64_t>(info.size[k]);
+  for (uint64_t o = 0; o < outer_count; ++o) {
+    int64_t first = info.offset;
+    for (size_t d = 0; d < k; ++d) first += prefix[d] * info.stride[d];
+    for (uint64_t b = 0; b < along; b += block) {
+      if (CancelRequested()) return CancelledStatus("converting tensor '" + t.name + "'");
+      const uint64_t n = std::min(block, along - b);
+      tile.resize(static_cast<size_t>(n * inner * t.item));
+      run.resize(static_cast<size_t>(((n - 1) * step + 1) * t.item));
+      std::fill(index.begin(), index.end(), 0);
+      for (uint64_t i = 0; i < inner; ++i) {
+        int64_t element = first + static_cast<int64_t>(b * step);
+        for (size_t d = k + 1; d < rank; ++d) element += index[d - k - 1] * info.stride[d];
+        Status s =
+            file.ReadAt(base + static_cast<uint64_t>(element) * t.item, run.data(), run.size());
+        if (!s.ok()) return s;
+        for (uint64_t j = 0; j < n; ++j) {
+          std::memcpy(tile.data() + (j * inner + i) * t.item, run.data() + j * step * t.item,
+                      t.item);
+        }
+        for (size_t d = rank - k - 1; d-- > 0;) {  // the odometer of the dimensions after k
+          if (++index[d] < info.size[k + 1 + d]) break;
+          index[d] = 0;
+        }
+      }
+      const uint64_t at = ((o * along + b) * inner) * t.item;
+      if (Status s = out->WriteAt(to + at, tile.data(), tile.size()); !s.ok()) return s;
+    }
+    for (size_t d = k; d-- > 0;) {  // the odometer of the dimensions before k
+      if (++prefix[d] < info.size[d]) break;
+      prefix[d] = 0;
+    }
+  }
+  tile = {};
+  return true;
+}
+
 Status ConvertPiece(const TorchArchive& m, const Piece& p, uint64_t data_start, OutputFile* out,
                     Scratch* scratch, std::mutex* span_mu) {
   const ConvertTensor& t = *p.tensor;
@@ -206,6 +274,9 @@ Status ConvertPiece(const TorchArchive& m, const Piece& p, uint64_t data_start, 
     mem = {};
     return s;
   }
+  if (Result<bool> tiled = TiledGather(t, file, base, to, out, scratch); !tiled.ok() || *tiled) {
+    return tiled.ok() ? Status::Ok() : tiled.status();
+  }
   ReadFn from_file = [&](uint64_t offset, char* dst, size_t n) {
     return file.ReadAt(base + offset, dst, n);
   };
@@ -242,8 +313,7 @@ Result<std::string> Header(const TorchArchive& m, const std::vector<ConvertTenso
   json.append((8 - json.size() % 8) % 8, ' ');
   if (json.size() > kMaxSafetensorsHeader) {
     return Status::Unsupported(m.path + ": the safetensors header would be " +
-                               std::to_string(json.size()) +
-                               " bytes, over safetensors' limit of " +
+                               std::to_string(json.size()) + " bytes, over safetensors' limit of " +
                                std::to_string(kMaxSafetensorsHeader) +
                                " (kMaxSafetensorsHeader): too many names or values");
   }

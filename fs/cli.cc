@@ -23,6 +23,7 @@
 #include "core/file_util.h"
 #include "core/json_text.h"
 #include "core/log.h"
+#include "core/pickle_audit.h"
 #include "fs/mount_status.h"
 #include "fs/options.h"
 #include "index/index.h"
@@ -61,6 +62,11 @@ const char kUsage[] =
     "                                      if needed (for machines without FUSE)\n"
     "  status [--json] MOUNTPOINT          what a running mount holds and did: index size, last\n"
     "                                      commits, deletions, averages and errors\n"
+    "  inspect [--json] PATH               every tensor (dtype, shape, bytes), every other value\n"
+    "  inspect [--json] [options] SOURCE VPATH  and every global a checkpoint's pickle references,\n"
+    "                                      read without running anything; each global marked\n"
+    "                                      allowed or NOT ALLOWED by torch's weights_only\n"
+    "                                      allow-list; exit 3 when one is not (gates a pipeline)\n"
     "  help                                show this text\n"
     "\n"
     "VPATH is a path inside the mount, relative to SOURCE, such as /best/min/loss/mdl.ckpt,\n"
@@ -69,7 +75,7 @@ const char kUsage[] =
     "options:\n"
     "  --index PATH     the SQLite index file (default: $XDG_STATE_HOME/ckptfs/index-HASH.sqlite,\n"
     "                   else ~/.local/state/ckptfs/); it is a cache and is rebuilt when missing\n"
-    "  --json           (ls) print JSON instead of a table\n"
+    "  --json           (ls, status, inspect) print JSON instead of a table\n"
     "  --avg-cache DIR  (cat, mount) where averages are cached (default: the index path + .avg)\n"
     "  --avg-cache-bytes SIZE  (cat, mount) bound of that cache, e.g. 20G (default 20G)\n"
     "  --name NAME      take SOURCE, MOUNTPOINT and the options of mount NAME from the\n"
@@ -123,7 +129,8 @@ const char kUsage[] =
     "run `ckptfs SOURCE MOUNTPOINT -o OPTS`, the same as `ckptfs mount`.\n"
     "\n"
     "Exit status: 0 success, 1 failure (the message names the file and the reason),\n"
-    "2 usage error. Unmount with: fusermount3 -u MOUNTPOINT (or umount as root)\n";
+    "2 usage error, 3 (inspect) a global outside the weights_only allow-list.\n"
+    "Unmount with: fusermount3 -u MOUNTPOINT (or umount as root)\n";
 
 int Usage(const std::string& why) {
   std::fprintf(stderr, "ckptfs: %s\nTry 'ckptfs --help'.\n", why.c_str());
@@ -399,6 +406,110 @@ int RunStatus(const Options& opt) {
   return 0;
 }
 
+// `ckptfs inspect`: the audit of one tensor file (core/pickle_audit.h),
+// given as a real PATH or, as for cat, as SOURCE VPATH (an average is
+// computed, or taken from the cache, and inspected).
+constexpr int kExitUnsafe = 3;
+
+void PrintAudit(const std::string& path, const core::CheckpointAudit& a, bool json) {
+  if (json) {
+    nlohmann::ordered_json doc;
+    doc["path"] = path;
+    doc["format"] = core::TensorFormatName(a.format);
+    doc["allow_list"] = a.allow_list;
+    doc["safe"] = a.Safe();
+    doc["verdict"] = core::GlobalsVerdict(a);
+    doc["tensors"] = nlohmann::ordered_json::array();
+    for (const core::AuditTensor& t : a.tensors) {
+      doc["tensors"].push_back(
+          {{"name", t.name}, {"dtype", t.dtype}, {"shape", t.shape}, {"bytes", t.bytes}});
+    }
+    doc["values"] = nlohmann::ordered_json::array();
+    for (const core::AuditValue& v : a.values) {
+      doc["values"].push_back({{"name", v.name}, {"value", v.json}, {"opaque", v.opaque}});
+    }
+    doc["globals"] = nlohmann::ordered_json::array();
+    for (const core::AuditGlobal& g : a.globals) {
+      doc["globals"].push_back({{"name", g.name}, {"allowed", g.allowed}, {"uses", g.uses}});
+    }
+    std::printf("%s\n", core::DumpJson(doc, 2).c_str());
+    return;
+  }
+  int64_t bytes = 0;
+  for (const core::AuditTensor& t : a.tensors) bytes += t.bytes;
+  std::printf("%s: %s, %zu tensor(s) of %lld bytes, %zu value(s), %zu global(s) (%s)\n",
+              path.c_str(), core::TensorFormatName(a.format), a.tensors.size(),
+              static_cast<long long>(bytes), a.values.size(), a.globals.size(),
+              a.allow_list.c_str());
+  for (const core::AuditTensor& t : a.tensors) {
+    std::string shape = "[";
+    for (size_t i = 0; i < t.shape.size(); ++i) {
+      shape += (i ? "," : "") + std::to_string(t.shape[i]);
+    }
+    std::printf("tensor  %s  %s  %s]  %lld bytes\n", t.name.c_str(), t.dtype.c_str(), shape.c_str(),
+                static_cast<long long>(t.bytes));
+  }
+  for (const core::AuditValue& v : a.values) {
+    std::printf("value   %s  %s%s\n", v.name.empty() ? "(root)" : v.name.c_str(), v.json.c_str(),
+                v.opaque ? "  (object, contents not shown)" : "");
+  }
+  // uses: objects referring to it; 0 for what the reader consumed (a tensor
+  // rebuild, OrderedDict()).
+  for (const core::AuditGlobal& g : a.globals) {
+    std::printf("global  %s  %s", g.name.c_str(), g.allowed ? "allowed" : "NOT ALLOWED");
+    if (g.uses > 0) std::printf("  (%lld use(s))", static_cast<long long>(g.uses));
+    std::printf("\n");
+  }
+  std::printf("verdict: %s\n", core::GlobalsVerdict(a).c_str());
+}
+
+// argv: "ckptfs inspect ...". One operand: a real file; otherwise the
+// operands and options of `cat` (SOURCE VPATH, --index, --avg-cache, ...).
+int RunInspect(int argc, char** argv) {
+  bool json = false;
+  std::vector<char*> rest = {argv[0], const_cast<char*>("cat")};
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "-h" || a == "--help") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+    if (a == "--json") {
+      json = true;
+    } else {
+      rest.push_back(argv[i]);
+    }
+  }
+  std::string path;
+  if (rest.size() == 3 && rest[2][0] != '-') {
+    path = rest[2];
+  } else {
+    Result<Options> opt = ParseOptions(static_cast<int>(rest.size()), rest.data());
+    if (!opt.ok()) {
+      return Usage("inspect: " + opt.status().message() +
+                   " (usage: ckptfs inspect [--json] PATH, or [--json] [options] SOURCE VPATH)");
+    }
+    core::SetLogLevel(opt->log_level);
+    Result<index::Resolution> r = OpenAndResolve(*opt);
+    if (!r.ok()) return Fail(r.status());
+    if (r->type == index::NodeType::kRealFile) {
+      path = r->real_path;
+    } else if (r->type == index::NodeType::kAverageFile) {
+      core::AverageCache cache(opt->avg_cache, opt->avg_cache_bytes);
+      Result<std::string> avg = cache.Get(index::MemberFiles(*r), ProgressBar());
+      if (!avg.ok()) return Fail(avg.status());
+      path = *avg;
+    } else {
+      return Fail(Status::InvalidArgument(opt->vpath + ": not a tensor file"));
+    }
+  }
+  Result<core::CheckpointAudit> audit = core::InspectFile(path);
+  if (!audit.ok()) return Fail(audit.status());
+  PrintAudit(path, *audit, json);
+  if (std::fflush(stdout) != 0) return Fail(Status::FromErrno("stdout", errno));
+  return audit->Safe() ? 0 : kExitUnsafe;
+}
+
 int RunCommand(const Options& opt) {
   switch (opt.command) {
     case Command::kHelp:
@@ -429,6 +540,10 @@ int RunCli(int argc, char** argv) {
   int rc = kExitFailure;
   // The last wall: a command that throws fails with a message, never aborts.
   const Status thrown = core::CatchAll("ckptfs", [&] {
+    if (argc >= 2 && std::strcmp(argv[1], "inspect") == 0) {
+      rc = RunInspect(argc, argv);
+      return;
+    }
     Result<Options> opt = ParseOptions(argc, argv);
     if (!opt.ok()) {
       rc = Usage(opt.status().message());

@@ -128,10 +128,10 @@ TEST_F(PickleAuditTest, AllowListIsTorchs) {
     EXPECT_TRUE(WeightsOnlyAllowed(name)) << name;
   }
   EXPECT_GT(count, 50);
-  for (const char* name : {"builtins.eval", "posix.system", "os.system", "subprocess.Popen",
-                           "torch._utils._rebuild_tensor_v3", "torch.load", "builtins.getattr",
-                           "__builtin__.eval", "commands.Popen",
-                           "argparse.Namespace", "torch.bfloat16", ""}) {
+  for (const char* name :
+       {"builtins.eval", "posix.system", "os.system", "subprocess.Popen",
+        "torch._utils._rebuild_tensor_v3", "torch.load", "builtins.getattr", "__builtin__.eval",
+        "commands.Popen", "argparse.Namespace", "torch.bfloat16", ""}) {
     EXPECT_FALSE(WeightsOnlyAllowed(name)) << name;
   }
 }

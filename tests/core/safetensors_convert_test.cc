@@ -2,9 +2,12 @@
 
 #include <dirent.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -89,7 +92,8 @@ TEST_P(ConvertTest, RoundTripsThroughAnIndependentReader) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Cases, ConvertTest,
-                         ::testing::Values("plain", "nested", "lightning", "dtypes", "views"));
+                         ::testing::Values("plain", "nested", "lightning", "dtypes", "views",
+                                           "large_views"));
 
 TEST_F(ConvertTest, NamesValuesAndLayout) {
   const std::string in = Make("lightning");
@@ -189,10 +193,11 @@ TEST_F(ConvertTest, CacheConvertsTheAverage) {
   const std::string a = Make("plain");
   // Two members of the same structure: re-save "plain" scaled.
   const std::string c = dir_.path() + "/c.pt";
-  const std::string cmd = "/usr/bin/python3 -c 'import sys, torch; sd = torch.load(sys.argv[1]); "
-                          "torch.save({k: v * 3 if v.is_floating_point() else v for k, v in "
-                          "sd.items()}, sys.argv[2])' '" +
-                          a + "' '" + c + "'";
+  const std::string cmd =
+      "/usr/bin/python3 -c 'import sys, torch; sd = torch.load(sys.argv[1]); "
+      "torch.save({k: v * 3 if v.is_floating_point() else v for k, v in "
+      "sd.items()}, sys.argv[2])' '" +
+      a + "' '" + c + "'";
   ASSERT_EQ(std::system(cmd.c_str()), 0);
   AverageCache cache(dir_.path() + "/cache", int64_t{1} << 30);
   Result<std::string> conv = cache.GetSafetensors({c, a}, nullptr);
@@ -216,6 +221,32 @@ TEST_F(ConvertTest, CacheConvertsTheAverage) {
   Result<std::string> average = cache.Get({a}, nullptr);
   ASSERT_TRUE(average.ok());
   EXPECT_NE(*average, *one);
+}
+
+// By hand (README "Safe formats"): the time and peak memory of converting
+// the checkpoint named by $CKPTFS_CONVERT_BENCH_INPUT, e.g.
+//   CKPTFS_CONVERT_BENCH_INPUT=/tmp/big.pt build/tests/core_tests
+//     --gtest_also_run_disabled_tests
+//     --gtest_filter=ConvertBench.DISABLED_ConvertsALargeCheckpoint
+// (torch_cases.py make linear_stack /tmp/big.pt writes 400 MB).
+TEST(ConvertBench, DISABLED_ConvertsALargeCheckpoint) {
+  const char* in = std::getenv("CKPTFS_CONVERT_BENCH_INPUT");
+  ASSERT_NE(in, nullptr) << "set CKPTFS_CONVERT_BENCH_INPUT";
+  TempDir dir;
+  struct rusage before {};
+  ::getrusage(RUSAGE_SELF, &before);
+  const auto start = std::chrono::steady_clock::now();
+  Result<ConvertResult> r = ConvertToSafetensors(in, dir.path() + "/out.safetensors", nullptr);
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  struct rusage after {};
+  ::getrusage(RUSAGE_SELF, &after);
+  std::printf(
+      "converted %d tensors, %.1f MB in %.3f s (%.0f MB/s); peak RSS %.1f MB (before: %.1f MB)\n",
+      r->tensors, static_cast<double>(r->bytes) / 1e6, secs,
+      static_cast<double>(r->bytes) / 1e6 / secs, after.ru_maxrss / 1024.0,
+      before.ru_maxrss / 1024.0);
 }
 
 }  // namespace
