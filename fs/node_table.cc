@@ -294,8 +294,13 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
   }
   if (r->checkpoint) node.checkpoint = r->checkpoint->path;
   node.content_size = r->content.size();
+  // Under safetensors/ only files that are not converted: a link to a real
+  // directory would leave the mirror, one to a converted file name the
+  // PyTorch file.
+  const bool mirrored = !r->mirror_of.empty();
   node.as_link = options_.links && r->in_view &&
-                 (r->type == NodeType::kRealDir || r->type == NodeType::kRealFile);
+                 (mirrored ? r->type == NodeType::kRealFile && !r->convert
+                           : r->type == NodeType::kRealDir || r->type == NodeType::kRealFile);
   // --direct-new: a checkpoint directory in new/ is a symbolic link to its
   // staging directory, so writers write the disk, not through the daemon.
   // Not for a new version of a committed checkpoint: its files start as
@@ -356,9 +361,9 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
     node.type = NodeType::kRealFile;
     node.real_path = *avg;
     if (options_.status != nullptr) {
-      options_.status->Record(
-          EventKind::kAverage,
-          node.vpath + " (" + std::to_string(members.size()) + " members) -> " + *avg);
+      options_.status->Record(EventKind::kAverage,
+                              node.vpath + (r->convert ? " converted (" : " (") +
+                                  std::to_string(members.size()) + " members) -> " + *avg);
     }
   }
   return Remember(std::move(node));

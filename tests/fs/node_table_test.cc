@@ -212,6 +212,14 @@ TEST_F(NodeTableTest, LinksModeMakesViewsSymlinks) {
   EXPECT_TRUE(S_ISLNK(attr->st.st_mode));
   EXPECT_EQ(*table_->ReadLink(ino), src_ + "/exp/CKPT+2");
   EXPECT_FALSE(S_ISLNK(table_->GetAttr(Walk({"exp", "CKPT+1"}))->st.st_mode));
+  // safetensors/ never links out of the mirror: its directories are
+  // directories; files it does not convert may be links.
+  for (const auto& path : std::vector<std::vector<std::string>>{
+           {"exp", "safetensors", "best", "min", "loss"}, {"exp", "safetensors", "CKPT+1"}}) {
+    EXPECT_TRUE(S_ISDIR(table_->GetAttr(Walk(path))->st.st_mode)) << path.back();
+  }
+  ino = Walk({"exp", "safetensors", "best", "min", "loss", "CKPT.yaml"});
+  EXPECT_EQ(*table_->ReadLink(ino), src_ + "/exp/CKPT+2/CKPT.yaml");
 }
 
 TEST_F(NodeTableTest, ManyLookupsAndForgetsLeaveNothingBehind) {
