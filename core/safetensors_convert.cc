@@ -9,10 +9,13 @@
 // the span of storage it touches whole when that is at most
 // kMaxGatherSpanBytes (one such span at a time), else run by run with
 // pread. A deflated record (never written by torch.save) is read whole, as
-// averaging does.
+// averaging does. Every record read is checked against its CRC-32, as
+// averaging does: through the copy pieces when one contiguous tensor is the
+// whole record, else by reading the record once more for it.
 #include "core/safetensors_convert.h"
 
 #include <unistd.h>
+#include <zlib.h>
 
 #include <algorithm>
 #include <atomic>
@@ -64,6 +67,10 @@ Result<std::vector<ConvertTensor>> PlanTensors(const TorchArchive& m, uint64_t* 
   for (const auto& [name, info] : m.tensors) {
     ConvertTensor t;
     t.name = name;
+    // The header's own key: a tensor of that name takes the next free "#n".
+    for (int n = 2; t.name == "__metadata__" || (n > 2 && m.tensors.count(t.name) != 0); ++n) {
+      t.name = name + "#" + std::to_string(n);
+    }
     t.info = &info;
     t.storage = &m.storages.at(info.key);
     t.entry = m.records.at("data/" + info.key);
@@ -150,9 +157,16 @@ Status Gather(const ConvertTensor& t, const ReadFn& read, uint64_t to, OutputFil
   return flush();
 }
 
+// A piece of work: bytes [begin, end) of a contiguous tensor (the whole
+// tensor otherwise), or, when crc_only, of its storage's record, read only
+// for the record's CRC-32. A piece whose bytes count for the record's CRC
+// (crc_entry set) records their CRC in `crc`.
 struct Piece {
   const ConvertTensor* tensor;
-  uint64_t begin, end;  // bytes of the tensor (contiguous); whole tensor otherwise
+  uint64_t begin, end;
+  const ZipEntry* crc_entry = nullptr;
+  bool crc_only = false;
+  uint32_t crc = 0;
 };
 
 struct Scratch {
@@ -224,8 +238,9 @@ Result<bool> TiledGather(const ConvertTensor& t, const InputFile& file, uint64_t
   return true;
 }
 
-Status ConvertPiece(const TorchArchive& m, const Piece& p, uint64_t data_start, OutputFile* out,
+Status ConvertPiece(const TorchArchive& m, Piece* piece, uint64_t data_start, OutputFile* out,
                     Scratch* scratch, std::mutex* span_mu) {
+  const Piece& p = *piece;
   const ConvertTensor& t = *p.tensor;
   const TensorInfo& info = *t.info;
   const InputFile& file = m.zip.file();
@@ -250,11 +265,17 @@ Status ConvertPiece(const TorchArchive& m, const Piece& p, uint64_t data_start, 
     whole = {};
     return s;
   }
-  if (t.contiguous) {
+  if (p.crc_only || t.contiguous) {
     const size_t n = static_cast<size_t>(p.end - p.begin);
     if (scratch->buf.size() < n) scratch->buf.resize(n);
-    const uint64_t from = base + static_cast<uint64_t>(info.offset) * t.item + p.begin;
+    const uint64_t from =
+        base + (p.crc_only ? 0 : static_cast<uint64_t>(info.offset) * t.item) + p.begin;
     if (Status s = file.ReadAt(from, scratch->buf.data(), n); !s.ok()) return s;
+    if (p.crc_entry != nullptr) {
+      piece->crc = static_cast<uint32_t>(
+          crc32_z(0, reinterpret_cast<const Bytef*>(scratch->buf.data()), n));
+    }
+    if (p.crc_only) return Status::Ok();
     return out->WriteAt(to + p.begin, scratch->buf.data(), n);
   }
   int64_t extent = info.offset;
@@ -350,14 +371,35 @@ Result<ConvertResult> Convert(const std::string& input, OutputFile* out,
   if (Status s = out->WriteAt(0, header->data(), header->size()); !s.ok()) return s;
   const uint64_t data_start = header->size();
 
-  std::vector<Piece> pieces;
+  // Every stored record read is checked against its CRC-32 (a deflated one
+  // is, by ReadStorage): through the pieces of a contiguous tensor that is
+  // the whole record, else by pieces that read the record for its CRC only.
+  std::map<const ZipEntry*, const ConvertTensor*> whole;
   for (const ConvertTensor& t : *tensors) {
-    if (t.contiguous && t.entry->method == ZipEntry::kStored) {
+    if (t.entry->method == ZipEntry::kStored && t.contiguous && t.info->offset == 0 &&
+        t.nbytes == t.entry->size) {
+      whole.emplace(t.entry, &t);
+    }
+  }
+  std::vector<Piece> pieces;
+  std::map<const ZipEntry*, bool> checked;
+  for (const ConvertTensor& t : *tensors) {
+    const bool stored = t.entry->method == ZipEntry::kStored;
+    auto w = whole.find(t.entry);
+    const bool counts = stored && w != whole.end() && w->second == &t;
+    if (stored && t.contiguous) {
       for (uint64_t b = 0; b < t.nbytes; b += kAverageChunk) {
-        pieces.push_back({&t, b, std::min(t.nbytes, b + kAverageChunk)});
+        pieces.push_back({&t, b, std::min(t.nbytes, b + kAverageChunk),
+                          counts ? t.entry : nullptr});
       }
     } else if (t.nbytes > 0) {
       pieces.push_back({&t, 0, t.nbytes});
+    }
+    if (stored && w == whole.end() && checked.emplace(t.entry, true).second) {
+      for (uint64_t b = 0; b < t.entry->size; b += kAverageChunk) {
+        pieces.push_back(
+            {&t, b, std::min(t.entry->size, b + kAverageChunk), t.entry, /*crc_only=*/true});
+      }
     }
   }
   if (progress) progress({"converting", 0, static_cast<int64_t>(total)});
@@ -377,8 +419,8 @@ Result<ConvertResult> Convert(const std::string& input, OutputFile* out,
           if (slot == nullptr) slot = &scratch[next_scratch.fetch_add(1)];
           mine = slot;
         }
-        const Piece& p = pieces[i];
-        Status r = ConvertPiece(m, p, data_start, out, mine, &span_mu);
+        Piece& p = pieces[i];
+        Status r = ConvertPiece(m, &p, data_start, out, mine, &span_mu);
         if (!r.ok()) {
           if (r.code() == StatusCode::kIoError) {
             if (r.sys_errno() == ENOMEM) {
@@ -391,13 +433,29 @@ Result<ConvertResult> Convert(const std::string& input, OutputFile* out,
           }
           return r;
         }
-        done.fetch_add(static_cast<int64_t>(p.end - p.begin));
+        if (!p.crc_only) done.fetch_add(static_cast<int64_t>(p.end - p.begin));
         return Status::Ok();
       },
       [&] {
         if (progress) progress({"converting", done.load(), static_cast<int64_t>(total)});
       });
   if (!s.ok()) return s;
+  // Pieces of one record are consecutive and in order.
+  std::map<const ZipEntry*, std::pair<uint32_t, const ConvertTensor*>> crc;
+  for (const Piece& p : pieces) {
+    if (p.crc_entry == nullptr) continue;
+    auto& [c, t] = crc[p.crc_entry];
+    c = static_cast<uint32_t>(crc32_combine(c, p.crc, static_cast<z_off_t>(p.end - p.begin)));
+    t = p.tensor;
+  }
+  for (const auto& [entry, c] : crc) {
+    if (c.first != entry->crc32) {
+      return Status::Corrupt(input + ": entry '" + entry->name +
+                             "': CRC-32 mismatch (corrupt, or changed while it was read) "
+                             "(tensor '" +
+                             c.second->name + "')");
+    }
+  }
   // What was read is what the file holds now, or the conversion is refused.
   if (Status c = m.zip.file().CheckUnchanged(); !c.ok()) return c;
   result.tensors = static_cast<int>(tensors->size());

@@ -186,6 +186,35 @@ TEST_F(ConvertTest, RefusesOtherFormatsAndBrokenFilesLeavingNothing) {
   }
 }
 
+// A byte flipped in a tensor's record is caught by its CRC-32, whether the
+// record is copied (a whole contiguous tensor) or gathered (a view).
+TEST_F(ConvertTest, CorruptTensorBytesAreErrors) {
+  const std::string in = dir_.path() + "/crc.pt";
+  const std::string cmd =
+      "/usr/bin/python3 -c 'import sys, torch; torch.save({\"w\": torch.full((64,), 1234.5), "
+      "\"v\": torch.full((8, 8), 77.25).t()}, sys.argv[1])' '" + in + "'";
+  ASSERT_EQ(std::system(cmd.c_str()), 0);
+  const std::string bytes = testing::ReadFile(in);
+  const std::string out = dir_.path() + "/crc.safetensors";
+  ASSERT_TRUE(ConvertToSafetensors(in, out, nullptr).ok());
+  for (float value : {1234.5f, 77.25f}) {
+    std::string pattern(4, '\0');
+    std::memcpy(pattern.data(), &value, 4);
+    std::string broken = bytes;
+    const size_t at = broken.find(pattern);
+    ASSERT_NE(at, std::string::npos);
+    broken[at + 1] ^= 0x01;
+    const std::string path = dir_.path() + "/broken.pt";
+    testing::WriteFile(path, broken);
+    Result<ConvertResult> r = ConvertToSafetensors(path, out + "2", nullptr);
+    ASSERT_FALSE(r.ok()) << value;
+    EXPECT_EQ(r.status().code(), StatusCode::kCorrupt);
+    EXPECT_NE(r.status().message().find("CRC-32"), std::string::npos) << r.status().message();
+    EXPECT_NE(r.status().message().find(value > 100 ? "'w'" : "'v'"), std::string::npos)
+        << r.status().message();
+  }
+}
+
 // avg/ through safetensors/: the cached conversion of several members is
 // the conversion of their average, byte for byte; one member is converted
 // as it is; the result is cached (same path, not recomputed).
