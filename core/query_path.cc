@@ -59,8 +59,8 @@ Status Malformed(const std::vector<std::string>& segments, size_t i, const std::
 std::string Predicate::ToString() const { return key + OpText(op) + value.text; }
 
 const std::vector<std::string>& VirtualRootNames() {
-  static const std::vector<std::string> kNames = {"latest", "best", "top",       "avg",
-                                                  "where",  "new",  "index.json"};
+  static const std::vector<std::string> kNames = {"latest", "best",        "top", "avg",
+                                                  "where",  "safetensors", "new", "index.json"};
   return kNames;
 }
 
@@ -162,6 +162,11 @@ Result<Query> ParseQuery(const std::vector<std::string>& segments) {
   if (head == "index.json") {
     if (!done()) return Status::NotFound("index.json is a file");
     q.node = QueryNode::kIndexJson;
+    return q;
+  }
+  if (head == "safetensors") {
+    q.node = QueryNode::kSafetensors;
+    rest_from(i);
     return q;
   }
   if (head == "new") {

@@ -2,7 +2,11 @@
 //
 //   latest/ | best/<min|max>/<key>/ | top/<k>/<min|max>/<key>/<rank>/
 //   avg/last<N>/ | avg/best<N>/<min|max>/<key>/ | where/<key><op><value>/… |
-//   new/ | index.json
+//   new/ | index.json | safetensors/<any of the above but new/ and safetensors/>
+//
+// safetensors/ mirrors the namespace of the directory it is in (its real
+// entries and virtual names); ParseQuery only marks where it starts (rest:
+// the mirrored path), the resolver walks the mirror (index/resolver.h).
 //
 // ParseQuery turns the segments that start at a virtual name into a Query
 // value describing where in the grammar the path ends: an inner directory
@@ -49,6 +53,7 @@ enum class QueryNode {
   kAverage,       // avg/last3/ or avg/best3/min/loss/; rest is the file
   kNew,           // new/; rest is the path inside
   kIndexJson,     // index.json
+  kSafetensors,   // safetensors/; rest is the mirrored path below it
 };
 
 enum class Selector { kLatest, kBest, kTop };

@@ -191,6 +191,10 @@ Result<index::Resolution> OpenAndResolve(const Options& opt) {
 int RunResolve(const Options& opt) {
   Result<index::Resolution> r = OpenAndResolve(opt);
   if (!r.ok()) return Fail(r.status());
+  if (r->convert) {  // safetensors/: the files converted
+    for (const std::string& f : index::ConvertMembers(*r)) std::printf("%s\n", f.c_str());
+    return 0;
+  }
   switch (r->type) {
     case index::NodeType::kRealDir:
     case index::NodeType::kRealFile:
@@ -278,6 +282,13 @@ core::ProgressFn ProgressBar() {
 int RunCat(const Options& opt) {
   Result<index::Resolution> r = OpenAndResolve(opt);
   if (!r.ok()) return Fail(r.status());
+  if (r->convert) {  // safetensors/: converted (and averaged) on demand, cached
+    core::AverageCache cache(opt.avg_cache, opt.avg_cache_bytes);
+    Result<std::string> out = cache.GetSafetensors(index::ConvertMembers(*r), ProgressBar());
+    if (!out.ok()) return Fail(out.status());
+    if (Status s = CopyToStdout(*out); !s.ok()) return Fail(s);
+    return 0;
+  }
   switch (r->type) {
     case index::NodeType::kRealFile:
       if (Status s = CopyToStdout(r->real_path); !s.ok()) return Fail(s);

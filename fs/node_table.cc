@@ -10,6 +10,7 @@
 
 #include "core/averaging.h"
 #include "core/log.h"
+#include "core/pickle_audit.h"
 #include "fs/committer.h"
 
 namespace ckptfs::fs {
@@ -24,6 +25,7 @@ namespace {
 constexpr char kXattrRealPath[] = "user.ckptfs.real_path";
 constexpr char kXattrCheckpoint[] = "user.ckptfs.checkpoint";
 constexpr char kXattrMembers[] = "user.ckptfs.members";
+constexpr char kXattrGlobals[] = "user.ckptfs.globals";
 // An average still running this long after it began logs its progress,
 // then again at this interval.
 constexpr std::chrono::seconds kAverageProgressAfter{3};
@@ -54,57 +56,6 @@ Status Denied(const Status& s, const std::string& path) {
 
 bool Under(const std::string& path, const std::string& root) {
   return path == root || path.rfind(root + "/", 0) == 0;
-}
-
-// avg/lastN/ and avg/bestN/…/ hold the newest member's files, so that
-// `cp -r avg/last3 DEST` gives a whole checkpoint: a tensor file (PyTorch
-// zip or safetensors, by its bytes) that every member holds is averaged;
-// every other file (counter.ckpt, CKPT.yaml, hyperparams.yaml, a tensor file
-// some member lacks) is the newest member's own copy.
-bool IsAverageDir(const index::Resolution& r) {
-  return r.in_view && r.type == NodeType::kVirtualDir &&
-         r.query.node == core::QueryNode::kAverage && r.query.rest.empty() && !r.members.empty() &&
-         r.members.front().layout != core::Layout::kSingleFile;
-}
-
-bool HasFile(const core::Checkpoint& c, const std::string& name) {
-  for (const core::CheckpointFile& f : c.files) {
-    if (f.name == name) return true;
-  }
-  return false;
-}
-
-// Whether the newest member's `name` is a tensor file (read beneath the
-// source); a shard index (".index.json") counts as one, as averages copy it.
-bool IsTensorFile(const core::Beneath& source, const std::string& path) {
-  if (path.size() > 11 && path.compare(path.size() - 11, 11, ".index.json") == 0) return true;
-  Result<core::ScopedFd> fd = source.OpenAt(path, O_RDONLY | O_NOFOLLOW);
-  if (!fd.ok()) return true;  // the average's own open names the error
-  Result<core::TensorFormat> format =
-      core::DetectFormat("/proc/self/fd/" + std::to_string(fd->get()));
-  return !format.ok() || *format != core::TensorFormat::kUnknown;
-}
-
-// avg/…/NAME: `r` as resolved when NAME is averaged or the parent is not an
-// average's directory; otherwise the newest member's own file NAME.
-Result<index::Resolution> AverageDirEntry(const index::Resolver& resolver,
-                                          const std::string& parent_vpath, const std::string& name,
-                                          Result<index::Resolution> r, const core::Caller* caller) {
-  const bool averaged = r.ok() && r->type == NodeType::kAverageFile;
-  if (r.ok() ? !averaged : r.status().code() != StatusCode::kNotFound) return r;
-  Result<index::Resolution> dir = resolver.Resolve(parent_vpath, caller);
-  if (!dir.ok() || !IsAverageDir(*dir)) return r;
-  const core::Checkpoint& newest = dir->members.front();
-  const std::string path = newest.path + "/" + name;
-  if (name.find('/') != std::string::npos || !HasFile(newest, name)) return r;
-  if (averaged && IsTensorFile(resolver.beneath(), path)) return r;
-  index::Resolution copy = std::move(*dir);
-  copy.type = NodeType::kRealFile;
-  copy.real_path = path;
-  copy.checkpoint = newest;
-  copy.members.clear();
-  copy.query.rest = {name};
-  return copy;
 }
 
 }  // namespace
@@ -191,7 +142,8 @@ Result<NodeAttr> NodeTable::AttrOf(uint64_t ino, const Node& node) const {
     st.st_uid = ::getuid();
     st.st_gid = ::getgid();
   } else if (node.staged &&
-             (node.type == NodeType::kVirtualDir || node.real_path == index::StagingDir(node.scope)) &&
+             (node.type == NodeType::kVirtualDir ||
+              node.real_path == index::StagingDir(node.scope)) &&
              beneath().Lstat(node.scope, &st).ok()) {
     // new/ is the experiment, writable: its owner and mode (so the kernel's
     // default_permissions lets write exactly those who may write the
@@ -328,7 +280,6 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
     return Remember(std::move(node));
   }
   Result<index::Resolution> r = resolver_.Resolve(node.vpath, caller);
-  if (parent->in_view) r = AverageDirEntry(resolver_, parent->vpath, name, std::move(r), caller);
   if (!r.ok()) return r.status();
   *view = *view || r->in_view;
   node.type = r->type;
@@ -337,14 +288,19 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
   node.in_view = r->in_view;
   node.staged = r->staged;
   node.committed = r->committed;
-  if (r->type == NodeType::kRealFile) {
+  if (r->type == NodeType::kRealFile && !r->convert) {
     struct stat file {};
     if (beneath().Lstat(r->real_path, &file).ok()) node.key_ino = file.st_ino;
   }
   if (r->checkpoint) node.checkpoint = r->checkpoint->path;
   node.content_size = r->content.size();
+  // Under safetensors/ only files that are not converted: a link to a real
+  // directory would leave the mirror, one to a converted file name the
+  // PyTorch file.
+  const bool mirrored = !r->mirror_of.empty();
   node.as_link = options_.links && r->in_view &&
-                 (r->type == NodeType::kRealDir || r->type == NodeType::kRealFile);
+                 (mirrored ? r->type == NodeType::kRealFile && !r->convert
+                           : r->type == NodeType::kRealDir || r->type == NodeType::kRealFile);
   // --direct-new: a checkpoint directory in new/ is a symbolic link to its
   // staging directory, so writers write the disk, not through the daemon.
   // Not for a new version of a committed checkpoint: its files start as
@@ -357,13 +313,15 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
     node.as_link = staging == index::StagingDir(DirOf(staging)) &&  // new/NAME, not deeper
                    !beneath().Lstat(r->scope + "/" + name, &committed).ok();
   }
-  if (r->type == NodeType::kAverageFile) {
+  if (r->type == NodeType::kAverageFile || r->convert) {
     // Computed on first lookup (stat and open need its size), then served
     // from the cache like a real file; new members give a new cache file.
+    // A conversion (safetensors/) is served as an average of its members.
     if (options_.averages == nullptr) {
       return Status::Unsupported(node.vpath + ": averaging is disabled");
     }
-    const std::vector<std::string> members = index::MemberFiles(*r);
+    const std::vector<std::string> members =
+        r->convert ? index::ConvertMembers(*r) : index::MemberFiles(*r);
     for (const std::string& m : members) node.members += m + "\n";
     // Only for a caller who can read every member; checked again after the
     // computation (a member swapped meanwhile) and at every open.
@@ -374,18 +332,20 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
     // Averages that take more than a few seconds log their progress.
     const auto start = std::chrono::steady_clock::now();
     auto logged = start;
-    Result<std::string> avg = options_.averages->Get(members, [&](const core::AverageProgress& p) {
-      if (std::string(p.stage) != "averaging" || p.total == 0) return;
+    const core::ProgressFn progress = [&](const core::AverageProgress& p) {
+      if (std::string(p.stage) == "done" || p.total == 0) return;
       core::Log(core::LogLevel::kDebug, "%s: %.0f%%", node.vpath.c_str(),
                 100.0 * static_cast<double>(p.done) / static_cast<double>(p.total));
       const auto now = std::chrono::steady_clock::now();
       if (now - start < kAverageProgressAfter || now - logged < kAverageProgressEvery) return;
       logged = now;
-      core::Log(
-          core::LogLevel::kInfo, "%s: averaging, %.0f%% of %.1f MB after %.0f s",
-          node.vpath.c_str(), 100.0 * static_cast<double>(p.done) / static_cast<double>(p.total),
-          static_cast<double>(p.total) / 1e6, std::chrono::duration<double>(now - start).count());
-    });
+      core::Log(core::LogLevel::kInfo, "%s: %s, %.0f%% of %.1f MB after %.0f s", node.vpath.c_str(),
+                p.stage, 100.0 * static_cast<double>(p.done) / static_cast<double>(p.total),
+                static_cast<double>(p.total) / 1e6,
+                std::chrono::duration<double>(now - start).count());
+    };
+    Result<std::string> avg = r->convert ? options_.averages->GetSafetensors(members, progress)
+                                         : options_.averages->Get(members, progress);
     if (!avg.ok()) {
       // EIO for members that disagree or cannot be parsed; the log names them.
       core::Log(core::LogLevel::kError, "%s: %s", node.vpath.c_str(),
@@ -401,9 +361,9 @@ Result<NodeAttr> NodeTable::LookupOnce(uint64_t parent_ino, const std::string& n
     node.type = NodeType::kRealFile;
     node.real_path = *avg;
     if (options_.status != nullptr) {
-      options_.status->Record(
-          EventKind::kAverage,
-          node.vpath + " (" + std::to_string(members.size()) + " members) -> " + *avg);
+      options_.status->Record(EventKind::kAverage,
+                              node.vpath + (r->convert ? " converted (" : " (") +
+                                  std::to_string(members.size()) + " members) -> " + *avg);
     }
   }
   return Remember(std::move(node));
@@ -516,14 +476,6 @@ Result<std::vector<index::DirEntry>> NodeTable::ReadDir(uint64_t ino, const core
   if (!entries.ok() && entries.status().code() == StatusCode::kPermission) {
     return Denied(entries.status(), r->real_path);
   }
-  if (entries.ok() && IsAverageDir(*r)) {
-    // The newest member's files (AverageDirEntry): those averaged first.
-    for (const core::CheckpointFile& f : r->members.front().files) {
-      const bool listed = std::any_of(entries->begin(), entries->end(),
-                                      [&](const index::DirEntry& e) { return e.name == f.name; });
-      if (!listed && f.name.find('/') == std::string::npos) entries->push_back({f.name, false});
-    }
-  }
   return entries;
 }
 
@@ -540,7 +492,7 @@ Result<OpenedFile> NodeTable::Open(uint64_t ino, int flags, const core::Caller* 
   if (writing) writing_guard = options_.committer->Writing();
   if (writing && node->type == NodeType::kRealFile) {
     if (caller != nullptr) {
-      const int mask = (flags & O_ACCMODE) == O_RDONLY ? W_OK
+      const int mask = (flags & O_ACCMODE) == O_RDONLY   ? W_OK
                        : (flags & O_ACCMODE) == O_WRONLY ? W_OK
                                                          : R_OK | W_OK;
       if (Status allowed = Allowed(*caller, node->real_path, mask); !allowed.ok()) return allowed;
@@ -674,7 +626,37 @@ Result<std::string> NodeTable::GetXattr(uint64_t ino, const std::string& name,
   if (name == kXattrRealPath && !node->real_path.empty()) return node->real_path;
   if (name == kXattrCheckpoint && !node->checkpoint.empty()) return node->checkpoint;
   if (name == kXattrMembers && !node->members.empty()) return node->members;
+  if (name == kXattrGlobals) {
+    const std::string file = TensorFileOf(*node);
+    if (!file.empty()) {
+      // The member file's own pickle, read without running it: nothing is
+      // averaged or converted (an average's pickle is its newest member's).
+      Result<core::ScopedFd> fd = beneath().OpenAt(file, O_RDONLY | O_NOFOLLOW);
+      if (!fd.ok()) return Denied(fd.status(), file);
+      Result<core::CheckpointAudit> audit =
+          core::InspectFile("/proc/self/fd/" + std::to_string(fd->get()));
+      if (audit.ok()) return core::GlobalsVerdict(*audit);
+      if (audit.status().code() != StatusCode::kUnsupported) {
+        core::Log(core::LogLevel::kError, "%s: %s", file.c_str(), audit.status().message().c_str());
+        return Status::Corrupt(file + ": " + audit.status().message());
+      }
+    }
+  }
   return Status::FromErrno(node->vpath + ": " + name, ENODATA);
+}
+
+std::string NodeTable::TensorFileOf(const Node& node) const {
+  std::string file;
+  if (!node.members.empty()) {
+    file = node.members.substr(0, node.members.find('\n'));
+  } else if (node.type == NodeType::kRealFile && !node.as_link && Under(node.real_path, source())) {
+    file = node.real_path;
+  }
+  if (file.empty()) return file;
+  const core::TensorFormat format = index::FormatOf(beneath(), file);
+  return format == core::TensorFormat::kTorchZip || format == core::TensorFormat::kSafetensors
+             ? file
+             : std::string();
 }
 
 std::vector<std::string> NodeTable::ListXattr(uint64_t ino, const core::Caller* caller) {
@@ -686,6 +668,7 @@ std::vector<std::string> NodeTable::ListXattr(uint64_t ino, const core::Caller* 
   if (!node->real_path.empty()) names.push_back(kXattrRealPath);
   if (!node->checkpoint.empty()) names.push_back(kXattrCheckpoint);
   if (!node->members.empty()) names.push_back(kXattrMembers);
+  if (!TensorFileOf(*node).empty()) names.push_back(kXattrGlobals);
   return names;
 }
 

@@ -145,6 +145,10 @@ class NodeTable {
   // user.ckptfs.real_path (the file or directory served),
   // user.ckptfs.checkpoint (the selected checkpoint) and user.ckptfs.members
   // (an average's member files, newest first, one per line), for view nodes.
+  // user.ckptfs.globals, on every tensor file (PyTorch zip or safetensors:
+  // real files, views, averages, safetensors/ files): core::GlobalsVerdict
+  // of the file's pickle (an average's or a conversion's: its newest
+  // member's), read without averaging or converting anything.
   // Only for entries the caller can reach (EACCES / an empty list otherwise).
   core::Result<std::string> GetXattr(uint64_t ino, const std::string& name,
                                      const core::Caller* caller = nullptr);
@@ -171,7 +175,7 @@ class NodeTable {
     std::string checkpoint;
     std::string members;  // avg/ files: member files, newline-separated
     bool in_view = false;
-    bool staged = false;  // under new/: writable (staging, or committed below)
+    bool staged = false;     // under new/: writable (staging, or committed below)
     bool committed = false;  // under new/, in the experiment itself (Resolution::committed)
     // A real file's inode at lookup, part of the identity: a name whose file
     // was replaced (a new version committed) is a new kernel inode, so pages
@@ -210,6 +214,9 @@ class NodeTable {
   core::Status MembersAllowed(const core::Caller& caller, const std::string& members) const;
   // Ok when caller can reach node (its real path, checkpoint or members).
   core::Status Reachable(const Node& node, const core::Caller& caller) const;
+  // The file whose pickle node's user.ckptfs.globals reports (an average's
+  // newest member, or the real file itself), if it is a tensor file; "".
+  std::string TensorFileOf(const Node& node) const;
   // Whether a status entry names only paths caller can read.
   bool StatusEntryVisible(const std::string& what, const core::Caller& caller) const;
   const core::Beneath& beneath() const { return resolver_.beneath(); }
@@ -227,7 +234,7 @@ class NodeTable {
   core::Result<Node> Writable(uint64_t ino, const Node& node, bool truncate);
   // mkdir in a real directory outside any checkpoint (a new experiment).
   core::Status MkdirReal(const Node& parent, const std::string& name, mode_t mode,
-                                   const core::Caller* caller);
+                         const core::Caller* caller);
   // Whether new directories may be made in the real directory dir.
   bool MayCreateIn(const std::string& dir) const;
   // The staging directory a new entry named `name` in `parent` goes to.

@@ -69,10 +69,26 @@ bool IsEntryName(const std::string& name) {
          name.find('/') == std::string::npos && name.find('\0') == std::string::npos;
 }
 
+bool HasFile(const Checkpoint& c, const std::string& name) {
+  return std::any_of(c.files.begin(), c.files.end(),
+                     [&](const core::CheckpointFile& f) { return f.name == name; });
+}
+
+bool EndsWith(const std::string& s, std::string_view tail) {
+  return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+}
+
 }  // namespace
 
-std::string StagingDir(const std::string& experiment) { return experiment + "/" + kStagingDir; }
+core::TensorFormat FormatOf(const core::Beneath& source, const std::string& path) {
+  Result<core::ScopedFd> fd = source.OpenAt(path, O_RDONLY | O_NOFOLLOW);
+  if (!fd.ok()) return core::TensorFormat::kUnknown;
+  Result<core::TensorFormat> format =
+      core::DetectFormat("/proc/self/fd/" + std::to_string(fd->get()));
+  return format.ok() ? *format : core::TensorFormat::kUnknown;
+}
 
+std::string StagingDir(const std::string& experiment) { return experiment + "/" + kStagingDir; }
 
 Resolver::Resolver(Index* index) : index_(index) {
   Result<core::Beneath> b = core::Beneath::Open(index_->source());
@@ -125,8 +141,8 @@ Result<std::vector<DirEntry>> Resolver::ListNew(const Resolution& dir) const {
       bool is_dir = e->d_type == DT_DIR;
       if (e->d_type == DT_UNKNOWN) {
         struct stat st {};
-        is_dir = ::fstatat(::dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
-                 S_ISDIR(st.st_mode);
+        is_dir =
+            ::fstatat(::dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode);
       }
       out.push_back({std::move(name), is_dir});
     }
@@ -135,13 +151,19 @@ Result<std::vector<DirEntry>> Resolver::ListNew(const Resolution& dir) const {
 }
 
 Result<Resolution> Resolver::Resolve(std::string_view vpath, const core::Caller* caller) const {
+  return ResolvePath(vpath, caller, false);
+}
+
+Result<Resolution> Resolver::ResolvePath(std::string_view vpath, const core::Caller* caller,
+                                         bool mirrored) const {
   Result<std::vector<std::string>> segments = core::SplitPath(vpath);
   if (!segments.ok()) return segments.status();
   Resolution r;
   r.real_path = index_->source();
   for (size_t i = 0; i < segments->size(); ++i) {
     const std::string& seg = (*segments)[i];
-    if (core::IsOwnDirName(seg)) return Status::NotFound(r.real_path + "/" + seg + ": no such file or directory");
+    if (core::IsOwnDirName(seg))
+      return Status::NotFound(r.real_path + "/" + seg + ": no such file or directory");
     std::string next = r.real_path + "/" + seg;
     struct stat st {};
     if (beneath_.Lstat(next, &st).ok()) {
@@ -158,7 +180,7 @@ Result<Resolution> Resolver::Resolve(std::string_view vpath, const core::Caller*
         (HasNamespace(r.real_path) || (seg == "new" && MayHaveNew(r.real_path)))) {
       std::vector<std::string> rest(segments->begin() + static_cast<std::ptrdiff_t>(i),
                                     segments->end());
-      return ResolveQuery(r.real_path, rest, caller);
+      return ResolveQuery(r.real_path, rest, caller, mirrored);
     }
     return Status::NotFound(next + ": no such file or directory");
   }
@@ -167,7 +189,7 @@ Result<Resolution> Resolver::Resolve(std::string_view vpath, const core::Caller*
 
 Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
                                           const std::vector<std::string>& segments,
-                                          const core::Caller* caller) const {
+                                          const core::Caller* caller, bool mirrored) const {
   Result<Query> q = core::ParseQuery(segments);
   if (!q.ok()) return q.status();
   Resolution r;
@@ -210,24 +232,25 @@ Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
       if (!members.ok()) return members.status();
       if (static_cast<int>(members->size()) < q->n) {
         return Status::NotFound(where + ": " + std::to_string(members->size()) +
-                                " checkpoint(s) match, the average needs " +
-                                std::to_string(q->n));
+                                " checkpoint(s) match, the average needs " + std::to_string(q->n));
       }
       // Newest first, whatever order selected them.
       std::sort(members->begin(), members->end(), core::IsNewer);
       r.members = std::move(*members);
       if (q->rest.empty()) return r;
-      std::vector<std::string> files = AverageableFiles(r.members);
-      if (q->rest.size() != 1 ||
-          std::find(files.begin(), files.end(), q->rest[0]) == files.end()) {
-        return Status::NotFound(where + ": not a file every member holds");
-      }
-      r.type = NodeType::kAverageFile;
-      r.real_path = q->rest[0];
-      return r;
+      return ResolveAverageEntry(std::move(r), where);
+    }
+    case QueryNode::kSafetensors: {
+      if (mirrored) return Status::NotFound(where + ": safetensors/ does not mirror itself");
+      // The VPATH safetensors/ mirrors: the scope's, then where/… if any.
+      std::string base = scope.substr(index_->source().size());
+      for (size_t i = 0; i + q->rest.size() + 1 < segments.size(); ++i) base += "/" + segments[i];
+      return ResolveMirror(scope, base, q->rest, caller);
     }
     case QueryNode::kNew: {
-      if (!q->where.empty()) return Status::InvalidArgument(where + ": new/ takes no where/ predicates");
+      if (mirrored) return Status::NotFound(where + ": safetensors/ does not mirror new/");
+      if (!q->where.empty())
+        return Status::InvalidArgument(where + ": new/ takes no where/ predicates");
       r.in_view = false;
       r.staged = true;
       r.type = NodeType::kRealDir;
@@ -263,7 +286,8 @@ Result<Resolution> Resolver::ResolveQuery(const std::string& scope,
       r.type = TypeOf(st);
       for (size_t i = 1; i < q->rest.size(); ++i) {
         if (core::IsOwnDirName(q->rest[i])) return Status::NotFound(where + ": no such entry");
-        if (r.type != NodeType::kRealDir) return Status::NotFound(r.real_path + ": not a directory");
+        if (r.type != NodeType::kRealDir)
+          return Status::NotFound(r.real_path + ": not a directory");
         r.real_path += "/" + q->rest[i];
         if (Status s = beneath_.Lstat(r.real_path, &st); !s.ok()) return s;
         r.type = TypeOf(st);
@@ -322,8 +346,8 @@ Result<Resolution> Resolver::ResolveInside(Resolution r,
       r.real_path = c.path;
       return r;
     }
-    return Status::NotFound(c.path + ": a single-file checkpoint holds only " + c.name +
-                            " and " + core::SingleFileAlias(c.name));
+    return Status::NotFound(c.path + ": a single-file checkpoint holds only " + c.name + " and " +
+                            core::SingleFileAlias(c.name));
   }
   r.real_path = c.path;
   r.type = NodeType::kRealDir;
@@ -342,6 +366,17 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir,
                                              const core::Caller* caller) const {
   std::vector<DirEntry> out;
   if (dir.new_root) return ListNew(dir);
+  if (!dir.mirror_of.empty() || dir.query.node == QueryNode::kSafetensors) {
+    if (dir.type != NodeType::kRealDir && dir.type != NodeType::kVirtualDir) {
+      return Status::InvalidArgument(dir.mirror_of + ": not a directory");
+    }
+    Result<Resolution> mirrored = ResolvePath(dir.mirror_of, caller, true);
+    if (!mirrored.ok()) return mirrored.status();
+    Result<std::vector<MirrorEntry>> entries = MirrorEntries(dir.mirror_of, *mirrored, caller);
+    if (!entries.ok()) return entries.status();
+    for (MirrorEntry& e : *entries) out.push_back({std::move(e.name), e.is_dir});
+    return out;
+  }
   if (dir.type == NodeType::kRealDir) {
     // Beneath the source's descriptor: a directory swapped for a symbolic
     // link is refused, never followed.
@@ -358,8 +393,8 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir,
       bool is_dir = e->d_type == DT_DIR;
       if (e->d_type == DT_UNKNOWN) {
         struct stat st {};
-        is_dir = ::fstatat(::dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
-                 S_ISDIR(st.st_mode);
+        is_dir =
+            ::fstatat(::dirfd(d), e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode);
       }
       if (core::IsOwnDirName(name)) continue;
       real.insert(name);
@@ -374,7 +409,8 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir,
     }
     return out;
   }
-  if (dir.type != NodeType::kVirtualDir) return Status::InvalidArgument(dir.real_path + ": not a directory");
+  if (dir.type != NodeType::kVirtualDir)
+    return Status::InvalidArgument(dir.real_path + ": not a directory");
   const Query& q = dir.query;
   switch (q.node) {
     case QueryNode::kRoot: {  // new/ is not under where/
@@ -413,6 +449,14 @@ Result<std::vector<DirEntry>> Resolver::List(const Resolution& dir,
       break;
     case QueryNode::kAverage:
       for (std::string& f : AverageableFiles(dir.members)) out.push_back({std::move(f), false});
+      // The newest member's other files, its own copies (ResolveAverageEntry).
+      if (!dir.members.empty() && dir.members.front().layout != core::Layout::kSingleFile) {
+        for (const core::CheckpointFile& f : dir.members.front().files) {
+          const bool listed = std::any_of(out.begin(), out.end(),
+                                          [&](const DirEntry& e) { return e.name == f.name; });
+          if (!listed && f.name.find('/') == std::string::npos) out.push_back({f.name, false});
+        }
+      }
       break;
     default:
       break;  // where/, top/, avg/: open-ended, nothing to list
@@ -444,23 +488,23 @@ std::vector<std::string> AverageableFiles(const std::vector<Checkpoint>& members
   if (members.front().layout == core::Layout::kSingleFile) {
     const std::string alias = core::SingleFileAlias(members.front().name);
     for (const Checkpoint& m : members) {
-      if (m.layout != core::Layout::kSingleFile || core::SingleFileAlias(m.name) != alias) return {};
+      if (m.layout != core::Layout::kSingleFile || core::SingleFileAlias(m.name) != alias)
+        return {};
     }
     return {alias};
   }
   std::vector<std::string> common;
   for (const core::CheckpointFile& f : members.front().files) {
     const std::string ext = core::FileExtension(f.name);
-    const bool tensor_file = ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin" ||
-                             ext == ".safetensors" ||
-                             (f.name.size() > 11 && f.name.compare(f.name.size() - 11, 11, ".index.json") == 0);
+    const bool tensor_file =
+        ext == ".ckpt" || ext == ".pt" || ext == ".pth" || ext == ".bin" || ext == ".safetensors" ||
+        (f.name.size() > 11 && f.name.compare(f.name.size() - 11, 11, ".index.json") == 0);
     if (!tensor_file) continue;
     bool everywhere = true;
     for (const Checkpoint& m : members) {
-      everywhere = everywhere && std::any_of(m.files.begin(), m.files.end(),
-                                             [&](const core::CheckpointFile& g) {
-                                               return g.name == f.name;
-                                             });
+      everywhere = everywhere &&
+                   std::any_of(m.files.begin(), m.files.end(),
+                               [&](const core::CheckpointFile& g) { return g.name == f.name; });
     }
     if (everywhere) common.push_back(f.name);
   }
@@ -470,7 +514,143 @@ std::vector<std::string> AverageableFiles(const std::vector<Checkpoint>& members
 std::vector<std::string> MemberFiles(const Resolution& average) {
   std::vector<std::string> out;
   for (const Checkpoint& m : average.members) {
-    out.push_back(m.layout == core::Layout::kSingleFile ? m.path : m.path + "/" + average.real_path);
+    out.push_back(m.layout == core::Layout::kSingleFile ? m.path
+                                                        : m.path + "/" + average.real_path);
+  }
+  return out;
+}
+
+std::vector<std::string> ConvertMembers(const Resolution& converted) {
+  if (converted.type == NodeType::kAverageFile) return MemberFiles(converted);
+  return {converted.real_path};
+}
+
+Result<Resolution> Resolver::ResolveAverageEntry(Resolution r, const std::string& where) const {
+  const std::vector<std::string>& rest = r.query.rest;
+  if (rest.size() != 1) return Status::NotFound(where + ": an average is one directory of files");
+  const std::string& name = rest[0];
+  const Checkpoint& newest = r.members.front();
+  const bool single = newest.layout == core::Layout::kSingleFile;
+  const std::vector<std::string> files = AverageableFiles(r.members);
+  if (std::find(files.begin(), files.end(), name) != files.end()) {
+    // By its bytes: a counter.ckpt is text. A file that cannot be read is
+    // averaged all the same, so that the average names the error.
+    const std::string path = newest.path + "/" + name;
+    struct stat st {};
+    if (single || EndsWith(name, ".index.json") || !beneath_.Lstat(path, &st).ok() ||
+        FormatOf(beneath_, path) != core::TensorFormat::kUnknown) {
+      r.type = NodeType::kAverageFile;
+      r.real_path = name;
+      return r;
+    }
+  }
+  if (single || !HasFile(newest, name)) {
+    return Status::NotFound(where + ": not a file of the newest member");
+  }
+  r.real_path = newest.path + "/" + name;
+  struct stat st {};
+  if (Status s = beneath_.Lstat(r.real_path, &st); !s.ok()) return s;
+  r.type = TypeOf(st);
+  r.checkpoint = newest;
+  r.members.clear();
+  return r;
+}
+
+bool Resolver::IsTorchZip(const Resolution& file) const {
+  std::string path;
+  if (file.type == NodeType::kRealFile) {
+    path = file.real_path;
+  } else if (file.type == NodeType::kAverageFile && !file.members.empty()) {
+    path = MemberFiles(file).front();
+  } else {
+    return false;
+  }
+  return FormatOf(beneath_, path) == core::TensorFormat::kTorchZip;
+}
+
+Result<Resolution> Resolver::ResolveMirror(const std::string& scope, const std::string& base,
+                                           const std::vector<std::string>& rest,
+                                           const core::Caller* caller) const {
+  Resolution r;
+  r.scope = scope;
+  r.in_view = true;
+  r.type = NodeType::kVirtualDir;
+  r.query.node = QueryNode::kSafetensors;
+  r.mirror_of = base;
+  if (rest.empty()) return r;
+  std::string dir_vpath = base;
+  for (size_t i = 0; i + 1 < rest.size(); ++i) dir_vpath += "/" + rest[i];
+  Result<Resolution> dir = ResolvePath(dir_vpath, caller, true);
+  if (!dir.ok()) return dir.status();
+  if (dir->staged || (dir->type != NodeType::kRealDir && dir->type != NodeType::kVirtualDir)) {
+    return Status::NotFound(index_->source() + dir_vpath +
+                            " (under safetensors/): not a directory");
+  }
+  const std::string& name = rest.back();
+  std::string source_name;
+  bool convert = false;
+  if (!EndsWith(name, ".safetensors")) {
+    // Not a converted name: the mirrored entry itself, unless it is a
+    // PyTorch file (listed under its converted name instead).
+    source_name = name;
+  } else {
+    Result<std::vector<MirrorEntry>> entries = MirrorEntries(dir_vpath, *dir, caller);
+    if (!entries.ok()) return entries.status();
+    auto it = std::find_if(entries->begin(), entries->end(),
+                           [&](const MirrorEntry& e) { return e.name == name; });
+    if (it == entries->end()) {
+      return Status::NotFound(index_->source() + dir_vpath +
+                              " (under safetensors/): no entry converts to " + name);
+    }
+    source_name = it->source;
+    convert = it->convert;
+  }
+  const std::string vpath = dir_vpath + "/" + source_name;
+  Result<Resolution> child = ResolvePath(vpath, caller, true);
+  if (!child.ok()) return child.status();
+  if (child->staged) {
+    return Status::NotFound(index_->source() + vpath + " (under safetensors/): not mirrored");
+  }
+  if (!convert && IsTorchZip(*child)) {
+    return Status::NotFound(
+        index_->source() + vpath +
+        " (under safetensors/): a PyTorch file, listed by its .safetensors name");
+  }
+  child->scope = scope;
+  child->in_view = true;
+  child->mirror_of = vpath;
+  child->convert = convert;
+  return child;
+}
+
+Result<std::vector<Resolver::MirrorEntry>> Resolver::MirrorEntries(
+    const std::string& dir_vpath, const Resolution& dir, const core::Caller* caller) const {
+  Result<std::vector<DirEntry>> listed = List(dir, caller);
+  if (!listed.ok()) return listed.status();
+  std::vector<MirrorEntry> out;
+  std::set<std::string> taken;
+  std::vector<std::string> torch;
+  for (DirEntry& e : *listed) {
+    // new/ and safetensors/ do not resolve here: left out.
+    Result<Resolution> child = ResolvePath(dir_vpath + "/" + e.name, caller, true);
+    if (!child.ok() || child->staged) continue;
+    if (!e.is_dir && IsTorchZip(*child)) {
+      torch.push_back(std::move(e.name));
+      continue;
+    }
+    taken.insert(e.name);
+    out.push_back({e.name, e.name, e.is_dir, false});
+  }
+  std::sort(torch.begin(), torch.end());
+  for (std::string& t : torch) {
+    const size_t dot = t.rfind('.');
+    const std::string stem = dot == std::string::npos || dot == 0 ? t : t.substr(0, dot);
+    for (const std::string& name : {stem + ".safetensors", t + ".safetensors"}) {
+      if (name.size() > core::kMaxNameBytes || taken.count(name) != 0) continue;
+      taken.insert(name);
+      out.push_back({name, t, false, true});
+      break;
+    }
   }
   return out;
 }

@@ -9,6 +9,24 @@
 // Errors: kNotFound (ENOENT) for unknown names and selectors that match
 // nothing, kInvalidArgument (EINVAL) for malformed query paths.
 //
+// avg/lastN/ and avg/bestN/…/ hold the newest member's files, so that
+// `cp -r avg/last3 DEST` gives a whole checkpoint: a tensor file (PyTorch zip
+// or safetensors, by its bytes) that every member holds is averaged
+// (kAverageFile); every other file of the newest member (counter.ckpt,
+// CKPT.yaml, a tensor file some member lacks) is that member's own copy.
+//
+// safetensors/ (at the source root, in every experiment, after where/…/)
+// mirrors the namespace of the directory it is in: real entries and virtual
+// names, but not new/ and not itself. In every mirrored directory a PyTorch
+// zip file (by its bytes) NAME.EXT appears as NAME.safetensors with
+// `convert` set (ConvertMembers are the files to convert); everything else
+// appears as in the mirrored place. Name clashes, decided per directory:
+// entries that are not converted keep their names and win; then the PyTorch
+// files in byte order of their names each take NAME.safetensors, or
+// NAME.EXT.safetensors when that is taken (model.bin -> model.safetensors
+// and model.pt -> model.pt.safetensors; beside a real model.safetensors,
+// model.pt -> model.pt.safetensors); one that finds both taken is left out.
+//
 // Callers (docs/DESIGN.md, "Security"): Resolve and List take the user who
 // asks, or nullptr for "unrestricted" (the daemon itself, root, a mount
 // without allow_other). A restricted caller's views select, list and resolve
@@ -25,6 +43,7 @@
 #include <string_view>
 #include <vector>
 
+#include "core/averaging.h"
 #include "core/beneath.h"
 #include "core/checkpoint.h"
 #include "core/query_path.h"
@@ -67,6 +86,11 @@ struct Resolution {
   std::optional<core::Checkpoint> checkpoint;  // the selected checkpoint
   std::vector<core::Checkpoint> members;       // avg/: newest first
   std::string content;                         // kIndexJson
+  // Under safetensors/: the path (a VPATH) this node mirrors.
+  std::string mirror_of;
+  // Under safetensors/: a PyTorch zip file (kRealFile) or an average of
+  // them (kAverageFile) served converted to safetensors (ConvertMembers).
+  bool convert = false;
 };
 
 struct DirEntry {
@@ -108,14 +132,37 @@ class Resolver {
 
   // Where new/NAME of experiment lives while it is being deleted through
   // new/ (the trash copy that the rest of an rmtree empties), if it is.
-  using NewOverlay =
-      std::function<std::optional<std::string>(const std::string& experiment, const std::string& name)>;
+  using NewOverlay = std::function<std::optional<std::string>(const std::string& experiment,
+                                                              const std::string& name)>;
   void set_new_overlay(NewOverlay overlay) { new_overlay_ = std::move(overlay); }
 
  private:
+  // mirrored: the path is resolved for safetensors/, which mirrors neither
+  // new/ nor itself.
+  core::Result<Resolution> ResolvePath(std::string_view vpath, const core::Caller* caller,
+                                       bool mirrored) const;
   core::Result<Resolution> ResolveQuery(const std::string& scope,
                                         const std::vector<std::string>& segments,
-                                        const core::Caller* caller) const;
+                                        const core::Caller* caller, bool mirrored) const;
+  // avg/…/NAME: the averaged file or the newest member's own copy.
+  core::Result<Resolution> ResolveAverageEntry(Resolution r, const std::string& where) const;
+  // safetensors/REST, mirroring base (a VPATH, "" for the source root).
+  core::Result<Resolution> ResolveMirror(const std::string& scope, const std::string& base,
+                                         const std::vector<std::string>& rest,
+                                         const core::Caller* caller) const;
+  struct MirrorEntry {
+    std::string name;    // as listed under safetensors/
+    std::string source;  // the mirrored entry's name
+    bool is_dir = false;
+    bool convert = false;
+  };
+  // The entries of the mirrored directory dir (resolved from dir_vpath),
+  // renamed by the clash rule above.
+  core::Result<std::vector<MirrorEntry>> MirrorEntries(const std::string& dir_vpath,
+                                                       const Resolution& dir,
+                                                       const core::Caller* caller) const;
+  // Whether a file resolution is a PyTorch zip (an average: its newest member).
+  bool IsTorchZip(const Resolution& file) const;
   core::Result<Resolution> ResolveInside(Resolution r, const std::vector<std::string>& rest) const;
   // The first `count` checkpoints of the query's order that still exist on
   // disk: between a deletion and the rescan that follows it, the index may
@@ -146,6 +193,14 @@ std::vector<std::string> AverageableFiles(const std::vector<core::Checkpoint>& m
 
 // For a kAverageFile resolution: that file of each member, newest first.
 std::vector<std::string> MemberFiles(const Resolution& average);
+
+// For a resolution with convert set: the files whose conversion it serves
+// (an average's member files, newest first, or the one file).
+std::vector<std::string> ConvertMembers(const Resolution& converted);
+
+// A tensor file's format by its bytes, opened beneath source (no symbolic
+// link followed); kUnknown when it cannot be opened or read.
+core::TensorFormat FormatOf(const core::Beneath& source, const std::string& path);
 
 // index.json / `ls --json`: every checkpoint with meta, validity and path.
 // Bytes that are not UTF-8 (in names, paths, meta) are written as

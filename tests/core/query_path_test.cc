@@ -43,6 +43,10 @@ TEST(QueryPathTest, ValidPaths) {
       {"/where/validation-type=full/best/min/loss/mdl.ckpt", QueryNode::kSelected, 1, {"mdl.ckpt"}},
       {"/new/CKPT+x", QueryNode::kNew, 0, {"CKPT+x"}},
       {"/index.json", QueryNode::kIndexJson, 0, {}},
+      {"/safetensors", QueryNode::kSafetensors, 0, {}},
+      {"/safetensors/best/min/loss/mdl.safetensors", QueryNode::kSafetensors, 0,
+       {"best", "min", "loss", "mdl.safetensors"}},
+      {"/where/a=1/safetensors/latest", QueryNode::kSafetensors, 1, {"latest"}},
       {"//best//min/./loss/", QueryNode::kSelected, 0, {}},
   };
   for (const Case& c : cases) {

@@ -212,6 +212,14 @@ TEST_F(NodeTableTest, LinksModeMakesViewsSymlinks) {
   EXPECT_TRUE(S_ISLNK(attr->st.st_mode));
   EXPECT_EQ(*table_->ReadLink(ino), src_ + "/exp/CKPT+2");
   EXPECT_FALSE(S_ISLNK(table_->GetAttr(Walk({"exp", "CKPT+1"}))->st.st_mode));
+  // safetensors/ never links out of the mirror: its directories are
+  // directories; files it does not convert may be links.
+  for (const auto& path : std::vector<std::vector<std::string>>{
+           {"exp", "safetensors", "best", "min", "loss"}, {"exp", "safetensors", "CKPT+1"}}) {
+    EXPECT_TRUE(S_ISDIR(table_->GetAttr(Walk(path))->st.st_mode)) << path.back();
+  }
+  ino = Walk({"exp", "safetensors", "best", "min", "loss", "CKPT.yaml"});
+  EXPECT_EQ(*table_->ReadLink(ino), src_ + "/exp/CKPT+2/CKPT.yaml");
 }
 
 TEST_F(NodeTableTest, ManyLookupsAndForgetsLeaveNothingBehind) {
@@ -292,6 +300,42 @@ TEST_F(NodeTableSecurityTest, ChmodAfterLookupIsSeenAtOpen) {
   ASSERT_EQ(::chmod((src_ + "/exp/CKPT+1").c_str(), 0700), 0);
   EXPECT_EQ(ToErrno(table_->Lookup(dir, "CKPT.yaml", true, &nobody_).status()), EACCES);
   EXPECT_TRUE(table_->Lookup(dir, "CKPT.yaml", true, &root_).ok());
+}
+
+TEST_F(NodeTableSecurityTest, SafetensorsConversionsCheckTheCallerFirst) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to act for another uid";
+  // A PyTorch zip by its first bytes (not a whole one: converting it fails).
+  WriteFile(src_ + "/exp/CKPT+1/w.pt", std::string("PK\x03\x04", 4) + "not a whole zip");
+  ASSERT_EQ(::chmod((src_ + "/exp/CKPT+1/w.pt").c_str(), 0600), 0);
+  ASSERT_TRUE(index_->Scan().ok());
+  core::AverageCache cache(dir_.path() + "/cache", int64_t{1} << 30);
+  NodeTableOptions options;
+  options.multi_user = true;
+  options.averages = &cache;
+  table_ = std::make_unique<NodeTable>(index_.get(), options);
+  const uint64_t dir = Walk({"exp", "safetensors", "CKPT+1"}, &nobody_);
+  auto names = table_->ReadDir(dir, &nobody_);
+  ASSERT_TRUE(names.ok());
+  EXPECT_TRUE(std::any_of(names->begin(), names->end(),
+                          [](const index::DirEntry& e) { return e.name == "w.safetensors"; }));
+  // The caller may not read the member: refused before anything is converted.
+  EXPECT_EQ(ToErrno(table_->Lookup(dir, "w.safetensors", true, &nobody_).status()), EACCES);
+  // Root may: the conversion runs, and fails on this file (EIO, not served).
+  EXPECT_EQ(ToErrno(table_->Lookup(dir, "w.safetensors", true, &root_).status()), EIO);
+  // Other files pass through, read-only; the view's entries are never cached.
+  auto yaml = table_->Lookup(dir, "CKPT.yaml", true, &nobody_);
+  ASSERT_TRUE(yaml.ok());
+  EXPECT_EQ(yaml->timeout, 0);
+  EXPECT_EQ(ToErrno(table_->Open(yaml->st.st_ino, O_RDWR, &root_).status()), EROFS);
+  // user.ckptfs.globals is offered on tensor files only, and reading it
+  // inspects the file (this one is broken: an error, never "safe").
+  const uint64_t pt = Walk({"exp", "CKPT+1", "w.pt"}, &root_);
+  auto listed = table_->ListXattr(pt, &root_);
+  EXPECT_NE(std::find(listed.begin(), listed.end(), "user.ckptfs.globals"), listed.end());
+  EXPECT_FALSE(table_->GetXattr(pt, "user.ckptfs.globals", &root_).ok());
+  listed = table_->ListXattr(yaml->st.st_ino, &root_);
+  EXPECT_EQ(std::find(listed.begin(), listed.end(), "user.ckptfs.globals"), listed.end());
+  EXPECT_EQ(ToErrno(table_->GetXattr(yaml->st.st_ino, "user.ckptfs.globals").status()), ENODATA);
 }
 
 TEST_F(NodeTableTest, OpenNeverFollowsADirectorySwappedForALink) {

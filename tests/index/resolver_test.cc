@@ -13,23 +13,28 @@ namespace {
 using core::StatusCode;
 using testing::WriteFile;
 
+// What core::DetectFormat takes for a PyTorch zip and for safetensors: the
+// view decides by these bytes, never by the name.
+const std::string kZip = std::string("PK\x03\x04", 4);
+const std::string kSafetensors = std::string("\x02\0\0\0\0\0\0\0{}", 10);
+
 class ResolverTest : public ::testing::Test {
  protected:
   void SetUp() override {
     src_ = dir_.path() + "/src";
     exp_ = src_ + "/exp";
     WriteFile(exp_ + "/CKPT+1/CKPT.yaml", "unixtime: 100\nloss: 0.5\nsplit: full\n");
-    WriteFile(exp_ + "/CKPT+1/mdl.ckpt", "one");
+    WriteFile(exp_ + "/CKPT+1/mdl.ckpt", kZip + "one");
     WriteFile(exp_ + "/CKPT+2/CKPT.yaml", "unixtime: 200\nloss: 0.3\nsplit: quick\n");
-    WriteFile(exp_ + "/CKPT+2/mdl.ckpt", "two");
+    WriteFile(exp_ + "/CKPT+2/mdl.ckpt", kZip + "two");
     WriteFile(exp_ + "/CKPT+2/opt.ckpt", "opt");
     WriteFile(exp_ + "/CKPT+3/CKPT.yaml", "unixtime: 300\nloss: 0.4\nsplit: full\n");
-    WriteFile(exp_ + "/CKPT+3/mdl.ckpt", "three");
+    WriteFile(exp_ + "/CKPT+3/mdl.ckpt", kZip + "three");
     WriteFile(exp_ + "/CKPT+3/sub/deep.txt", "deep");
     WriteFile(exp_ + "/train_log.txt", "log");
-    WriteFile(src_ + "/pl/epoch=1-step=10-val_loss=0.7.ckpt", "a");
-    WriteFile(src_ + "/pl/epoch=2-step=20-val_loss=0.6.ckpt", "b");
-    WriteFile(src_ + "/pl/epoch=3-step=30-val_loss=0.9.ckpt", "c");
+    WriteFile(src_ + "/pl/epoch=1-step=10-val_loss=0.7.ckpt", kZip + "a");
+    WriteFile(src_ + "/pl/epoch=2-step=20-val_loss=0.6.ckpt", kZip + "b");
+    WriteFile(src_ + "/pl/epoch=3-step=30-val_loss=0.9.ckpt", kZip + "c");
     WriteFile(dir_.path() + "/outside/secret", "secret");
     ASSERT_EQ(::symlink((dir_.path() + "/outside").c_str(), (exp_ + "/escape").c_str()), 0);
     auto idx = Index::Open(src_, dir_.path() + "/index.sqlite");
@@ -77,7 +82,8 @@ TEST_F(ResolverTest, SelectorsResolveToRealPaths) {
   EXPECT_EQ(Real("/exp/where/split=full/where/loss>0.45/latest"), exp_ + "/CKPT+1");
   // The top of the tree answers across experiments.
   EXPECT_EQ(Real("/best/min/loss"), exp_ + "/CKPT+2");
-  EXPECT_EQ(Real("/best/min/val_loss/checkpoint.ckpt"), src_ + "/pl/epoch=2-step=20-val_loss=0.6.ckpt");
+  EXPECT_EQ(Real("/best/min/val_loss/checkpoint.ckpt"),
+            src_ + "/pl/epoch=2-step=20-val_loss=0.6.ckpt");
   EXPECT_EQ(Real("/pl/latest/epoch=3-step=30-val_loss=0.9.ckpt"),
             src_ + "/pl/epoch=3-step=30-val_loss=0.9.ckpt");
   // Real entries pass through.
@@ -113,22 +119,25 @@ TEST_F(ResolverTest, AveragesListMembersNewestFirst) {
   ASSERT_EQ(r->members.size(), 2u);
   EXPECT_EQ(r->members[0].name, "CKPT+3");
   EXPECT_EQ(r->members[1].name, "CKPT+2");
-  EXPECT_EQ(ListNames("/exp/avg/last3"), std::vector<std::string>{"mdl.ckpt"});  // no CKPT.yaml
-  EXPECT_EQ(MemberFiles(*r), (std::vector<std::string>{exp_ + "/CKPT+3/mdl.ckpt", exp_ + "/CKPT+2/mdl.ckpt"}));
+  // The newest member's files: mdl.ckpt averaged, CKPT.yaml its own copy.
+  EXPECT_EQ(ListNames("/exp/avg/last3"), (std::vector<std::string>{"CKPT.yaml", "mdl.ckpt"}));
+  EXPECT_EQ(MemberFiles(*r),
+            (std::vector<std::string>{exp_ + "/CKPT+3/mdl.ckpt", exp_ + "/CKPT+2/mdl.ckpt"}));
   EXPECT_EQ(ListNames("/pl/avg/last3"), std::vector<std::string>{"checkpoint.ckpt"});
   EXPECT_EQ(Code("/exp/avg/last3/opt.ckpt"), StatusCode::kNotFound);
 }
 
 TEST_F(ResolverTest, Listings) {
   auto exp = ListNames("/exp");
-  for (const char* name : {"CKPT+1", "train_log.txt", "latest", "best", "top", "avg", "where",
-                           "index.json"}) {
+  for (const char* name :
+       {"CKPT+1", "train_log.txt", "latest", "best", "top", "avg", "where", "index.json"}) {
     EXPECT_NE(std::find(exp.begin(), exp.end(), name), exp.end()) << name;
   }
   EXPECT_EQ(ListNames("/exp/best"), (std::vector<std::string>{"max", "min"}));
   EXPECT_EQ(ListNames("/exp/best/min"), (std::vector<std::string>{"loss", "unixtime"}));
   EXPECT_EQ(ListNames("/exp/top/5/min/loss"), (std::vector<std::string>{"1", "2", "3"}));
-  EXPECT_EQ(ListNames("/exp/best/min/loss"), (std::vector<std::string>{"CKPT.yaml", "mdl.ckpt", "opt.ckpt"}));
+  EXPECT_EQ(ListNames("/exp/best/min/loss"),
+            (std::vector<std::string>{"CKPT.yaml", "mdl.ckpt", "opt.ckpt"}));
   EXPECT_EQ(ListNames("/pl/best/min/val_loss"),
             (std::vector<std::string>{"checkpoint.ckpt", "epoch=2-step=20-val_loss=0.6.ckpt"}));
   auto inside = ListNames("/exp/CKPT+1");
@@ -205,9 +214,12 @@ TEST(ResolverEmptyTest, AnEmptySourceListsNoLatest) {
   ASSERT_TRUE(entries.ok());
   std::vector<std::string> names;
   for (const DirEntry& e : *entries) names.push_back(e.name);
-  EXPECT_EQ(names, (std::vector<std::string>{"best", "top", "avg", "where", "new", "index.json"}));
+  EXPECT_EQ(names, (std::vector<std::string>{"best", "top", "avg", "where", "safetensors", "new",
+                                             "index.json"}));
   EXPECT_EQ(resolver.Resolve("/latest").status().code(), StatusCode::kNotFound);
-  EXPECT_EQ(WalkResolves(resolver, "/", 10), 8);  // best/{min,max} top avg where new index.json
+  // best/{min,max} top avg where new index.json, and safetensors/ with the
+  // same but new/: best/{min,max} top avg where index.json.
+  EXPECT_EQ(WalkResolves(resolver, "/", 10), 16);
 }
 
 TEST_F(ResolverTest, IndexJsonNamesEveryCheckpoint) {
@@ -247,6 +259,152 @@ TEST_F(ResolverTest, ARestrictedCallerSeesOnlyReadableCheckpoints) {
   ASSERT_EQ(::rename((exp_ + "/CKPT+3").c_str(), (exp_ + "/moved").c_str()), 0);
   ASSERT_EQ(::symlink((exp_ + "/moved").c_str(), (exp_ + "/CKPT+3").c_str()), 0);
   EXPECT_EQ(resolver.Resolve("/exp/best/min/loss", &nobody)->checkpoint->path, exp_ + "/CKPT+1");
+}
+
+TEST_F(ResolverTest, AnAverageHoldsTheNewestMembersOtherFiles) {
+  // counter.ckpt is text in SpeechBrain: every member holds it, but it is
+  // no tensor file, so avg/ serves the newest member's copy (by its bytes).
+  for (const char* c : {"/CKPT+1", "/CKPT+2", "/CKPT+3"})
+    WriteFile(exp_ + c + "/counter.ckpt", "7\n");
+  ASSERT_TRUE(index_->Scan().ok());
+  Resolver resolver(index_.get());
+  for (const char* name : {"counter.ckpt", "CKPT.yaml"}) {
+    auto r = resolver.Resolve(std::string("/exp/avg/last3/") + name);
+    ASSERT_TRUE(r.ok()) << name << ": " << r.status().message();
+    EXPECT_EQ(r->type, NodeType::kRealFile) << name;
+    EXPECT_EQ(r->real_path, exp_ + "/CKPT+3/" + name);
+    EXPECT_TRUE(r->members.empty());
+  }
+  auto best = resolver.Resolve("/exp/avg/best2/min/loss/counter.ckpt");
+  ASSERT_TRUE(best.ok());
+  EXPECT_EQ(best->real_path, exp_ + "/CKPT+3/counter.ckpt");  // CKPT+3 is newer than CKPT+2
+  EXPECT_EQ(resolver.Resolve("/exp/avg/last3/mdl.ckpt")->type, NodeType::kAverageFile);
+  EXPECT_EQ(ListNames("/exp/avg/last3"),
+            (std::vector<std::string>{"CKPT.yaml", "counter.ckpt", "mdl.ckpt"}));
+  EXPECT_EQ(Code("/exp/avg/last3/sub"), StatusCode::kNotFound);  // files only
+}
+
+class SafetensorsViewTest : public ResolverTest {
+ protected:
+  void SetUp() override {
+    ResolverTest::SetUp();
+    const std::string c = src_ + "/st/CKPT+1";
+    WriteFile(c + "/CKPT.yaml", "unixtime: 1\nloss: 0.1\n");
+    WriteFile(c + "/mdl.ckpt", kZip + "m");
+    WriteFile(c + "/model.bin", kZip + "b");  // both model.*: model.bin sorts first
+    WriteFile(c + "/model.pt", kZip + "p");
+    WriteFile(c + "/real.safetensors", kSafetensors);  // real wins over real.pt
+    WriteFile(c + "/real.pt", kZip + "r");
+    WriteFile(c + "/counter.ckpt", "7\n");  // not a tensor file: its own name
+    WriteFile(c + "/notes.txt", "notes");
+    ASSERT_TRUE(index_->Scan().ok());
+  }
+
+  Resolution Get(const std::string& vpath) {
+    auto r = Resolver(index_.get()).Resolve(vpath);
+    EXPECT_TRUE(r.ok()) << vpath << ": " << r.status().message();
+    return r.ok() ? *r : Resolution{};
+  }
+};
+
+TEST_F(SafetensorsViewTest, TorchFilesAppearConvertedByTheClashRule) {
+  EXPECT_EQ(ListNames("/st/safetensors/latest"),
+            (std::vector<std::string>{"CKPT.yaml", "counter.ckpt", "mdl.safetensors",
+                                      "model.pt.safetensors", "model.safetensors", "notes.txt",
+                                      "real.pt.safetensors", "real.safetensors"}));
+  const std::string c = src_ + "/st/CKPT+1";
+  struct Case {
+    const char* name;
+    std::string real;
+    bool convert;
+  } cases[] = {
+      {"mdl.safetensors", c + "/mdl.ckpt", true},
+      {"model.safetensors", c + "/model.bin", true},
+      {"model.pt.safetensors", c + "/model.pt", true},
+      {"real.safetensors", c + "/real.safetensors", false},
+      {"real.pt.safetensors", c + "/real.pt", true},
+      {"counter.ckpt", c + "/counter.ckpt", false},
+      {"notes.txt", c + "/notes.txt", false},
+  };
+  for (const Case& k : cases) {
+    for (const char* dir : {"/st/safetensors/latest/", "/st/safetensors/best/min/loss/",
+                            "/st/safetensors/CKPT+1/", "/safetensors/st/CKPT+1/",
+                            "/safetensors/st/latest/", "/st/where/loss<1/safetensors/latest/"}) {
+      Resolution r = Get(dir + std::string(k.name));
+      EXPECT_EQ(r.type, NodeType::kRealFile) << dir << k.name;
+      EXPECT_EQ(r.real_path, k.real) << dir << k.name;
+      EXPECT_EQ(r.convert, k.convert) << dir << k.name;
+      EXPECT_TRUE(r.in_view) << dir << k.name;  // read-only, answered per caller
+      if (k.convert) {
+        EXPECT_EQ(ConvertMembers(r), std::vector<std::string>{k.real});
+      }
+    }
+  }
+  // A PyTorch file is listed under its converted name only.
+  EXPECT_EQ(Code("/st/safetensors/latest/model.pt"), StatusCode::kNotFound);
+  EXPECT_EQ(Code("/st/safetensors/latest/mdl.ckpt"), StatusCode::kNotFound);
+  EXPECT_EQ(Code("/st/safetensors/latest/nothing.safetensors"), StatusCode::kNotFound);
+}
+
+TEST_F(SafetensorsViewTest, MirrorsTheNamespaceButNotNewNorItself) {
+  auto root = ListNames("/safetensors");
+  for (const char* name : {"exp", "pl", "st", "best", "top", "avg", "where", "index.json"}) {
+    EXPECT_EQ(std::count(root.begin(), root.end(), name), 1) << name;
+  }
+  for (const char* name : {"new", "safetensors"}) {
+    EXPECT_EQ(std::count(root.begin(), root.end(), name), 0) << name;
+  }
+  auto exp = ListNames("/exp/safetensors");
+  for (const char* name : {"CKPT+1", "train_log.txt", "latest", "best", "escape", "index.json"}) {
+    EXPECT_EQ(std::count(exp.begin(), exp.end(), name), 1) << name;
+  }
+  EXPECT_EQ(std::count(exp.begin(), exp.end(), "new"), 0);
+  EXPECT_EQ(Code("/exp/safetensors/new"), StatusCode::kNotFound);
+  EXPECT_EQ(Code("/exp/safetensors/safetensors"), StatusCode::kNotFound);
+  EXPECT_EQ(Code("/safetensors/exp/safetensors"), StatusCode::kNotFound);
+  EXPECT_EQ(Code("/safetensors/exp/new/x"), StatusCode::kNotFound);
+  EXPECT_EQ(Code("/exp/CKPT+1/safetensors"),
+            StatusCode::kNotFound);  // no namespace in a checkpoint
+  // Real directories and other files pass through; a link stays a link.
+  EXPECT_EQ(Get("/safetensors/exp/CKPT+3/sub/deep.txt").real_path, exp_ + "/CKPT+3/sub/deep.txt");
+  EXPECT_EQ(Get("/exp/safetensors/escape").type, NodeType::kRealOther);
+  EXPECT_EQ(Code("/exp/safetensors/escape/secret"), StatusCode::kNotFound);
+  EXPECT_EQ(Get("/exp/safetensors/index.json").type, NodeType::kIndexJson);
+  EXPECT_EQ(Get("/exp/safetensors/best/min/loss/mdl.safetensors").real_path,
+            exp_ + "/CKPT+2/mdl.ckpt");
+  EXPECT_EQ(Get("/exp/safetensors/top/3/min/loss/2/mdl.safetensors").real_path,
+            exp_ + "/CKPT+3/mdl.ckpt");
+  // A single-file checkpoint: its name and its alias, both converted.
+  EXPECT_EQ(ListNames("/pl/safetensors/latest"),
+            (std::vector<std::string>{"checkpoint.safetensors",
+                                      "epoch=3-step=30-val_loss=0.9.safetensors"}));
+  Resolution pl = Get("/pl/safetensors/best/min/val_loss/checkpoint.safetensors");
+  EXPECT_TRUE(pl.convert);
+  EXPECT_EQ(pl.real_path, src_ + "/pl/epoch=2-step=20-val_loss=0.6.ckpt");
+  EXPECT_EQ(Get("/pl/safetensors/epoch=1-step=10-val_loss=0.7.safetensors").real_path,
+            src_ + "/pl/epoch=1-step=10-val_loss=0.7.ckpt");
+
+  Resolver resolver(index_.get());
+  EXPECT_GT(WalkResolves(resolver, "/safetensors", 10), 100);
+  EXPECT_GT(WalkResolves(resolver, "/exp/safetensors", 10), 30);
+}
+
+TEST_F(SafetensorsViewTest, AnAverageConvertsItsMembers) {
+  Resolution r = Get("/exp/safetensors/avg/last3/mdl.safetensors");
+  EXPECT_EQ(r.type, NodeType::kAverageFile);
+  EXPECT_TRUE(r.convert);
+  EXPECT_EQ(ConvertMembers(r),
+            (std::vector<std::string>{exp_ + "/CKPT+3/mdl.ckpt", exp_ + "/CKPT+2/mdl.ckpt",
+                                      exp_ + "/CKPT+1/mdl.ckpt"}));
+  EXPECT_EQ(ListNames("/exp/safetensors/avg/last3"),
+            (std::vector<std::string>{"CKPT.yaml", "mdl.safetensors"}));
+  Resolution yaml = Get("/exp/safetensors/avg/last3/CKPT.yaml");
+  EXPECT_EQ(yaml.real_path, exp_ + "/CKPT+3/CKPT.yaml");
+  EXPECT_FALSE(yaml.convert);
+  Resolution pl = Get("/pl/safetensors/avg/last2/checkpoint.safetensors");
+  EXPECT_EQ(ConvertMembers(pl),
+            (std::vector<std::string>{src_ + "/pl/epoch=3-step=30-val_loss=0.9.ckpt",
+                                      src_ + "/pl/epoch=2-step=20-val_loss=0.6.ckpt"}));
 }
 
 }  // namespace
