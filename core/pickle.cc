@@ -54,6 +54,8 @@ class Machine {
         out.root = stack_.back();
         out.objects = objects_;
         out.arena = std::move(arena_);
+        out.arena_used = std::move(arena_used_);
+        out.globals = std::move(global_order_);
         return out;
       }
     }
@@ -67,8 +69,10 @@ class Machine {
     if (chunk_used_ == chunk_size_) {
       chunk_size_ = chunk_size_ == 0 ? 64 : std::min(chunk_size_ * 2, kMaxArenaChunk);
       arena_.push_back(std::make_unique<Object[]>(chunk_size_));
+      arena_used_.push_back(0);
       chunk_used_ = 0;
     }
+    ++arena_used_.back();
     Object* o = &arena_.back()[chunk_used_++];
     ++objects_;
     o->kind = kind;
@@ -183,6 +187,7 @@ class Machine {
     ObjectPtr o = Make(Kind::kGlobal);
     o->text = text;
     globals_.emplace(std::move(text), o);
+    global_order_.push_back(o);
     return Push(o);
   }
   Status Tuple(std::vector<ObjectPtr> items) {
@@ -603,7 +608,9 @@ class Machine {
   std::unordered_map<uint64_t, ObjectPtr> memo_;
   std::unordered_map<std::string, ObjectPtr> storages_;
   std::unordered_map<std::string, ObjectPtr> globals_;
+  std::vector<ObjectPtr> global_order_;  // globals_, in the order first named
   std::vector<std::unique_ptr<Object[]>> arena_;
+  std::vector<size_t> arena_used_;  // objects made in each chunk of arena_
   size_t objects_ = 0;
   size_t chunk_size_ = 0;  // objects in arena_.back()
   size_t chunk_used_ = 0;
@@ -615,6 +622,12 @@ class Machine {
 };
 
 }  // namespace
+
+void ForEachObject(const Unpickled& u, const std::function<void(const Object&)>& fn) {
+  for (size_t c = 0; c < u.arena.size() && c < u.arena_used.size(); ++c) {
+    for (size_t i = 0; i < u.arena_used[c]; ++i) fn(u.arena[c][i]);
+  }
+}
 
 Result<Unpickled> Unpickle(std::string_view data, const std::string& origin) {
   return Machine(data, origin).Run();

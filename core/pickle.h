@@ -46,6 +46,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -118,9 +119,16 @@ struct Object {
 struct Unpickled {
   // Chunks of objects; a chunk never moves, so pointers into it stay valid.
   std::vector<std::unique_ptr<Object[]>> arena;
-  size_t objects = 0;        // objects created (the shared ones included)
-  ObjectPtr root = nullptr;  // the object STOP returned
+  std::vector<size_t> arena_used;  // objects made in each chunk
+  size_t objects = 0;              // objects created (the shared ones included)
+  ObjectPtr root = nullptr;        // the object STOP returned
+  // Every distinct global the pickle names (GLOBAL, STACK_GLOBAL), in the
+  // order it first names them, reachable from root or not.
+  std::vector<ObjectPtr> globals;
 };
+
+// Calls fn on every object the pickle made, reachable from root or not.
+void ForEachObject(const Unpickled& u, const std::function<void(const Object&)>& fn);
 
 // Parses a whole pickle.
 Result<Unpickled> Unpickle(std::string_view data, const std::string& origin);

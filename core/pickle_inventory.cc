@@ -264,55 +264,25 @@ Result<std::vector<PickleValue>> PickleValues(ObjectPtr root, const std::string&
   return out;
 }
 
-// The reader's arena holds every object it made, globals included, in
-// chunks of 64, 128, ... up to 4096 objects (pickle.cc's Make), the last one
-// filled up to Unpickled::objects. The layout is checked against the chunk
-// count before a slot is read.
-Result<std::vector<PickleGlobal>> PickleGlobals(const pickle::Unpickled& u,
-                                                const std::string& origin) {
-  constexpr size_t kFirstChunk = 64, kLastChunk = 4096;
-  std::vector<std::pair<const Object*, size_t>> chunks;  // start, objects used
-  size_t left = u.objects;
-  size_t size = kFirstChunk;
-  for (size_t c = 0; c < u.arena.size(); ++c) {
-    const size_t used = std::min(left, size);
-    if (used == 0 || (used < size && c + 1 != u.arena.size())) {
-      return Status::Unsupported(origin +
-                                 ": the pickle reader's object arena is not laid out as expected");
-    }
-    chunks.emplace_back(u.arena[c].get(), used);
-    left -= used;
-    size = std::min(size * 2, kLastChunk);
-  }
-  if (left != 0) {
-    return Status::Unsupported(origin +
-                               ": the pickle reader's object arena is not laid out as expected");
-  }
+Result<std::vector<PickleGlobal>> PickleGlobals(const pickle::Unpickled& u, const std::string&) {
   std::vector<PickleGlobal> out;
   std::unordered_map<const Object*, size_t> index;
-  for (const auto& [start, used] : chunks) {
-    for (size_t i = 0; i < used; ++i) {
-      if (start[i].kind == Kind::kGlobal && index.emplace(&start[i], out.size()).second) {
-        out.push_back({start[i].text, 0});
-      }
-    }
+  for (ObjectPtr g : u.globals) {
+    if (index.emplace(g, out.size()).second) out.push_back({g->text, 0});
   }
   auto count = [&](ObjectPtr p) {
     if (p == nullptr || p->kind != Kind::kGlobal) return;
     auto it = index.find(p);
     if (it != index.end()) ++out[it->second].uses;
   };
-  for (const auto& [start, used] : chunks) {
-    for (size_t i = 0; i < used; ++i) {
-      const Object& o = start[i];
-      for (ObjectPtr p : o.items) count(p);
-      for (const auto& [k, v] : o.entries) {
-        count(k);
-        count(v);
-      }
-      count(o.state);
+  pickle::ForEachObject(u, [&](const Object& o) {
+    for (ObjectPtr p : o.items) count(p);
+    for (const auto& [k, v] : o.entries) {
+      count(k);
+      count(v);
     }
-  }
+    count(o.state);
+  });
   return out;
 }
 

@@ -30,6 +30,7 @@
 #include <thread>
 
 #include "core/cancel.h"
+#include "core/crc32.h"
 #include "core/json_text.h"
 #include "core/log.h"
 #include "core/pickle_audit.h"
@@ -272,8 +273,7 @@ Status ConvertPiece(const TorchArchive& m, Piece* piece, uint64_t data_start, Ou
         base + (p.crc_only ? 0 : static_cast<uint64_t>(info.offset) * t.item) + p.begin;
     if (Status s = file.ReadAt(from, scratch->buf.data(), n); !s.ok()) return s;
     if (p.crc_entry != nullptr) {
-      piece->crc = static_cast<uint32_t>(
-          crc32_z(0, reinterpret_cast<const Bytef*>(scratch->buf.data()), n));
+      piece->crc = Crc32(0, scratch->buf.data(), n);
     }
     if (p.crc_only) return Status::Ok();
     return out->WriteAt(to + p.begin, scratch->buf.data(), n);
@@ -389,8 +389,8 @@ Result<ConvertResult> Convert(const std::string& input, OutputFile* out,
     const bool counts = stored && w != whole.end() && w->second == &t;
     if (stored && t.contiguous) {
       for (uint64_t b = 0; b < t.nbytes; b += kAverageChunk) {
-        pieces.push_back({&t, b, std::min(t.nbytes, b + kAverageChunk),
-                          counts ? t.entry : nullptr});
+        pieces.push_back(
+            {&t, b, std::min(t.nbytes, b + kAverageChunk), counts ? t.entry : nullptr});
       }
     } else if (t.nbytes > 0) {
       pieces.push_back({&t, 0, t.nbytes});

@@ -105,8 +105,8 @@ TEST_F(PickleAuditTest, NamesUnsafeReducesWithoutRunningThem) {
   }
 }
 
-// A global named after 20,000 objects of the pickle is still found (the
-// reader's arena is walked chunk by chunk).
+// A global named after 20,000 objects of the pickle is still found, and
+// counted (every object the reader made is looked at).
 TEST_F(PickleAuditTest, FindsGlobalsDeepInALongPickle) {
   ::setenv("CKPTFS_PWNED", (dir_.path() + "/PWNED_").c_str(), 1);
   Result<CheckpointAudit> a = InspectFile(Make("many"));

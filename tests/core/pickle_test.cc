@@ -479,3 +479,28 @@ for name, obj in (("sd", net.state_dict()), ("pl", ck)):
 
 }  // namespace
 }  // namespace ckptfs::core::pickle
+
+namespace ckptfs::core::pickle {
+namespace {
+
+// Unpickled::globals names each global once, in the order first named,
+// reachable or not; ForEachObject visits every object made.
+TEST(PickleGlobalsTest, ListsEveryGlobalOnceInOrder) {
+  const std::string data = std::string("\x80\x02", 2) + "cos\nsystem\n0" + "cbuiltins\neval\n0" +
+                           "cos\nsystem\n0" + "N.";
+  Result<Unpickled> r = Unpickle(data, "globals");
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  ASSERT_EQ(r->globals.size(), 2u);
+  EXPECT_EQ(r->globals[0]->text, "os.system");
+  EXPECT_EQ(r->globals[1]->text, "builtins.eval");
+  size_t seen = 0, globals = 0;
+  ForEachObject(*r, [&](const Object& o) {
+    ++seen;
+    if (o.kind == Kind::kGlobal) ++globals;
+  });
+  EXPECT_EQ(seen, r->objects);
+  EXPECT_EQ(globals, 2u);
+}
+
+}  // namespace
+}  // namespace ckptfs::core::pickle
