@@ -63,7 +63,8 @@ const char kUsage[] =
     "  status [--json] MOUNTPOINT          what a running mount holds and did: index size, last\n"
     "                                      commits, deletions, averages and errors\n"
     "  inspect [--json] PATH               every tensor (dtype, shape, bytes), every other value\n"
-    "  inspect [--json] [options] SOURCE VPATH  and every global a checkpoint's pickle references,\n"
+    "  inspect [--json] [options] SOURCE VPATH  and every global a checkpoint's pickle "
+    "references,\n"
     "                                      read without running anything; each global marked\n"
     "                                      allowed or NOT ALLOWED by torch's weights_only\n"
     "                                      allow-list; exit 3 when one is not (gates a pipeline)\n"
@@ -97,7 +98,8 @@ const char kUsage[] =
     "  --keep-hourly N, --keep-daily N, --keep-weekly N\n"
     "                           the newest of each of the last N hours / days / weeks\n"
     "  --max-bytes SIZE         the newest that fit in SIZE (K, M, G, T)\n"
-    "  --policy FILE.json       rules from a file: {\"keep_last\": 3, \"keep_best\": [\"min:loss:2\"]}\n"
+    "  --policy FILE.json       rules from a file: {\"keep_last\": 3, \"keep_best\": "
+    "[\"min:loss:2\"]}\n"
     "\n"
     "mount options:\n"
     "  -f               stay in the foreground, logs on stderr\n"
@@ -205,8 +207,8 @@ int RunResolve(const Options& opt) {
       for (const std::string& f : index::MemberFiles(*r)) std::printf("%s\n", f.c_str());
       return 0;
     case index::NodeType::kIndexJson:
-      return Fail(Status::InvalidArgument(opt.vpath +
-                                          ": index.json is generated; see 'ckptfs ls --json'"));
+      return Fail(
+          Status::InvalidArgument(opt.vpath + ": index.json is generated; see 'ckptfs ls --json'"));
     case index::NodeType::kVirtualDir:
       if (r->checkpoint) {
         std::printf("%s\n", r->checkpoint->path.c_str());
@@ -217,8 +219,9 @@ int RunResolve(const Options& opt) {
         return 0;
       }
       return Fail(Status::InvalidArgument(
-          opt.vpath + ": a directory of the query namespace, not a checkpoint (complete it, "
-                      "e.g. best/min/KEY)"));
+          opt.vpath +
+          ": a directory of the query namespace, not a checkpoint (complete it, "
+          "e.g. best/min/KEY)"));
   }
   return kExitFailure;
 }
@@ -270,42 +273,43 @@ core::ProgressFn ProgressBar() {
   if (::isatty(STDERR_FILENO) == 0) return nullptr;
   return [](const core::AverageProgress& p) {
     const int width = 40;
-    const double frac = p.total > 0 ? static_cast<double>(p.done) / static_cast<double>(p.total) : 1;
+    const double frac =
+        p.total > 0 ? static_cast<double>(p.done) / static_cast<double>(p.total) : 1;
     const int filled = static_cast<int>(frac * width);
-    std::fprintf(stderr, "\r%-9s [%s%s] %5.1f%% %8.1f MB", p.stage, std::string(filled, '#').c_str(),
-                 std::string(width - filled, ' ').c_str(), frac * 100,
-                 static_cast<double>(p.done) / 1e6);
+    std::fprintf(stderr, "\r%-9s [%s%s] %5.1f%% %8.1f MB", p.stage,
+                 std::string(filled, '#').c_str(), std::string(width - filled, ' ').c_str(),
+                 frac * 100, static_cast<double>(p.done) / 1e6);
     if (std::string(p.stage) == "done") std::fputc('\n', stderr);
   };
+}
+
+// The file a resolution serves: a real file, or an average or a conversion
+// (computed now, or taken from the cache). kInvalidArgument for what is not
+// a file (a directory, index.json: cat prints the latter itself).
+Result<std::string> ServedFile(const Options& opt, const index::Resolution& r) {
+  if (r.convert) {  // safetensors/: converted (and averaged) on demand, cached
+    core::AverageCache cache(opt.avg_cache, opt.avg_cache_bytes);
+    return cache.GetSafetensors(index::ConvertMembers(r), ProgressBar());
+  }
+  if (r.type == index::NodeType::kRealFile) return r.real_path;
+  if (r.type == index::NodeType::kAverageFile) {
+    core::AverageCache cache(opt.avg_cache, opt.avg_cache_bytes);
+    return cache.Get(index::MemberFiles(r), ProgressBar());
+  }
+  return Status::InvalidArgument(opt.vpath + ": not a file");
 }
 
 int RunCat(const Options& opt) {
   Result<index::Resolution> r = OpenAndResolve(opt);
   if (!r.ok()) return Fail(r.status());
-  if (r->convert) {  // safetensors/: converted (and averaged) on demand, cached
-    core::AverageCache cache(opt.avg_cache, opt.avg_cache_bytes);
-    Result<std::string> out = cache.GetSafetensors(index::ConvertMembers(*r), ProgressBar());
-    if (!out.ok()) return Fail(out.status());
-    if (Status s = CopyToStdout(*out); !s.ok()) return Fail(s);
-    return 0;
+  if (!r->convert && r->type == index::NodeType::kIndexJson) {
+    std::fwrite(r->content.data(), 1, r->content.size(), stdout);
+    return std::fflush(stdout) == 0 ? 0 : Fail(Status::FromErrno("stdout", errno));
   }
-  switch (r->type) {
-    case index::NodeType::kRealFile:
-      if (Status s = CopyToStdout(r->real_path); !s.ok()) return Fail(s);
-      return 0;
-    case index::NodeType::kIndexJson:
-      std::fwrite(r->content.data(), 1, r->content.size(), stdout);
-      return std::fflush(stdout) == 0 ? 0 : Fail(Status::FromErrno("stdout", errno));
-    case index::NodeType::kAverageFile: {
-      core::AverageCache cache(opt.avg_cache, opt.avg_cache_bytes);
-      Result<std::string> avg = cache.Get(index::MemberFiles(*r), ProgressBar());
-      if (!avg.ok()) return Fail(avg.status());
-      if (Status s = CopyToStdout(*avg); !s.ok()) return Fail(s);
-      return 0;
-    }
-    default:
-      return Fail(Status::InvalidArgument(opt.vpath + ": not a file"));
-  }
+  Result<std::string> file = ServedFile(opt, *r);
+  if (!file.ok()) return Fail(file.status());
+  if (Status s = CopyToStdout(*file); !s.ok()) return Fail(s);
+  return 0;
 }
 
 int RunPrune(const Options& opt) {
@@ -338,10 +342,12 @@ int RunPrune(const Options& opt) {
   for (const index::PruneEntry& e : report->entries) {
     const char* what = e.decision.keep ? "keep" : (opt.dry_run || e.deleted ? "delete" : "KEPT");
     std::string why = e.error.empty() ? e.decision.why : e.error;
-    std::printf("%-40s %-8s %s\n", Relative(opt.source, e.checkpoint.path).c_str(), what, why.c_str());
+    std::printf("%-40s %-8s %s\n", Relative(opt.source, e.checkpoint.path).c_str(), what,
+                why.c_str());
   }
   std::printf("policy: %s; %zu checkpoint(s), %d deleted%s\n", opt.policy.ToString().c_str(),
-              report->entries.size(), report->deleted, opt.dry_run ? " (dry run: nothing changed)" : "");
+              report->entries.size(), report->deleted,
+              opt.dry_run ? " (dry run: nothing changed)" : "");
   for (const std::string& why : report->refused) std::fprintf(stderr, "ckptfs: %s\n", why.c_str());
   return report->failed == 0 && report->refused.empty() ? 0 : kExitFailure;
 }
@@ -382,12 +388,14 @@ int RunStatus(const Options& opt) {
               j.value("source", "?").c_str(), j.value("mountpoint", "?").c_str(),
               static_cast<long long>(j.value("pid", 0)), static_cast<int>(up / 3600),
               static_cast<int>(up / 60) % 60);
-  std::printf("index:  %s (%s): %lld checkpoint(s), %lld invalid, %lld experiment(s), %s in %lld file(s)\n",
-              idx.value("path", "?").c_str(), HumanBytes(idx.value("file_bytes", 0.0)).c_str(),
-              static_cast<long long>(idx.value("checkpoints", 0)), static_cast<long long>(idx.value("invalid", 0)),
-              static_cast<long long>(idx.value("experiments", 0)),
-              HumanBytes(idx.value("checkpoint_bytes", 0.0)).c_str(),
-              static_cast<long long>(idx.value("files", 0)));
+  std::printf(
+      "index:  %s (%s): %lld checkpoint(s), %lld invalid, %lld experiment(s), %s in %lld file(s)\n",
+      idx.value("path", "?").c_str(), HumanBytes(idx.value("file_bytes", 0.0)).c_str(),
+      static_cast<long long>(idx.value("checkpoints", 0)),
+      static_cast<long long>(idx.value("invalid", 0)),
+      static_cast<long long>(idx.value("experiments", 0)),
+      HumanBytes(idx.value("checkpoint_bytes", 0.0)).c_str(),
+      static_cast<long long>(idx.value("files", 0)));
   const std::string policy = j.value("policy", "");
   std::printf("policy: %s\n", policy.empty() ? "none (nothing is pruned)" : policy.c_str());
   std::printf("totals: %lld commit(s), %lld deletion(s), %lld average(s) served, %lld error(s)\n",
@@ -400,7 +408,8 @@ int RunStatus(const Options& opt) {
     if (list.empty()) continue;
     std::printf("last %s:\n", kind);
     for (const auto& e : list) {
-      std::printf("  %s  %s\n", FormatTime(e.value("time", 0.0)).c_str(), e.value("what", "").c_str());
+      std::printf("  %s  %s\n", FormatTime(e.value("time", 0.0)).c_str(),
+                  e.value("what", "").c_str());
     }
   }
   return 0;
@@ -463,49 +472,19 @@ void PrintAudit(const std::string& path, const core::CheckpointAudit& a, bool js
   std::printf("verdict: %s\n", core::GlobalsVerdict(a).c_str());
 }
 
-// argv: "ckptfs inspect ...". One operand: a real file; otherwise the
-// operands and options of `cat` (SOURCE VPATH, --index, --avg-cache, ...).
-int RunInspect(int argc, char** argv) {
-  bool json = false;
-  std::vector<char*> rest = {argv[0], const_cast<char*>("cat")};
-  for (int i = 2; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "-h" || a == "--help") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-    if (a == "--json") {
-      json = true;
-    } else {
-      rest.push_back(argv[i]);
-    }
-  }
-  std::string path;
-  if (rest.size() == 3 && rest[2][0] != '-') {
-    path = rest[2];
-  } else {
-    Result<Options> opt = ParseOptions(static_cast<int>(rest.size()), rest.data());
-    if (!opt.ok()) {
-      return Usage("inspect: " + opt.status().message() +
-                   " (usage: ckptfs inspect [--json] PATH, or [--json] [options] SOURCE VPATH)");
-    }
-    core::SetLogLevel(opt->log_level);
-    Result<index::Resolution> r = OpenAndResolve(*opt);
+// inspect PATH (opt.file), or SOURCE VPATH resolved as cat resolves it.
+int RunInspect(const Options& opt) {
+  std::string path = opt.file;
+  if (path.empty()) {
+    Result<index::Resolution> r = OpenAndResolve(opt);
     if (!r.ok()) return Fail(r.status());
-    if (r->type == index::NodeType::kRealFile) {
-      path = r->real_path;
-    } else if (r->type == index::NodeType::kAverageFile) {
-      core::AverageCache cache(opt->avg_cache, opt->avg_cache_bytes);
-      Result<std::string> avg = cache.Get(index::MemberFiles(*r), ProgressBar());
-      if (!avg.ok()) return Fail(avg.status());
-      path = *avg;
-    } else {
-      return Fail(Status::InvalidArgument(opt->vpath + ": not a tensor file"));
-    }
+    Result<std::string> file = ServedFile(opt, *r);
+    if (!file.ok()) return Fail(file.status());
+    path = *file;
   }
   Result<core::CheckpointAudit> audit = core::InspectFile(path);
   if (!audit.ok()) return Fail(audit.status());
-  PrintAudit(path, *audit, json);
+  PrintAudit(path, *audit, opt.json);
   if (std::fflush(stdout) != 0) return Fail(Status::FromErrno("stdout", errno));
   return audit->Safe() ? 0 : kExitUnsafe;
 }
@@ -530,6 +509,8 @@ int RunCommand(const Options& opt) {
       return RunMount(opt);
     case Command::kStatus:
       return RunStatus(opt);
+    case Command::kInspect:
+      return RunInspect(opt);
   }
   return kExitUsage;
 }
@@ -540,10 +521,6 @@ int RunCli(int argc, char** argv) {
   int rc = kExitFailure;
   // The last wall: a command that throws fails with a message, never aborts.
   const Status thrown = core::CatchAll("ckptfs", [&] {
-    if (argc >= 2 && std::strcmp(argv[1], "inspect") == 0) {
-      rc = RunInspect(argc, argv);
-      return;
-    }
     Result<Options> opt = ParseOptions(argc, argv);
     if (!opt.ok()) {
       rc = Usage(opt.status().message());

@@ -23,8 +23,8 @@ namespace {
 unsigned Bit(Command c) { return 1u << static_cast<unsigned>(c); }
 
 const unsigned kIndexed = Bit(Command::kLs) | Bit(Command::kResolve) | Bit(Command::kCat) |
-                          Bit(Command::kPrune) | Bit(Command::kMount);
-const unsigned kAveraging = Bit(Command::kCat) | Bit(Command::kMount);
+                          Bit(Command::kInspect) | Bit(Command::kPrune) | Bit(Command::kMount);
+const unsigned kAveraging = Bit(Command::kCat) | Bit(Command::kInspect) | Bit(Command::kMount);
 const unsigned kPolicy = Bit(Command::kPrune) | Bit(Command::kMount);
 const unsigned kMount = Bit(Command::kMount);
 const unsigned kAll = kIndexed | Bit(Command::kStatus);
@@ -58,7 +58,7 @@ const FlagSpec kFlags[] = {
     {"-f", false, kMount},
     {"-d", false, kMount},
     {"--dry-run", false, Bit(Command::kPrune)},
-    {"--json", false, Bit(Command::kLs) | Bit(Command::kStatus)},
+    {"--json", false, Bit(Command::kLs) | Bit(Command::kStatus) | Bit(Command::kInspect)},
     {"--config", true, kAll},
     {"--name", true, kAll},
 };
@@ -73,7 +73,7 @@ const FlagSpec* FindFlag(const std::string& name) {
 // mount(8) and fstab options that are not FUSE's and mean nothing to ckptfs
 // (mount.fuse3 strips most of them; mount.fuse.ckptfs sees them all).
 bool IsIgnoredMountOption(const std::string& o) {
-  static const char* const kIgnored[] = {"defaults", "auto", "noauto", "nofail", "user",
+  static const char* const kIgnored[] = {"defaults", "auto",  "noauto",  "nofail", "user",
                                          "nouser",   "users", "_netdev", "owner",  "group"};
   for (const char* i : kIgnored) {
     if (o == i) return true;
@@ -105,7 +105,9 @@ Result<std::string> DeadMountPath(const std::string& path) {
   std::string p = path;
   while (p.size() > 1 && p.back() == '/') p.pop_back();
   const size_t slash = p.rfind('/');
-  const std::string parent = slash == std::string::npos ? "." : slash == 0 ? "/" : p.substr(0, slash);
+  const std::string parent = slash == std::string::npos ? "."
+                             : slash == 0               ? "/"
+                                                        : p.substr(0, slash);
   Result<std::string> dir = RealDirectory(parent, "MOUNTPOINT's parent");
   if (!dir.ok()) return dir.status();
   return (*dir == "/" ? "" : *dir) + "/" + p.substr(slash + 1);
@@ -137,7 +139,8 @@ Status ExpandMountOptions(const std::string& text, std::vector<Arg>* args,
       continue;
     }
     if (spec->takes_value != (eq != std::string::npos)) {
-      return Status::InvalidArgument("-o " + item + ": " + (spec->takes_value ? "needs =VALUE" : "takes no value"));
+      return Status::InvalidArgument("-o " + item + ": " +
+                                     (spec->takes_value ? "needs =VALUE" : "takes no value"));
     }
     Arg a{flag, std::nullopt};
     if (eq != std::string::npos) a.value = item.substr(eq + 1);
@@ -158,15 +161,17 @@ Result<ConfiguredMount> LoadConfiguredMount(const std::string& path, const std::
   Result<std::string> text = core::ReadFile(path);
   if (!text.ok()) return Status::InvalidArgument("config " + text.status().message());
   nlohmann::json doc = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
-  if (doc.is_discarded() || !doc.is_object() || !doc.contains("mounts") || !doc["mounts"].is_object()) {
-    return Status::InvalidArgument("config " + path + ": expected a JSON object with a \"mounts\" object");
+  if (doc.is_discarded() || !doc.is_object() || !doc.contains("mounts") ||
+      !doc["mounts"].is_object()) {
+    return Status::InvalidArgument("config " + path +
+                                   ": expected a JSON object with a \"mounts\" object");
   }
   const nlohmann::json& mounts = doc["mounts"];
   if (!mounts.contains(name)) {
     std::string known;
     for (const auto& [k, v] : mounts.items()) known += (known.empty() ? "" : ", ") + k;
-    return Status::InvalidArgument("config " + path + ": no mount named '" + name + "' (configured: " +
-                                   (known.empty() ? "none" : known) + ")");
+    return Status::InvalidArgument("config " + path + ": no mount named '" + name +
+                                   "' (configured: " + (known.empty() ? "none" : known) + ")");
   }
   const nlohmann::json& m = mounts[name];
   const std::string where = "config " + path + ": mount '" + name + "'";
@@ -174,16 +179,19 @@ Result<ConfiguredMount> LoadConfiguredMount(const std::string& path, const std::
   ConfiguredMount out;
   for (const auto& [key, value] : m.items()) {
     if (key == "source" || key == "mountpoint") {
-      if (!value.is_string()) return Status::InvalidArgument(where + ": '" + key + "' must be a string");
+      if (!value.is_string())
+        return Status::InvalidArgument(where + ": '" + key + "' must be a string");
       (key == "source" ? out.source : out.mountpoint) = value.get<std::string>();
     } else if (key == "policy") {
       Result<core::RetentionPolicy> p = core::ParsePolicyJson(value.dump(), where + ": policy");
       if (!p.ok()) return p.status();
       out.policy = *p;
     } else if (key == "fuse_options") {
-      if (!value.is_array()) return Status::InvalidArgument(where + ": 'fuse_options' must be a list");
+      if (!value.is_array())
+        return Status::InvalidArgument(where + ": 'fuse_options' must be a list");
       for (const auto& o : value) {
-        if (!o.is_string()) return Status::InvalidArgument(where + ": 'fuse_options' must hold strings");
+        if (!o.is_string())
+          return Status::InvalidArgument(where + ": 'fuse_options' must hold strings");
         out.args.push_back({"-o", o.get<std::string>(), true});
       }
     } else {
@@ -191,13 +199,15 @@ Result<ConfiguredMount> LoadConfiguredMount(const std::string& path, const std::
       std::replace(flag.begin(), flag.end(), '_', '-');
       const FlagSpec* spec = FindFlag(flag);
       if (core::IsPolicyOption(flag) || flag == "--policy") {
-        return Status::InvalidArgument(where + ": '" + key + "' is a retention rule: put it in \"policy\"");
+        return Status::InvalidArgument(where + ": '" + key +
+                                       "' is a retention rule: put it in \"policy\"");
       }
       if (spec == nullptr || flag == "--config" || flag == "--name") {
         return Status::InvalidArgument(where + ": unknown key '" + key + "'");
       }
       if (!spec->takes_value) {
-        if (!value.is_boolean()) return Status::InvalidArgument(where + ": '" + key + "' must be true or false");
+        if (!value.is_boolean())
+          return Status::InvalidArgument(where + ": '" + key + "' must be true or false");
         if (value.get<bool>()) out.args.push_back({flag, std::nullopt, true});
       } else if (value.is_string()) {
         out.args.push_back({flag, value.get<std::string>(), true});
@@ -236,7 +246,8 @@ Result<core::LogLevel> ParseLogLevel(const std::string& v) {
   if (v == "info") return core::LogLevel::kInfo;
   if (v == "warning") return core::LogLevel::kWarning;
   if (v == "error") return core::LogLevel::kError;
-  return Status::InvalidArgument("--log-level: expected error, warning, info or debug, got '" + v + "'");
+  return Status::InvalidArgument("--log-level: expected error, warning, info or debug, got '" + v +
+                                 "'");
 }
 
 // Sets one option; the flag is known and accepted by opt->command.
@@ -334,8 +345,9 @@ Result<Options> ParseOptions(int argc, char** argv) {
     return opt;
   }
   static const std::pair<const char*, Command> kCommands[] = {
-      {"ls", Command::kLs},       {"resolve", Command::kResolve}, {"prune", Command::kPrune},
-      {"cat", Command::kCat},     {"mount", Command::kMount},     {"status", Command::kStatus}};
+      {"ls", Command::kLs},          {"resolve", Command::kResolve}, {"prune", Command::kPrune},
+      {"cat", Command::kCat},        {"mount", Command::kMount},     {"status", Command::kStatus},
+      {"inspect", Command::kInspect}};
   bool known = false;
   for (const auto& [name, command] : kCommands) {
     if (cmd == name) opt.command = command, known = true;
@@ -350,7 +362,7 @@ Result<Options> ParseOptions(int argc, char** argv) {
   }
   if (!known) return Status::InvalidArgument("unknown command '" + cmd + "'");
   size_t want = opt.command == Command::kResolve || opt.command == Command::kCat ||
-                        opt.command == Command::kMount
+                        opt.command == Command::kMount || opt.command == Command::kInspect
                     ? 2
                     : 1;
 
@@ -399,8 +411,10 @@ Result<Options> ParseOptions(int argc, char** argv) {
     if (a.flag == "--config") config_path = *a.value;
     if (a.flag == "--name") opt.name = *a.value;
   }
-  const bool has_config = std::any_of(args.begin(), args.end(), [](const Arg& a) { return a.flag == "--config"; });
-  if (has_config && opt.name.empty()) return Status::InvalidArgument("--config needs --name: which mount of it");
+  const bool has_config =
+      std::any_of(args.begin(), args.end(), [](const Arg& a) { return a.flag == "--config"; });
+  if (has_config && opt.name.empty())
+    return Status::InvalidArgument("--config needs --name: which mount of it");
   std::optional<core::RetentionPolicy> configured_policy;
   if (!opt.name.empty()) {
     Result<ConfiguredMount> m = LoadConfiguredMount(config_path, opt.name);
@@ -425,7 +439,8 @@ Result<Options> ParseOptions(int argc, char** argv) {
         if (!m->mountpoint.empty()) operands.push_back(m->mountpoint);
       } else if (!m->source.empty()) {
         operands.push_back(m->source);
-        if (opt.command == Command::kMount && !m->mountpoint.empty()) operands.push_back(m->mountpoint);
+        if (opt.command == Command::kMount && !m->mountpoint.empty())
+          operands.push_back(m->mountpoint);
       }
     }
   }
@@ -439,9 +454,16 @@ Result<Options> ParseOptions(int argc, char** argv) {
         "prune needs a policy (--keep-last, --keep-best, ..., or --policy FILE); "
         "with none it would have nothing to decide by");
   }
+  if (opt.command == Command::kInspect && operands.size() == 1) {
+    opt.file = operands[0];  // inspect PATH: a real file, no SOURCE
+    return opt;
+  }
   if (operands.size() != want) {
-    return Status::InvalidArgument(cmd + " takes " + std::to_string(want) + " operand(s), got " +
-                                   std::to_string(operands.size()));
+    return Status::InvalidArgument(cmd + " takes " +
+                                   (opt.command == Command::kInspect
+                                        ? "PATH, or SOURCE VPATH"
+                                        : std::to_string(want) + " operand(s)") +
+                                   ", got " + std::to_string(operands.size()) + " operand(s)");
   }
   if (opt.command == Command::kStatus) {
     Result<std::string> mp = RealDirectory(operands[0], "MOUNTPOINT");
@@ -452,11 +474,16 @@ Result<Options> ParseOptions(int argc, char** argv) {
   Result<std::string> source = RealDirectory(operands[0], "SOURCE");
   if (!source.ok()) return source.status();
   opt.source = *source;
-  if (opt.command == Command::kResolve || opt.command == Command::kCat) opt.vpath = operands[1];
+  if (opt.command == Command::kResolve || opt.command == Command::kCat ||
+      opt.command == Command::kInspect) {
+    opt.vpath = operands[1];
+  }
   if (opt.command == Command::kMount) {
     struct statfs st {};  // statfs always reaches a FUSE daemon, stat may not
-    const bool dead = ::statfs(operands[1].c_str(), &st) != 0 && errno == ENOTCONN;  // detached later
-    Result<std::string> mp = dead ? DeadMountPath(operands[1]) : RealDirectory(operands[1], "MOUNTPOINT");
+    const bool dead =
+        ::statfs(operands[1].c_str(), &st) != 0 && errno == ENOTCONN;  // detached later
+    Result<std::string> mp =
+        dead ? DeadMountPath(operands[1]) : RealDirectory(operands[1], "MOUNTPOINT");
     if (!mp.ok()) return mp.status();
     opt.mountpoint = *mp;
     if (opt.mountpoint == opt.source || opt.mountpoint.rfind(opt.source + "/", 0) == 0) {

@@ -15,7 +15,7 @@
 
 namespace ckptfs::fs {
 
-enum class Command { kHelp, kVersion, kLs, kResolve, kCat, kPrune, kMount, kStatus };
+enum class Command { kHelp, kVersion, kLs, kResolve, kCat, kPrune, kMount, kStatus, kInspect };
 
 // --poll's period when the daemon turns polling on by itself.
 inline constexpr double kAutoPollSeconds = 2.0;
@@ -26,27 +26,28 @@ inline constexpr char kDefaultConfigPath[] = "/etc/ckptfs/ckptfs.json";
 struct Options {
   Command command = Command::kHelp;
   std::string source;      // realpath of SOURCE
-  std::string vpath;       // resolve
+  std::string vpath;       // resolve, cat, inspect SOURCE VPATH
+  std::string file;        // inspect PATH (a real file; no SOURCE)
   std::string mountpoint;  // mount, status: realpath of MOUNTPOINT
   std::string name;        // --name: the configured mount these options came from
   std::string index_path;  // --index, else DefaultIndexPath(source)
   std::string avg_cache;   // --avg-cache, else index_path + ".avg"
   int64_t avg_cache_bytes = core::kDefaultAverageCacheBytes;  // --avg-cache-bytes
-  bool json = false;       // ls --json
-  bool foreground = false; // mount -f
-  bool debug = false;      // mount -d
-  core::LogLevel log_level = core::LogLevel::kInfo;  // --log-level
-  bool links = false;      // mount --links
-  bool direct_new = false; // mount --direct-new
-  bool dry_run = false;    // prune --dry-run
-  double commit_quiet = 0.3;   // mount --commit-quiet SECONDS
-  double commit_wait = 30.0;   // mount --commit-wait SECONDS
-  bool explicit_commit = false;  // mount --explicit-commit
+  bool json = false;                                          // ls --json
+  bool foreground = false;                                    // mount -f
+  bool debug = false;                                         // mount -d
+  core::LogLevel log_level = core::LogLevel::kInfo;           // --log-level
+  bool links = false;                                         // mount --links
+  bool direct_new = false;                                    // mount --direct-new
+  bool dry_run = false;                                       // prune --dry-run
+  double commit_quiet = 0.3;                                  // mount --commit-quiet SECONDS
+  double commit_wait = 30.0;                                  // mount --commit-wait SECONDS
+  bool explicit_commit = false;                               // mount --explicit-commit
   // mount --poll SECONDS: rescan at that period instead of inotify (shared
   // filesystems); 0: inotify even on a network filesystem; < 0 (not given):
   // poll every kAutoPollSeconds if SOURCE is on a network or FUSE filesystem.
   double poll = -1;
-  core::RetentionPolicy policy;  // prune and mount: --keep-*, --max-bytes, --policy FILE
+  core::RetentionPolicy policy;           // prune and mount: --keep-*, --max-bytes, --policy FILE
   std::vector<std::string> fuse_options;  // mount -o items that are not ckptfs options
 };
 
