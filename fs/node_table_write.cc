@@ -140,7 +140,7 @@ Status MakeDirFor(const core::Beneath& source, const std::string& path, mode_t m
 }  // namespace
 
 Status NodeTable::MkdirReal(const Node& parent, const std::string& name, mode_t mode,
-                                      const core::Caller* caller) {
+                            const core::Caller* caller) {
   const std::string path = parent.real_path + "/" + name;
   if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos ||
       name[0] == '.' || core::IsVirtualRootName(name)) {
@@ -264,17 +264,20 @@ Status NodeTable::Unlink(uint64_t parent, const std::string& name, bool director
       // As rename(2) out of the experiment would require: write and search
       // on it, and in a sticky (shared) one, owning the checkpoint or it.
       if (Status allowed = Allowed(*restricted, scope, W_OK | X_OK); !allowed.ok()) return allowed;
-      struct stat exp_st {}, top_st {};
+      struct stat exp_st {
+      }, top_st{};
       if (beneath().Lstat(scope, &exp_st).ok() && (exp_st.st_mode & S_ISVTX) != 0 &&
           beneath().Lstat(scope + "/" + top, &top_st).ok() && restricted->uid != exp_st.st_uid &&
           restricted->uid != top_st.st_uid) {
-        return Status::FromErrno(vpath + ": another user's checkpoint in a sticky directory", EPERM);
+        return Status::FromErrno(vpath + ": another user's checkpoint in a sticky directory",
+                                 EPERM);
       }
     }
-    Status deleted = options_.committer->DeleteThroughNew(scope, top, caller ? caller->uid : ::getuid());
+    Status deleted =
+        options_.committer->DeleteThroughNew(scope, top, caller ? caller->uid : ::getuid());
     if (!deleted.ok()) return deleted;
     if (is_top && !directory) return Status::Ok();  // a single file: gone
-    r = resolver_.Resolve(vpath, nullptr);  // into the trash copy
+    r = resolver_.Resolve(vpath, nullptr);          // into the trash copy
     if (!r.ok()) return r.status();
   }
   const std::string& path = r->real_path;
@@ -349,7 +352,8 @@ Result<NodeAttr> NodeTable::SetAttr(uint64_t ino, const struct stat& attr, int t
     if (rc != 0) return Status::FromErrno(path, errno);
   }
   if (to_set & FUSE_SET_ATTR_MODE) {
-    if (::fchmodat(dir_fd, name, attr.st_mode & 07777, 0) != 0) return Status::FromErrno(path, errno);
+    if (::fchmodat(dir_fd, name, attr.st_mode & 07777, 0) != 0)
+      return Status::FromErrno(path, errno);
   }
   if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) {
     struct timespec ts[2];
