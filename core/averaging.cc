@@ -173,6 +173,39 @@ Status OutputFile::Finish() {
   return status_;
 }
 
+Status WriteAndRename(const std::string& out_path, const std::string& what,
+                      const std::function<Status(OutputFile*)>& write, const ProgressFn& progress,
+                      const std::function<int64_t()>& bytes) {
+  std::mt19937_64 rng(std::random_device{}());
+  char suffix[32];
+  std::snprintf(suffix, sizeof(suffix), ".tmp-%016llx", static_cast<unsigned long long>(rng()));
+  const std::string tmp = out_path + suffix;
+  Status status;
+  {
+    OutputFile out(tmp);
+    if (!out.status().ok()) return out.status();
+    try {
+      status = write(&out);
+    } catch (const std::bad_alloc&) {
+      status = Status::FromErrno(what, ENOMEM);
+    } catch (const std::exception& e) {
+      status = Status::Corrupt(what + ": " + e.what());
+    }
+    if (status.ok()) status = out.Finish();
+  }
+  if (!status.ok()) {
+    ::unlink(tmp.c_str());
+    return status;
+  }
+  if (::rename(tmp.c_str(), out_path.c_str()) != 0) {
+    status = Status::FromErrno("rename to " + out_path, errno);
+    ::unlink(tmp.c_str());
+    return status;
+  }
+  if (progress) progress({"done", bytes(), bytes()});
+  return Status::Ok();
+}
+
 const char* TensorFormatName(TensorFormat f) {
   switch (f) {
     case TensorFormat::kTorchZip:
@@ -275,53 +308,33 @@ Result<AverageResult> AverageFiles(const std::vector<std::string>& members,
   if (*format == TensorFormat::kUnknown) {
     return Status::Corrupt(members[0] + ": not a PyTorch zip or safetensors file");
   }
-  std::mt19937_64 rng(std::random_device{}());
-  char suffix[32];
-  std::snprintf(suffix, sizeof(suffix), ".tmp-%016llx", static_cast<unsigned long long>(rng()));
-  const std::string tmp = out_path + suffix;
   Result<AverageResult> result = AverageResult{};
-  {
-    OutputFile out(tmp);
-    if (!out.status().ok()) return out.status();
-    try {
-      switch (*format) {
-        case TensorFormat::kTorchZip:
-          result = AverageTorchZip(members, &out, progress);
-          break;
-        case TensorFormat::kSafetensors:
-          result = AverageSafetensors(members, &out, progress);
-          break;
-        default: {
-          Status s = CopyFile(members[0], &out);
-          if (s.ok()) {
-            AverageResult copied;
-            copied.format = *format;
-            result = copied;
-          } else {
-            result = s;
+  Status written = WriteAndRename(
+      out_path, "averaging " + members[0],
+      [&](OutputFile* out) -> Status {
+        switch (*format) {
+          case TensorFormat::kTorchZip:
+            result = AverageTorchZip(members, out, progress);
+            break;
+          case TensorFormat::kSafetensors:
+            result = AverageSafetensors(members, out, progress);
+            break;
+          default: {
+            Status s = CopyFile(members[0], out);
+            if (s.ok()) {
+              AverageResult copied;
+              copied.format = *format;
+              result = copied;
+            } else {
+              result = s;
+            }
+            break;
           }
-          break;
         }
-      }
-    } catch (const std::bad_alloc&) {
-      result = Status::FromErrno("averaging " + members[0], ENOMEM);
-    } catch (const std::exception& e) {
-      result = Status::Corrupt("averaging " + members[0] + ": " + e.what());
-    }
-    if (result.ok()) {
-      if (Status s = out.Finish(); !s.ok()) result = s;
-    }
-  }
-  if (!result.ok()) {
-    ::unlink(tmp.c_str());
-    return result;
-  }
-  if (::rename(tmp.c_str(), out_path.c_str()) != 0) {
-    Status s = Status::FromErrno("rename to " + out_path, errno);
-    ::unlink(tmp.c_str());
-    return s;
-  }
-  if (progress) progress({"done", result->bytes, result->bytes});
+        return result.status();
+      },
+      progress, [&] { return result.ok() ? result->bytes : 0; });
+  if (!written.ok()) return written;
   return result;
 }
 

@@ -10,6 +10,7 @@
 #include <unordered_set>
 
 #include "core/json_text.h"
+#include "core/unique_names.h"
 
 namespace ckptfs::core {
 namespace {
@@ -112,26 +113,6 @@ std::optional<PickleValue> Leaf(const Object& o) {
   }
   return std::nullopt;
 }
-
-class UniqueNames {
- public:
-  std::string Take(const std::string& path) {
-    if (taken_.insert(path).second) return path;
-    size_t& n = next_[path];
-    if (n == 0) n = 2;
-    for (;; ++n) {
-      std::string candidate = path + "#" + std::to_string(n);
-      if (taken_.insert(candidate).second) {
-        ++n;
-        return candidate;
-      }
-    }
-  }
-
- private:
-  std::unordered_set<std::string> taken_;
-  std::unordered_map<std::string, size_t> next_;
-};
 
 }  // namespace
 

@@ -10,6 +10,7 @@
 #include <unordered_set>
 
 #include "core/pickle.h"
+#include "core/unique_names.h"
 
 namespace ckptfs::core::pickle {
 namespace {
@@ -77,28 +78,6 @@ bool Child(const Object& o, size_t i, ObjectPtr* child, std::optional<std::strin
   }
   return false;
 }
-
-// Gives each tensor path a unique name in time linear in the paths' bytes:
-// a set of names taken and, per base path, the next "#n" to try.
-class UniqueNames {
- public:
-  std::string Take(const std::string& path) {
-    if (taken_.insert(path).second) return path;
-    size_t& n = next_[path];
-    if (n == 0) n = 2;
-    for (;; ++n) {
-      std::string candidate = path + "#" + std::to_string(n);
-      if (taken_.insert(candidate).second) {
-        ++n;
-        return candidate;
-      }
-    }
-  }
-
- private:
-  std::unordered_set<std::string> taken_;
-  std::unordered_map<std::string, size_t> next_;
-};
 
 }  // namespace
 

@@ -473,35 +473,15 @@ Result<ConvertResult> ConvertToSafetensors(const std::string& input, const std::
     return Status::Unsupported(input + ": is " + TensorFormatName(*format) +
                                ", not a PyTorch zip checkpoint: nothing to convert");
   }
-  std::mt19937_64 rng(std::random_device{}());
-  char suffix[32];
-  std::snprintf(suffix, sizeof(suffix), ".tmp-%016llx", static_cast<unsigned long long>(rng()));
-  const std::string tmp = out_path + suffix;
   Result<ConvertResult> result = ConvertResult{};
-  {
-    OutputFile out(tmp);
-    if (!out.status().ok()) return out.status();
-    try {
-      result = Convert(input, &out, progress);
-    } catch (const std::bad_alloc&) {
-      result = Status::FromErrno("converting " + input, ENOMEM);
-    } catch (const std::exception& e) {
-      result = Status::Corrupt("converting " + input + ": " + e.what());
-    }
-    if (result.ok()) {
-      if (Status s = out.Finish(); !s.ok()) result = s;
-    }
-  }
-  if (!result.ok()) {
-    ::unlink(tmp.c_str());
-    return result;
-  }
-  if (::rename(tmp.c_str(), out_path.c_str()) != 0) {
-    Status s = Status::FromErrno("rename to " + out_path, errno);
-    ::unlink(tmp.c_str());
-    return s;
-  }
-  if (progress) progress({"done", result->bytes, result->bytes});
+  Status written = WriteAndRename(
+      out_path, "converting " + input,
+      [&](OutputFile* out) {
+        result = Convert(input, out, progress);
+        return result.status();
+      },
+      progress, [&] { return result.ok() ? result->bytes : 0; });
+  if (!written.ok()) return written;
   return result;
 }
 

@@ -42,6 +42,15 @@ class OutputFile {
   Status status_;
 };
 
+// Writes a result file in one step: `write` fills an OutputFile on a
+// temporary name beside out_path, which is renamed to out_path only when
+// write and Finish succeeded; on any failure (an exception of write too,
+// std::bad_alloc as ENOMEM, naming `what`) the temporary file is removed.
+// Reports "done" with `bytes` of the result.
+Status WriteAndRename(const std::string& out_path, const std::string& what,
+                      const std::function<Status(OutputFile*)>& write, const ProgressFn& progress,
+                      const std::function<int64_t()>& bytes);
+
 // Pieces of this many output bytes are averaged by one thread at a time: a
 // multiple of every element size, small enough that threads × a few pieces
 // stay far below one model, large enough for long sequential reads and
