@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -250,14 +251,24 @@ Result<core::LogLevel> ParseLogLevel(const std::string& v) {
                                  "'");
 }
 
+// A relative path made absolute against the working directory: the daemon
+// leaves it (libfuse's daemonising does chdir("/")), and "idx.db" has no
+// parent in its text to create.
+std::string Absolute(const std::string& path) {
+  if (path.empty() || path[0] == '/') return path;
+  char cwd[PATH_MAX];
+  if (::getcwd(cwd, sizeof(cwd)) == nullptr) return path;
+  return std::string(cwd) + "/" + path;
+}
+
 // Sets one option; the flag is known and accepted by opt->command.
 Status Apply(const Arg& a, Options* opt) {
   const std::string& f = a.flag;
   const std::string v = a.value.value_or("");
   if (f == "--index") {
-    opt->index_path = v;
+    opt->index_path = Absolute(v);
   } else if (f == "--avg-cache") {
-    opt->avg_cache = v;
+    opt->avg_cache = Absolute(v);
   } else if (f == "--avg-cache-bytes") {
     Result<int64_t> bytes = core::ParseSize(v);
     if (!bytes.ok()) return bytes.status();

@@ -86,7 +86,8 @@ Result<std::unique_ptr<Db>> OpenChecked(const std::string& source, const std::st
     if (Status s = txn.Commit(); !s.ok()) return s;
     return db;
   }
-  if (v != kSchemaVersion) return Status::Corrupt(path + ": index schema version " + std::to_string(v));
+  if (v != kSchemaVersion)
+    return Status::Corrupt(path + ": index schema version " + std::to_string(v));
   Result<Stmt> src = d->Prepare("SELECT value FROM info WHERE key = 'source'");
   if (!src.ok()) return src.status();
   Result<bool> has = src->Next();
@@ -256,7 +257,10 @@ Index::Index(std::string source, std::unique_ptr<Db> db, std::unique_ptr<Db> sca
 Index::~Index() = default;
 
 Result<std::unique_ptr<Index>> Index::Open(const std::string& source, const std::string& db_path) {
-  if (Status s = core::MakeDirs(db_path.substr(0, db_path.rfind('/'))); !s.ok()) return s;
+  const size_t slash = db_path.rfind('/');
+  if (slash != std::string::npos && slash > 0) {
+    if (Status s = core::MakeDirs(db_path.substr(0, slash)); !s.ok()) return s;
+  }
   Result<std::unique_ptr<Db>> db = OpenChecked(source, db_path);
   if (!db.ok()) {
     // The index is only a cache: start over from the disk.
@@ -267,7 +271,8 @@ Result<std::unique_ptr<Index>> Index::Open(const std::string& source, const std:
   Result<std::unique_ptr<Db>> scan_db = Db::Open(db_path);
   if (!scan_db.ok()) return scan_db.status();
   if (Status s = (*scan_db)->Exec("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;"
-                                                " PRAGMA cache_size=-65536;"); !s.ok()) {
+                                  " PRAGMA cache_size=-65536;");
+      !s.ok()) {
     return s;
   }
   return std::unique_ptr<Index>(new Index(source, std::move(*db), std::move(*scan_db)));
@@ -379,8 +384,9 @@ Result<std::vector<Checkpoint>> Index::Select(const std::string& scope,
   std::string sql;
   if (ranked) {
     // Driven by the (key, type, num) index: an ordered walk that stops at LIMIT.
-    sql = "SELECT c.id FROM meta m JOIN checkpoints c ON c.id = m.ckpt_id"
-          " WHERE m.key = ? AND m.type = 0 AND m.num IS NOT NULL AND c.valid = 1";
+    sql =
+        "SELECT c.id FROM meta m JOIN checkpoints c ON c.id = m.ckpt_id"
+        " WHERE m.key = ? AND m.type = 0 AND m.num IS NOT NULL AND c.valid = 1";
     binds.push_back({false, key, 0});
   } else {
     sql = "SELECT c.id FROM checkpoints c WHERE c.valid = 1";
@@ -444,7 +450,8 @@ Result<Checkpoint> Index::Find(const std::string& path) {
 Result<IndexCounts> Index::Counts() {
   std::lock_guard<std::mutex> lock(mu_);
   Result<Stmt> st = db_->Prepare(
-      "SELECT (SELECT COUNT(*) FROM checkpoints), (SELECT COUNT(*) FROM checkpoints WHERE valid = 0),"
+      "SELECT (SELECT COUNT(*) FROM checkpoints), (SELECT COUNT(*) FROM checkpoints WHERE valid = "
+      "0),"
       " (SELECT COUNT(DISTINCT experiment) FROM checkpoints), (SELECT COUNT(*) FROM files),"
       " (SELECT COALESCE(SUM(size), 0) FROM files)");
   if (!st.ok()) return st.status();

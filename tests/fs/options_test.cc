@@ -1,6 +1,7 @@
 #include "fs/options.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <string>
 #include <vector>
@@ -39,15 +40,16 @@ class OptionsTest : public ::testing::Test {
 };
 
 TEST_F(OptionsTest, DashOSplitsCkptfsOptionsFromFuseOptions) {
-  auto o = Parse({"mount", "-o", "allow_other,keep_last=3,keep-best=min:loss:2,links,nofail,x-systemd.after=a",
+  auto o = Parse({"mount", "-o",
+                  "allow_other,keep_last=3,keep-best=min:loss:2,links,nofail,x-systemd.after=a",
                   "-oro", src_, mnt_});
   ASSERT_TRUE(o.ok()) << o.status().message();
   EXPECT_EQ(o->policy.keep_last, 3);
   ASSERT_EQ(o->policy.keep_best.size(), 1u);
   EXPECT_TRUE(o->links);
   EXPECT_EQ(o->fuse_options, (std::vector<std::string>{"allow_other", "ro"}));
-  EXPECT_FALSE(Parse({"mount", "-o", "keep_last", src_, mnt_}).ok());   // needs =VALUE
-  EXPECT_FALSE(Parse({"mount", "-o", "links=1", src_, mnt_}).ok());     // takes none
+  EXPECT_FALSE(Parse({"mount", "-o", "keep_last", src_, mnt_}).ok());  // needs =VALUE
+  EXPECT_FALSE(Parse({"mount", "-o", "links=1", src_, mnt_}).ok());    // takes none
   EXPECT_FALSE(Parse({"mount", "-o", "keep_last=x", src_, mnt_}).ok());
 }
 
@@ -57,7 +59,8 @@ TEST_F(OptionsTest, MountFuse3AndHelperForms) {
   EXPECT_EQ(o->command, Command::kMount);
   EXPECT_EQ(o->policy.keep_last, 2);
   EXPECT_EQ(o->fuse_options, (std::vector<std::string>{"rw"}));
-  o = Parse({src_, mnt_, "-n", "-o", "keep_last=2", "-t", "fuse.ckptfs"}, "/sbin/mount.fuse.ckptfs");
+  o = Parse({src_, mnt_, "-n", "-o", "keep_last=2", "-t", "fuse.ckptfs"},
+            "/sbin/mount.fuse.ckptfs");
   ASSERT_TRUE(o.ok()) << o.status().message();
   EXPECT_EQ(o->command, Command::kMount);
   EXPECT_FALSE(o->foreground);
@@ -66,10 +69,11 @@ TEST_F(OptionsTest, MountFuse3AndHelperForms) {
 }
 
 TEST_F(OptionsTest, ConfigurationThenCommandLine) {
-  const std::string config = Config("{\"source\": \"" + src_ + "\", \"mountpoint\": \"" + mnt_ +
-                                    "\", \"commit_quiet\": 2.5, \"links\": true, \"log_level\": \"debug\","
-                                    " \"fuse_options\": [\"allow_other\"],"
-                                    " \"policy\": {\"keep_last\": 4, \"keep_best\": [\"min:loss:1\"]}}");
+  const std::string config =
+      Config("{\"source\": \"" + src_ + "\", \"mountpoint\": \"" + mnt_ +
+             "\", \"commit_quiet\": 2.5, \"links\": true, \"log_level\": \"debug\","
+             " \"fuse_options\": [\"allow_other\"],"
+             " \"policy\": {\"keep_last\": 4, \"keep_best\": [\"min:loss:1\"]}}");
   auto o = Parse({"mount", "--config", config, "--name", "exp", "-o", "ro"});
   ASSERT_TRUE(o.ok()) << o.status().message();
   EXPECT_EQ(o->source, src_);
@@ -80,7 +84,8 @@ TEST_F(OptionsTest, ConfigurationThenCommandLine) {
   EXPECT_EQ(o->policy.keep_last, 4);
   EXPECT_EQ(o->fuse_options, (std::vector<std::string>{"allow_other", "ro"}));
   // Flags win; a policy on the command line replaces the configured one.
-  o = Parse({"mount", "--config", config, "--name", "exp", "--commit-quiet", "1", "--keep-last", "1"});
+  o = Parse(
+      {"mount", "--config", config, "--name", "exp", "--commit-quiet", "1", "--keep-last", "1"});
   ASSERT_TRUE(o.ok()) << o.status().message();
   EXPECT_DOUBLE_EQ(o->commit_quiet, 1);
   EXPECT_EQ(o->policy.keep_last, 1);
@@ -114,7 +119,8 @@ TEST_F(OptionsTest, BadConfigurationsNameTheFileAndTheProblem) {
   const std::string config = Config("{}");
   auto o = Parse({"ls", "--config", config, "--name", "other", src_});
   ASSERT_FALSE(o.ok());
-  EXPECT_NE(o.status().message().find("no mount named 'other' (configured: exp)"), std::string::npos);
+  EXPECT_NE(o.status().message().find("no mount named 'other' (configured: exp)"),
+            std::string::npos);
   EXPECT_FALSE(Parse({"ls", "--config", config, src_}).ok());  // which mount?
   WriteFile(config, "{not json");
   EXPECT_FALSE(Parse({"ls", "--config", config, "--name", "exp", src_}).ok());
@@ -136,6 +142,27 @@ TEST_F(OptionsTest, PollPeriod) {
     EXPECT_NE(o.status().message().find("--poll"), std::string::npos) << o.status().message();
   }
   EXPECT_FALSE(Parse({"ls", "--poll", "1", src_}).ok());  // a mount option only
+}
+
+}  // namespace
+}  // namespace ckptfs::fs
+
+namespace ckptfs::fs {
+namespace {
+
+// Relative --index and --avg-cache paths are made absolute when parsed: the
+// daemon leaves its working directory, and a bare file name has no parent in
+// its text (it used to become a directory, then SQLite could not open it).
+TEST_F(OptionsTest, RelativeIndexAndCachePathsAreAbsolute) {
+  char cwd[4096];
+  ASSERT_NE(::getcwd(cwd, sizeof(cwd)), nullptr);
+  ASSERT_EQ(::chdir(dir_.path().c_str()), 0);
+  core::Result<Options> o =
+      Parse({"cat", "--index", "idx.db", "--avg-cache", "c/avg", src_, "/exp/latest"});
+  ASSERT_EQ(::chdir(cwd), 0);
+  ASSERT_TRUE(o.ok()) << o.status().message();
+  EXPECT_EQ(o->index_path, dir_.path() + "/idx.db");
+  EXPECT_EQ(o->avg_cache, dir_.path() + "/c/avg");
 }
 
 }  // namespace
