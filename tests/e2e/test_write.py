@@ -311,19 +311,28 @@ class WriteTest(unittest.TestCase):
                 # "before": the writer stalls after checkpoint j's meta, as one
                 # inside a long torch.save would, so the kill lands before its commit.
                 stall = j if point == "before" else -1
+                writer_err = open(os.path.join(self.tmp, f"writer-{attempt}.err"), "w+")
                 writer = subprocess.Popen(["/usr/bin/python3", "-c", WRITER, os.path.join(mnt, "exp", "new"),
                                            str(attempt), str(stall)], stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL, text=True)
+                                          stderr=writer_err, text=True)
                 events = Progress(writer.stdout)
-                self.assertTrue(events.wait_for("ready"), "the writer never started")
+
+                def why():
+                    writer_err.flush()
+                    writer_err.seek(0)
+                    return (f"attempt {attempt} ({point}, j={j}, {'direct' if direct else 'staged'}): "
+                            f"writer {'exited ' + str(writer.poll()) if writer.poll() is not None else 'running'}, "
+                            f"events {sorted(events.events())}, stderr: {writer_err.read()[-2000:]}")
+
+                self.assertTrue(events.wait_for("ready"), "the writer never started: " + why())
                 if point == "before":
-                    self.assertTrue(events.wait_for(f"meta {j}"))
+                    self.assertTrue(events.wait_for(f"meta {j}"), why())
                 elif point == "during":
-                    self.assertTrue(events.wait_for(f"marker {j}"))
+                    self.assertTrue(events.wait_for(f"marker {j}"), why())
                 else:
                     name = f"CKPT+{attempt}-{j}"
                     self.assertTrue(wait_for(lambda: os.path.exists(os.path.join(self.exp, name)), timeout=60),
-                                    name + " was never committed")
+                                    name + " was never committed: " + why())
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 deleted.update(e.split(" ", 1)[1] for e in events.events() if e.startswith("deleting "))
@@ -335,6 +344,7 @@ class WriteTest(unittest.TestCase):
                     writer.kill()
                     writer.wait()
                     writer.stdout.close()
+                    writer_err.close()
                 unmount(mnt)
                 wait_for(lambda: not os.path.ismount(mnt))
                 os.rmdir(mnt)
