@@ -61,9 +61,17 @@ struct ConvertTensor {
   bool contiguous = true;
 };
 
+// The budget (safetensors_convert.h) is checked name by name, so that a
+// file asking for too much is refused before anything is written.
 Result<std::vector<ConvertTensor>> PlanTensors(const TorchArchive& m, uint64_t* total) {
   std::vector<ConvertTensor> out;
   uint64_t at = 0;
+  const uint64_t input = m.zip.file().size();
+  uint64_t budget = 0;
+  if (__builtin_mul_overflow(input, kMaxConvertAmplification, &budget) ||
+      __builtin_add_overflow(budget, kConvertSlackBytes, &budget)) {
+    budget = UINT64_MAX;
+  }
   for (const auto& [name, info] : m.tensors) {
     ConvertTensor t;
     t.name = name;
@@ -103,7 +111,17 @@ Result<std::vector<ConvertTensor>> PlanTensors(const TorchArchive& m, uint64_t* 
     }
     t.nbytes = bytes;
     t.out_begin = at;
-    at += bytes;
+    if (__builtin_add_overflow(at, bytes, &at) || at > budget) {
+      return Status::Unsupported(
+          m.path + ": converting it would write " +
+          (at < bytes ? std::string("more than 2^64") : "at least " + std::to_string(at)) +
+          " bytes of tensor data (tensor '" + name + "' has shape " + Shape(info.size) +
+          "), over the conversion budget of " + std::to_string(budget) + " bytes (" +
+          std::to_string(kMaxConvertAmplification) + " x the file's " + std::to_string(input) +
+          " bytes + " + std::to_string(kConvertSlackBytes) +
+          ", kMaxConvertAmplification and kConvertSlackBytes): a tensor expanded with stride 0, "
+          "or one storage viewed by many names");
+    }
     out.push_back(std::move(t));
   }
   *total = at;
@@ -272,8 +290,8 @@ Status ConvertPiece(const TorchArchive& m, Piece* piece, uint64_t data_start, Ou
         base + (p.crc_only ? 0 : static_cast<uint64_t>(info.offset) * t.item) + p.begin;
     if (Status s = file.ReadAt(from, scratch->buf.data(), n); !s.ok()) return s;
     if (p.crc_entry != nullptr) {
-      piece->crc = static_cast<uint32_t>(
-          crc32_z(0, reinterpret_cast<const Bytef*>(scratch->buf.data()), n));
+      piece->crc =
+          static_cast<uint32_t>(crc32_z(0, reinterpret_cast<const Bytef*>(scratch->buf.data()), n));
     }
     if (p.crc_only) return Status::Ok();
     return out->WriteAt(to + p.begin, scratch->buf.data(), n);
@@ -389,8 +407,8 @@ Result<ConvertResult> Convert(const std::string& input, OutputFile* out,
     const bool counts = stored && w != whole.end() && w->second == &t;
     if (stored && t.contiguous) {
       for (uint64_t b = 0; b < t.nbytes; b += kAverageChunk) {
-        pieces.push_back({&t, b, std::min(t.nbytes, b + kAverageChunk),
-                          counts ? t.entry : nullptr});
+        pieces.push_back(
+            {&t, b, std::min(t.nbytes, b + kAverageChunk), counts ? t.entry : nullptr});
       }
     } else if (t.nbytes > 0) {
       pieces.push_back({&t, 0, t.nbytes});
