@@ -7,8 +7,9 @@
 // contiguous (a transpose, a slice with a step) is gathered element by
 // element in row-major order into pieces of kAverageChunk bytes, reading
 // the span of storage it touches whole when that is at most
-// kMaxGatherSpanBytes (one such span at a time), else run by run with
-// pread. A deflated record (never written by torch.save) is read whole, as
+// kMaxGatherSpanBytes (one such span at a time), else in tiles, else run by
+// run with pread; never reading more than kMaxGatherReadFactor times the
+// view's bytes for it. A deflated record (never written by torch.save) is read whole, as
 // averaging does. Every record read is checked against its CRC-32, as
 // averaging does: through the copy pieces when one contiguous tensor is the
 // whole record, else by reading the record once more for it.
@@ -47,6 +48,12 @@ namespace {
 // or, when it has no dimension of adjacent elements, one pread per element.
 constexpr uint64_t kMaxGatherSpanBytes = uint64_t{64} << 20;
 constexpr uint64_t kGatherTileBytes = uint64_t{4} << 20;
+// Neither way may read more than this many times the view's own bytes: a
+// view of a few elements spread over a large storage (two floats 32 MiB
+// apart), under each of a million names sharing that storage, asked for
+// 32 TiB of reading (hours) to write 8 MB. Such a view is read element by
+// element (run by run) instead: no more bytes than it has.
+constexpr uint64_t kMaxGatherReadFactor = 8;
 
 // One tensor of the output.
 struct ConvertTensor {
@@ -212,7 +219,11 @@ Result<bool> TiledGather(const ConvertTensor& t, const InputFile& file, uint64_t
   const uint64_t step = static_cast<uint64_t>(info.stride[k]);
   uint64_t inner = 1;
   for (size_t d = k + 1; d < rank; ++d) inner *= static_cast<uint64_t>(info.size[d]);
-  if (inner * t.item > kGatherTileBytes || step * t.item > kGatherTileBytes) return false;
+  // A run reads about `step` elements for each one it keeps.
+  if (inner * t.item > kGatherTileBytes || step * t.item > kGatherTileBytes ||
+      step > kMaxGatherReadFactor) {
+    return false;
+  }
   const uint64_t block = std::max<uint64_t>(1, kGatherTileBytes / (std::max(inner, step) * t.item));
   std::vector<char>& tile = scratch->span;
   std::vector<char>& run = scratch->buf;
@@ -300,7 +311,7 @@ Status ConvertPiece(const TorchArchive& m, Piece* piece, uint64_t data_start, Ou
   for (size_t d = 0; d < info.size.size(); ++d) extent += (info.size[d] - 1) * info.stride[d];
   const uint64_t first = static_cast<uint64_t>(info.offset) * t.item;
   const uint64_t span = (static_cast<uint64_t>(extent) + 1) * t.item - first;
-  if (span <= kMaxGatherSpanBytes) {
+  if (span <= kMaxGatherSpanBytes && span / kMaxGatherReadFactor <= t.nbytes) {
     std::lock_guard<std::mutex> one_span(*span_mu);
     std::vector<char>& mem = scratch->span;
     mem.resize(static_cast<size_t>(span));

@@ -7,6 +7,7 @@
 #include <dirent.h>
 #include <gtest/gtest.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include <cstdlib>
@@ -24,6 +25,13 @@ namespace {
 using testing::TempDir;
 
 const std::string kAttack = std::string(CKPTFS_CONVERT_FIXTURES) + "/attack_cases.py";
+
+// Bytes this process has read with read/pread so far (page cache included).
+uint64_t ReadBytes() {
+  const std::string io = testing::ReadFile("/proc/self/io");
+  const size_t at = io.find("rchar: ");
+  return at == std::string::npos ? 0 : std::stoull(io.substr(at + 7));
+}
 
 long MaxRssKiB() {
   struct rusage ru {};
@@ -102,6 +110,36 @@ TEST_F(ConvertAttackTest, ExpansionAndSharingUnderTheBudgetConvert) {
   ASSERT_TRUE(r.ok()) << r.status().message();
   EXPECT_EQ(r->tensors, 8);
   EXPECT_EQ(r->bytes, 8 << 20);
+}
+
+// 200 names, each two floats 32 MiB apart in one shared 32 MiB storage:
+// each view was gathered by reading its whole span, 6.4 GB of reading (a
+// million names: 32 TiB, hours) for 1.6 KB of output. Now no view reads
+// more than kMaxGatherReadFactor times its bytes: about the file once (its
+// CRC-32).
+TEST_F(ConvertAttackTest, ViewsSpreadOverAStorageReadOnlyTheirElements) {
+  const std::string in = Make("strided", 200);
+  const std::string out = out_.path() + "/out.safetensors";
+  const uint64_t before = ReadBytes();
+  Result<ConvertResult> r = ConvertToSafetensors(in, out, nullptr);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  const uint64_t read = ReadBytes() - before;
+  struct stat st {};
+  ASSERT_EQ(::stat(in.c_str(), &st), 0);
+  EXPECT_LT(read, 3 * static_cast<uint64_t>(st.st_size)) << read << " bytes read";
+  EXPECT_EQ(r->tensors, 200);
+  const std::string bytes = testing::ReadFile(out);
+  uint64_t n = 0;
+  for (int b = 7; b >= 0; --b) n = (n << 8) | static_cast<unsigned char>(bytes[b]);
+  nlohmann::json h = nlohmann::json::parse(bytes.substr(8, n));
+  for (int i : {0, 199}) {
+    const nlohmann::json& e = h["t" + std::to_string(i)];
+    ASSERT_EQ(e["shape"], nlohmann::json::array({2}));
+    float v[2];
+    std::memcpy(v, bytes.data() + 8 + n + e["data_offsets"][0].get<uint64_t>(), 8);
+    EXPECT_EQ(v[0], 0.0f);
+    EXPECT_EQ(v[1], static_cast<float>(1 << 23));  // arange: its index
+  }
 }
 
 // One 1 MiB string used 300 times (2 bytes a use): 300 MiB of JSON values
