@@ -68,17 +68,29 @@ struct ConvertTensor {
   bool contiguous = true;
 };
 
+// kMaxConvertAmplification x the input's size + kConvertSlackBytes.
+uint64_t ConvertBudget(uint64_t input) {
+  uint64_t budget = 0;
+  if (__builtin_mul_overflow(input, kMaxConvertAmplification, &budget) ||
+      __builtin_add_overflow(budget, kConvertSlackBytes, &budget)) {
+    return UINT64_MAX;
+  }
+  return budget;
+}
+
+std::string BudgetText(uint64_t budget, uint64_t input) {
+  return std::to_string(budget) + " bytes (" + std::to_string(kMaxConvertAmplification) +
+         " x the file's " + std::to_string(input) + " bytes + " +
+         std::to_string(kConvertSlackBytes) + ", kMaxConvertAmplification and kConvertSlackBytes)";
+}
+
 // The budget (safetensors_convert.h) is checked name by name, so that a
 // file asking for too much is refused before anything is written.
 Result<std::vector<ConvertTensor>> PlanTensors(const TorchArchive& m, uint64_t* total) {
   std::vector<ConvertTensor> out;
   uint64_t at = 0;
   const uint64_t input = m.zip.file().size();
-  uint64_t budget = 0;
-  if (__builtin_mul_overflow(input, kMaxConvertAmplification, &budget) ||
-      __builtin_add_overflow(budget, kConvertSlackBytes, &budget)) {
-    budget = UINT64_MAX;
-  }
+  const uint64_t budget = ConvertBudget(input);
   for (const auto& [name, info] : m.tensors) {
     ConvertTensor t;
     t.name = name;
@@ -123,11 +135,8 @@ Result<std::vector<ConvertTensor>> PlanTensors(const TorchArchive& m, uint64_t* 
           m.path + ": converting it would write " +
           (at < bytes ? std::string("more than 2^64") : "at least " + std::to_string(at)) +
           " bytes of tensor data (tensor '" + name + "' has shape " + Shape(info.size) +
-          "), over the conversion budget of " + std::to_string(budget) + " bytes (" +
-          std::to_string(kMaxConvertAmplification) + " x the file's " + std::to_string(input) +
-          " bytes + " + std::to_string(kConvertSlackBytes) +
-          ", kMaxConvertAmplification and kConvertSlackBytes): a tensor expanded with stride 0, "
-          "or one storage viewed by many names");
+          "), over the conversion budget of " + BudgetText(budget, input) +
+          ": a tensor expanded with stride 0, or one storage viewed by many names");
     }
     out.push_back(std::move(t));
   }
@@ -387,6 +396,26 @@ Result<ConvertResult> Convert(const std::string& input, OutputFile* out,
   uint64_t total = 0;
   Result<std::vector<ConvertTensor>> tensors = PlanTensors(m, &total);
   if (!tensors.ok()) return tensors.status();
+  // A deflated record is inflated whole for each name of it: after the
+  // first, those inflations count against the budget too (a million
+  // two-element views of one deflated 32 MiB storage: 32 TiB inflated).
+  {
+    std::map<const ZipEntry*, bool> inflated;
+    uint64_t again = 0;
+    const uint64_t size = m.zip.file().size(), budget = ConvertBudget(size);
+    for (const ConvertTensor& t : *tensors) {
+      if (t.entry->method == ZipEntry::kStored || t.nbytes == 0 ||
+          inflated.emplace(t.entry, true).second) {
+        continue;
+      }
+      again += static_cast<uint64_t>(t.storage->nbytes);
+      if (again > budget) {
+        return Status::Unsupported(
+            input + ": tensor '" + t.name + "' of deflated record " + t.entry->name +
+            ": inflating it once more per name would take over " + BudgetText(budget, size));
+      }
+    }
+  }
   Result<std::string> header = Header(m, *tensors, *values, result.unsafe_globals);
   if (!header.ok()) return header.status();
   if (!result.unsafe_globals.empty()) {

@@ -142,6 +142,18 @@ TEST_F(ConvertAttackTest, ViewsSpreadOverAStorageReadOnlyTheirElements) {
   }
 }
 
+// 200 two-element views of one deflated 4 MiB storage: each name
+// inflated the whole record (800 MB inflated for 1.6 KB of output from a
+// file of about 20 KB; a million names over 32 MiB: 32 TiB). Inflations after the first count against the
+// budget; a few names still convert.
+TEST_F(ConvertAttackTest, ReinflatingADeflatedRecordPerNameIsBudgeted) {
+  ExpectRefused(Make("deflated", 200), StatusCode::kUnsupported, "kMaxConvertAmplification");
+  const std::string out = out_.path() + "/out.safetensors";
+  Result<ConvertResult> r = ConvertToSafetensors(Make("deflated", 2), out, nullptr);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->tensors, 2);
+}
+
 // One 1 MiB string used 300 times (2 bytes a use): 300 MiB of JSON values
 // from a 1 MiB file. Before the budget the conversion and the audit each
 // held all of it (about 315 MB peak) before the header's own limit failed
