@@ -347,6 +347,19 @@ Status ConvertPiece(const TorchArchive& m, Piece* piece, uint64_t data_start, Ou
 Result<std::string> Header(const TorchArchive& m, const std::vector<ConvertTensor>& tensors,
                            const std::vector<PickleValue>& values,
                            const std::vector<std::string>& unsafe) {
+  // safetensors' reader (serde_json) refuses a key that is not UTF-8 as
+  // DumpJson would write it (\udcXY escapes): refused here instead of
+  // writing a file it cannot load. A value's text is inside a JSON string.
+  auto not_utf8 = [&m](const char* what, const std::string& name) {
+    return Status::Unsupported(m.path + ": " + what + " " + JsonQuote(name) +
+                               " is not UTF-8, which a safetensors header cannot hold");
+  };
+  for (const ConvertTensor& t : tensors) {
+    if (!IsUtf8(t.name)) return not_utf8("tensor name", t.name);
+  }
+  for (const PickleValue& v : values) {
+    if (!IsUtf8(v.name)) return not_utf8("value name", v.name);
+  }
   nlohmann::ordered_json doc = nlohmann::ordered_json::object();
   nlohmann::ordered_json meta = nlohmann::ordered_json::object();
   meta["format"] = "pt";  // what transformers expects of a PyTorch safetensors file

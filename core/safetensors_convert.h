@@ -15,7 +15,9 @@
 //     are listed there by their global name only, never their contents;
 //   - the output follows safetensors' own parsing rules: 8-byte
 //     little-endian header length, JSON header padded with spaces to 8-byte
-//     alignment, offsets dense and in order.
+//     alignment, offsets dense and in order; a tensor or value name that is
+//     not UTF-8 (a str with a lone surrogate) is refused (kUnsupported), as
+//     safetensors could not read the header.
 // The output is written beside out_path and renamed (no fsync: a cache
 // entry, see AverageCache). Errors name the file and the tensor.
 //

@@ -144,14 +144,25 @@ TEST_F(ConvertAttackTest, ViewsSpreadOverAStorageReadOnlyTheirElements) {
 
 // 200 two-element views of one deflated 4 MiB storage: each name
 // inflated the whole record (800 MB inflated for 1.6 KB of output from a
-// file of about 20 KB; a million names over 32 MiB: 32 TiB). Inflations after the first count against the
-// budget; a few names still convert.
+// file of about 20 KB; a million names over 32 MiB: 32 TiB). Inflations after the first count
+// against the budget; a few names still convert.
 TEST_F(ConvertAttackTest, ReinflatingADeflatedRecordPerNameIsBudgeted) {
   ExpectRefused(Make("deflated", 200), StatusCode::kUnsupported, "kMaxConvertAmplification");
   const std::string out = out_.path() + "/out.safetensors";
   Result<ConvertResult> r = ConvertToSafetensors(Make("deflated", 2), out, nullptr);
   ASSERT_TRUE(r.ok()) << r.status().message();
   EXPECT_EQ(r->tensors, 2);
+}
+
+// A name with a lone surrogate was written as "a\udced\udcb3\udcbf", which
+// safetensors' own reader (serde_json) refuses: the file would not load.
+TEST_F(ConvertAttackTest, NamesThatAreNotUtf8AreRefused) {
+  ExpectRefused(Make("surrogate", 0), StatusCode::kUnsupported, "tensor name");
+  ExpectRefused(Make("surrogate", 1), StatusCode::kUnsupported, "value name");
+  // inspect still lists them (its JSON escapes them as names of files are).
+  Result<CheckpointAudit> a = InspectFile(Make("surrogate", 0));
+  ASSERT_TRUE(a.ok()) << a.status().message();
+  EXPECT_EQ(a->tensors.size(), 2u);
 }
 
 // One 1 MiB string used 300 times (2 bytes a use): 300 MiB of JSON values
