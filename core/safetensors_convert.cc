@@ -433,7 +433,11 @@ Result<ConvertResult> Convert(const std::string& input, OutputFile* out,
   if (!header.ok()) return header.status();
   if (!result.unsafe_globals.empty()) {
     std::string names;
-    for (const std::string& g : result.unsafe_globals) names += (names.empty() ? "" : ", ") + g;
+    // Quoted: a name from STACK_GLOBAL may hold a newline or a terminal
+    // escape, which would forge log lines.
+    for (const std::string& g : result.unsafe_globals) {
+      names += (names.empty() ? "" : ", ") + PrintableName(g);
+    }
     Log(LogLevel::kWarning,
         "%s: its pickle references globals outside torch's weights_only allow-list (%s); "
         "converted without running them, listed in __metadata__ as ckptfs.unsafe_globals",

@@ -165,6 +165,31 @@ TEST_F(ConvertAttackTest, NamesThatAreNotUtf8AreRefused) {
   EXPECT_EQ(a->tensors.size(), 2u);
 }
 
+// A global named with a newline, a carriage return and escape sequences:
+// the verdict (the xattr, inspect's last line) and the log show them as
+// \xNN, so no line is forged or redrawn as "verdict: safe".
+TEST_F(ConvertAttackTest, GlobalNamesWithControlCharactersArePrintedEscaped) {
+  const std::string in = Make("spoof", 0);
+  Result<CheckpointAudit> a = InspectFile(in);
+  ASSERT_TRUE(a.ok()) << a.status().message();
+  const std::string raw = "posix.system\nckptfs: info: all checked\r\x1b[2Kverdict: safe\x1b[8m";
+  bool found = false;
+  for (const AuditGlobal& g : a->globals) found = found || (g.name == raw && !g.allowed);
+  EXPECT_TRUE(found);
+  EXPECT_FALSE(a->Safe());
+  const std::string verdict = GlobalsVerdict(*a);
+  EXPECT_EQ(verdict,
+            "unsafe: posix.system\\x0ackptfs: info: all checked\\x0d\\x1b[2Kverdict: "
+            "safe\\x1b[8m");
+  EXPECT_EQ(PrintableName("a\\b\xc2\x9b"
+                          "c\x7f"),
+            "a\\\\b\\x9bc\\x7f");
+  // It converts, with the global listed (as JSON) in __metadata__.
+  Result<ConvertResult> r = ConvertToSafetensors(in, out_.path() + "/out.safetensors", nullptr);
+  ASSERT_TRUE(r.ok()) << r.status().message();
+  EXPECT_EQ(r->unsafe_globals, std::vector<std::string>{raw});
+}
+
 // One 1 MiB string used 300 times (2 bytes a use): 300 MiB of JSON values
 // from a 1 MiB file. Before the budget the conversion and the audit each
 // held all of it (about 315 MB peak) before the header's own limit failed
