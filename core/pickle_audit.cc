@@ -2,6 +2,7 @@
 #include "core/pickle_audit.h"
 
 #include <algorithm>
+#include <cstdio>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <string_view>
@@ -194,13 +195,35 @@ Result<CheckpointAudit> InspectFile(const std::string& path) {
   }
 }
 
+std::string PrintableName(std::string_view name) {
+  std::string out;
+  for (size_t i = 0; i < name.size(); ++i) {
+    const unsigned char c = static_cast<unsigned char>(name[i]);
+    // C0 controls, DEL, and C1 controls (U+0080-U+009F, UTF-8 C2 80-9F).
+    const bool c1 = c == 0xC2 && i + 1 < name.size() &&
+                    static_cast<unsigned char>(name[i + 1]) >= 0x80 &&
+                    static_cast<unsigned char>(name[i + 1]) <= 0x9F;
+    if (c < 0x20 || c == 0x7F || c1) {
+      const unsigned v = c1 ? static_cast<unsigned char>(name[++i]) : c;
+      char hex[8];
+      std::snprintf(hex, sizeof(hex), "\\x%02x", v);
+      out += hex;
+    } else if (c == '\\') {
+      out += "\\\\";
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
 std::string GlobalsVerdict(const CheckpointAudit& audit) {
   if (audit.Safe()) return "safe";
   std::string s = "unsafe:";
   bool first = true;
   for (const AuditGlobal& g : audit.globals) {
     if (g.allowed) continue;
-    s += (first ? " " : ", ") + g.name;
+    s += (first ? " " : ", ") + PrintableName(g.name);
     first = false;
   }
   return s;

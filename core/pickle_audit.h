@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/averaging.h"
@@ -56,8 +57,15 @@ bool WeightsOnlyAllowed(const std::string& global);
 extern const char kWeightsOnlyAllowList[];
 
 // The value of the xattr user.ckptfs.globals: "safe" or
-// "unsafe: module.name, ..." (the globals outside the allow-list).
+// "unsafe: module.name, ..." (the globals outside the allow-list), each
+// name through PrintableName.
 std::string GlobalsVerdict(const CheckpointAudit& audit);
+
+// A global's name for a terminal or a log: control characters (C0, DEL,
+// C1; a STACK_GLOBAL name may hold a newline, a carriage return or an
+// escape sequence that redraws the line as "verdict: safe") as \xNN, a
+// backslash doubled; anything else as it is.
+std::string PrintableName(std::string_view name);
 
 }  // namespace ckptfs::core
 

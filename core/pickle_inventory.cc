@@ -2,6 +2,7 @@
 #include "core/pickle_inventory.h"
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
@@ -52,8 +53,10 @@ std::string FloatJson(double v) {
   return s;
 }
 
-// A leaf's JSON text, or nullopt for a container to walk.
-std::optional<PickleValue> Leaf(const Object& o) {
+// A leaf's JSON text, or nullopt for a container to walk. A string longer
+// than `room` bytes is not quoted (its JSON text would be at least as long):
+// its text is left empty and `too_long` set.
+std::optional<PickleValue> Leaf(const Object& o, size_t room = SIZE_MAX, bool* too_long = nullptr) {
   PickleValue v;
   switch (o.kind) {
     case Kind::kNone:
@@ -74,6 +77,10 @@ std::optional<PickleValue> Leaf(const Object& o) {
       v.json = FloatJson(o.real);
       return v;
     case Kind::kString:
+      if (o.text.size() > room) {
+        if (too_long != nullptr) *too_long = true;
+        return v;
+      }
       v.json = JsonQuote(o.text);
       return v;
     case Kind::kBytes:
@@ -183,13 +190,29 @@ Result<std::vector<PickleValue>> PickleValues(ObjectPtr root, const std::string&
   UniqueNames names;
   std::unordered_set<const Object*> visited;
   std::string path;
+  size_t bytes = 0;  // names and JSON texts emitted
+  auto over_bytes = [&] {
+    return budget("value names and texts (kMaxValueBytes)", kMaxValueBytes);
+  };
   auto emit = [&](PickleValue v) -> Status {
     if (out.size() >= kMaxValues) return budget("values (kMaxValues)", kMaxValues);
     v.name = names.Take(path);
+    const size_t n = v.name.size() + v.json.size();
+    if (n > kMaxValueBytes - bytes) return over_bytes();
+    bytes += n;
     out.push_back(std::move(v));
     return Status::Ok();
   };
-  if (std::optional<PickleValue> v = Leaf(*root)) {
+  // A leaf, its string unquoted when it could not fit what is left.
+  auto leaf = [&](const Object& o) -> Result<std::optional<PickleValue>> {
+    bool too_long = false;
+    std::optional<PickleValue> v = Leaf(o, kMaxValueBytes - bytes, &too_long);
+    if (too_long) return over_bytes();
+    return v;
+  };
+  Result<std::optional<PickleValue>> top = leaf(*root);
+  if (!top.ok()) return top.status();
+  if (std::optional<PickleValue> v = std::move(*top)) {
     if (root->kind != Kind::kTensor) {
       if (Status s = emit(std::move(*v)); !s.ok()) return s;
     }
@@ -227,9 +250,10 @@ Result<std::vector<PickleValue>> PickleValues(ObjectPtr root, const std::string&
     if (path.size() > pickle::kMaxPathBytes) {
       return budget("value name bytes (kMaxPathBytes)", pickle::kMaxPathBytes);
     }
-    std::optional<PickleValue> leaf = Leaf(*child);
-    if (leaf) {
-      Status s = emit(std::move(*leaf));
+    Result<std::optional<PickleValue>> got = leaf(*child);
+    if (!got.ok()) return got.status();
+    if (std::optional<PickleValue>& value = *got) {
+      Status s = emit(std::move(*value));
       path.resize(restore);
       if (!s.ok()) return s;
       continue;

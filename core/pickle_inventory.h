@@ -15,7 +15,14 @@
 // number of objects of the graph that refer to it.
 //
 // Budgets (kCorrupt naming the origin and the budget): kMaxDepth nesting
-// and kMaxPathBytes per name, as pickle.h; kMaxValues values.
+// and kMaxPathBytes per name, as pickle.h; kMaxValues values; and
+// kMaxValueBytes for all values' names and JSON texts together. The last
+// bounds what a small pickle can ask for by reference: one memoized 1 MiB
+// string costs 2 bytes per further use (BINGET), as does a long dict key
+// that every value below it repeats in its name, so a 3 MB file could
+// otherwise ask for tens of GB of text. No safetensors header can hold
+// more than kMaxSafetensorsHeader (100 MB) anyway; a string leaf's length
+// is checked before it is quoted.
 #ifndef CKPTFS_CORE_PICKLE_INVENTORY_H_
 #define CKPTFS_CORE_PICKLE_INVENTORY_H_
 
@@ -31,6 +38,7 @@
 namespace ckptfs::core {
 
 inline constexpr size_t kMaxValues = size_t{1} << 20;
+inline constexpr size_t kMaxValueBytes = size_t{64} << 20;
 
 struct PickleValue {
   std::string name;  // dotted, unique ("#2", ... as FindTensors)

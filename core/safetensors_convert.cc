@@ -7,8 +7,9 @@
 // contiguous (a transpose, a slice with a step) is gathered element by
 // element in row-major order into pieces of kAverageChunk bytes, reading
 // the span of storage it touches whole when that is at most
-// kMaxGatherSpanBytes (one such span at a time), else run by run with
-// pread. A deflated record (never written by torch.save) is read whole, as
+// kMaxGatherSpanBytes (one such span at a time), else in tiles, else run by
+// run with pread; never reading more than kMaxGatherReadFactor times the
+// view's bytes for it. A deflated record (never written by torch.save) is read whole, as
 // averaging does. Every record read is checked against its CRC-32, as
 // averaging does: through the copy pieces when one contiguous tensor is the
 // whole record, else by reading the record once more for it.
@@ -48,6 +49,12 @@ namespace {
 // or, when it has no dimension of adjacent elements, one pread per element.
 constexpr uint64_t kMaxGatherSpanBytes = uint64_t{64} << 20;
 constexpr uint64_t kGatherTileBytes = uint64_t{4} << 20;
+// Neither way may read more than this many times the view's own bytes: a
+// view of a few elements spread over a large storage (two floats 32 MiB
+// apart), under each of a million names sharing that storage, asked for
+// 32 TiB of reading (hours) to write 8 MB. Such a view is read element by
+// element (run by run) instead: no more bytes than it has.
+constexpr uint64_t kMaxGatherReadFactor = 8;
 
 // One tensor of the output.
 struct ConvertTensor {
@@ -62,9 +69,29 @@ struct ConvertTensor {
   bool contiguous = true;
 };
 
+// kMaxConvertAmplification x the input's size + kConvertSlackBytes.
+uint64_t ConvertBudget(uint64_t input) {
+  uint64_t budget = 0;
+  if (__builtin_mul_overflow(input, kMaxConvertAmplification, &budget) ||
+      __builtin_add_overflow(budget, kConvertSlackBytes, &budget)) {
+    return UINT64_MAX;
+  }
+  return budget;
+}
+
+std::string BudgetText(uint64_t budget, uint64_t input) {
+  return std::to_string(budget) + " bytes (" + std::to_string(kMaxConvertAmplification) +
+         " x the file's " + std::to_string(input) + " bytes + " +
+         std::to_string(kConvertSlackBytes) + ", kMaxConvertAmplification and kConvertSlackBytes)";
+}
+
+// The budget (safetensors_convert.h) is checked name by name, so that a
+// file asking for too much is refused before anything is written.
 Result<std::vector<ConvertTensor>> PlanTensors(const TorchArchive& m, uint64_t* total) {
   std::vector<ConvertTensor> out;
   uint64_t at = 0;
+  const uint64_t input = m.zip.file().size();
+  const uint64_t budget = ConvertBudget(input);
   for (const auto& [name, info] : m.tensors) {
     ConvertTensor t;
     t.name = name;
@@ -104,7 +131,14 @@ Result<std::vector<ConvertTensor>> PlanTensors(const TorchArchive& m, uint64_t* 
     }
     t.nbytes = bytes;
     t.out_begin = at;
-    at += bytes;
+    if (__builtin_add_overflow(at, bytes, &at) || at > budget) {
+      return Status::Unsupported(
+          m.path + ": converting it would write " +
+          (at < bytes ? std::string("more than 2^64") : "at least " + std::to_string(at)) +
+          " bytes of tensor data (tensor '" + name + "' has shape " + Shape(info.size) +
+          "), over the conversion budget of " + BudgetText(budget, input) +
+          ": a tensor expanded with stride 0, or one storage viewed by many names");
+    }
     out.push_back(std::move(t));
   }
   *total = at;
@@ -195,7 +229,11 @@ Result<bool> TiledGather(const ConvertTensor& t, const InputFile& file, uint64_t
   const uint64_t step = static_cast<uint64_t>(info.stride[k]);
   uint64_t inner = 1;
   for (size_t d = k + 1; d < rank; ++d) inner *= static_cast<uint64_t>(info.size[d]);
-  if (inner * t.item > kGatherTileBytes || step * t.item > kGatherTileBytes) return false;
+  // A run reads about `step` elements for each one it keeps.
+  if (inner * t.item > kGatherTileBytes || step * t.item > kGatherTileBytes ||
+      step > kMaxGatherReadFactor) {
+    return false;
+  }
   const uint64_t block = std::max<uint64_t>(1, kGatherTileBytes / (std::max(inner, step) * t.item));
   std::vector<char>& tile = scratch->span;
   std::vector<char>& run = scratch->buf;
@@ -282,7 +320,7 @@ Status ConvertPiece(const TorchArchive& m, Piece* piece, uint64_t data_start, Ou
   for (size_t d = 0; d < info.size.size(); ++d) extent += (info.size[d] - 1) * info.stride[d];
   const uint64_t first = static_cast<uint64_t>(info.offset) * t.item;
   const uint64_t span = (static_cast<uint64_t>(extent) + 1) * t.item - first;
-  if (span <= kMaxGatherSpanBytes) {
+  if (span <= kMaxGatherSpanBytes && span / kMaxGatherReadFactor <= t.nbytes) {
     std::lock_guard<std::mutex> one_span(*span_mu);
     std::vector<char>& mem = scratch->span;
     mem.resize(static_cast<size_t>(span));
@@ -309,6 +347,19 @@ Status ConvertPiece(const TorchArchive& m, Piece* piece, uint64_t data_start, Ou
 Result<std::string> Header(const TorchArchive& m, const std::vector<ConvertTensor>& tensors,
                            const std::vector<PickleValue>& values,
                            const std::vector<std::string>& unsafe) {
+  // safetensors' reader (serde_json) refuses a key that is not UTF-8 as
+  // DumpJson would write it (\udcXY escapes): refused here instead of
+  // writing a file it cannot load. A value's text is inside a JSON string.
+  auto not_utf8 = [&m](const char* what, const std::string& name) {
+    return Status::Unsupported(m.path + ": " + what + " " + JsonQuote(name) +
+                               " is not UTF-8, which a safetensors header cannot hold");
+  };
+  for (const ConvertTensor& t : tensors) {
+    if (!IsUtf8(t.name)) return not_utf8("tensor name", t.name);
+  }
+  for (const PickleValue& v : values) {
+    if (!IsUtf8(v.name)) return not_utf8("value name", v.name);
+  }
   nlohmann::ordered_json doc = nlohmann::ordered_json::object();
   nlohmann::ordered_json meta = nlohmann::ordered_json::object();
   meta["format"] = "pt";  // what transformers expects of a PyTorch safetensors file
@@ -358,11 +409,35 @@ Result<ConvertResult> Convert(const std::string& input, OutputFile* out,
   uint64_t total = 0;
   Result<std::vector<ConvertTensor>> tensors = PlanTensors(m, &total);
   if (!tensors.ok()) return tensors.status();
+  // A deflated record is inflated whole for each name of it: after the
+  // first, those inflations count against the budget too (a million
+  // two-element views of one deflated 32 MiB storage: 32 TiB inflated).
+  {
+    std::map<const ZipEntry*, bool> inflated;
+    uint64_t again = 0;
+    const uint64_t size = m.zip.file().size(), budget = ConvertBudget(size);
+    for (const ConvertTensor& t : *tensors) {
+      if (t.entry->method == ZipEntry::kStored || t.nbytes == 0 ||
+          inflated.emplace(t.entry, true).second) {
+        continue;
+      }
+      again += static_cast<uint64_t>(t.storage->nbytes);
+      if (again > budget) {
+        return Status::Unsupported(
+            input + ": tensor '" + t.name + "' of deflated record " + t.entry->name +
+            ": inflating it once more per name would take over " + BudgetText(budget, size));
+      }
+    }
+  }
   Result<std::string> header = Header(m, *tensors, *values, result.unsafe_globals);
   if (!header.ok()) return header.status();
   if (!result.unsafe_globals.empty()) {
     std::string names;
-    for (const std::string& g : result.unsafe_globals) names += (names.empty() ? "" : ", ") + g;
+    // Quoted: a name from STACK_GLOBAL may hold a newline or a terminal
+    // escape, which would forge log lines.
+    for (const std::string& g : result.unsafe_globals) {
+      names += (names.empty() ? "" : ", ") + PrintableName(g);
+    }
     Log(LogLevel::kWarning,
         "%s: its pickle references globals outside torch's weights_only allow-list (%s); "
         "converted without running them, listed in __metadata__ as ckptfs.unsafe_globals",

@@ -15,9 +15,20 @@
 //     are listed there by their global name only, never their contents;
 //   - the output follows safetensors' own parsing rules: 8-byte
 //     little-endian header length, JSON header padded with spaces to 8-byte
-//     alignment, offsets dense and in order.
+//     alignment, offsets dense and in order; a tensor or value name that is
+//     not UTF-8 (a str with a lone surrogate) is refused (kUnsupported), as
+//     safetensors could not read the header.
 // The output is written beside out_path and renamed (no fsync: a cache
 // entry, see AverageCache). Errors name the file and the tensor.
+//
+// Budget: the tensor data written may be at most kMaxConvertAmplification
+// times the input file's size plus kConvertSlackBytes. A real checkpoint
+// stays far below (a storage is written once per name: tied weights double
+// it at most), while a crafted or odd one could ask for almost any size: a
+// 4-byte storage expanded with stride 0 to 2^40 elements (4 TiB), or one
+// storage viewed whole by thousands of names. Such a file is refused before
+// anything is written (kUnsupported naming the file, the bytes it would
+// take and the budget), not cut short.
 #ifndef CKPTFS_CORE_SAFETENSORS_CONVERT_H_
 #define CKPTFS_CORE_SAFETENSORS_CONVERT_H_
 
@@ -29,6 +40,9 @@
 #include "core/status.h"
 
 namespace ckptfs::core {
+
+inline constexpr uint64_t kMaxConvertAmplification = 4;
+inline constexpr uint64_t kConvertSlackBytes = uint64_t{64} << 20;
 
 struct ConvertResult {
   int tensors = 0;    // names written

@@ -594,7 +594,7 @@ Result<Resolution> Resolver::ResolveMirror(const std::string& scope, const std::
     // PyTorch file (listed under its converted name instead).
     source_name = name;
   } else {
-    Result<std::vector<MirrorEntry>> entries = MirrorEntries(dir_vpath, *dir, caller);
+    Result<std::vector<MirrorEntry>> entries = MirrorEntries(dir_vpath, *dir, caller, &name);
     if (!entries.ok()) return entries.status();
     auto it = std::find_if(entries->begin(), entries->end(),
                            [&](const MirrorEntry& e) { return e.name == name; });
@@ -624,13 +624,35 @@ Result<Resolution> Resolver::ResolveMirror(const std::string& scope, const std::
 }
 
 Result<std::vector<Resolver::MirrorEntry>> Resolver::MirrorEntries(
-    const std::string& dir_vpath, const Resolution& dir, const core::Caller* caller) const {
+    const std::string& dir_vpath, const Resolution& dir, const core::Caller* caller,
+    const std::string* only_for) const {
   Result<std::vector<DirEntry>> listed = List(dir, caller);
   if (!listed.ok()) return listed.status();
   std::vector<MirrorEntry> out;
   std::set<std::string> taken;
   std::vector<std::string> torch;
+  // For one name X.safetensors, what it is depends only on the entries
+  // whose name or stem is X or X cut at one of its dots (the stems that
+  // can compete for X.safetensors, or for the names an entry named X or
+  // a prefix of it would take first): run the rule on those alone. A
+  // lookup in a directory of n PyTorch files thus costs a few resolutions,
+  // not n (a listing of it n^2, minutes for a few thousand files).
+  std::set<std::string> stems;
+  if (only_for != nullptr && EndsWith(*only_for, ".safetensors")) {
+    const std::string x = only_for->substr(0, only_for->size() - 12);
+    stems.insert(x);
+    for (size_t dot = x.find('.', 1); dot != std::string::npos; dot = x.find('.', dot + 1)) {
+      stems.insert(x.substr(0, dot));
+    }
+  }
+  auto stem_of = [](const std::string& t) {
+    const size_t dot = t.rfind('.');
+    return dot == std::string::npos || dot == 0 ? t : t.substr(0, dot);
+  };
   for (DirEntry& e : *listed) {
+    if (!stems.empty() && stems.count(e.name) == 0 && stems.count(stem_of(e.name)) == 0) {
+      continue;
+    }
     // new/ and safetensors/ do not resolve here: left out.
     Result<Resolution> child = ResolvePath(dir_vpath + "/" + e.name, caller, true);
     if (!child.ok() || child->staged) continue;
@@ -643,8 +665,7 @@ Result<std::vector<Resolver::MirrorEntry>> Resolver::MirrorEntries(
   }
   std::sort(torch.begin(), torch.end());
   for (std::string& t : torch) {
-    const size_t dot = t.rfind('.');
-    const std::string stem = dot == std::string::npos || dot == 0 ? t : t.substr(0, dot);
+    const std::string stem = stem_of(t);
     for (const std::string& name : {stem + ".safetensors", t + ".safetensors"}) {
       if (name.size() > core::kMaxNameBytes || taken.count(name) != 0) continue;
       taken.insert(name);

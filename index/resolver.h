@@ -157,10 +157,13 @@ class Resolver {
     bool convert = false;
   };
   // The entries of the mirrored directory dir (resolved from dir_vpath),
-  // renamed by the clash rule above.
+  // renamed by the clash rule above. With only_for (a name under
+  // safetensors/), just the entries that can decide what that name is: a
+  // lookup resolves and sniffs those few, not the whole directory.
   core::Result<std::vector<MirrorEntry>> MirrorEntries(const std::string& dir_vpath,
                                                        const Resolution& dir,
-                                                       const core::Caller* caller) const;
+                                                       const core::Caller* caller,
+                                                       const std::string* only_for = nullptr) const;
   // Whether a file resolution is a PyTorch zip (an average: its newest member).
   bool IsTorchZip(const Resolution& file) const;
   core::Result<Resolution> ResolveInside(Resolution r, const std::vector<std::string>& rest) const;
