@@ -317,10 +317,7 @@ Status ZipArchive::Inflate(const ZipEntry& entry, const ChunkFn& fn, std::vector
     z->next_out = reinterpret_cast<Bytef*>(buf);
     z->avail_out = static_cast<uInt>(cap);
     while (z->avail_out > 0 && !ended) {
-      if (z->avail_in == 0) {
-        if (read == entry.compressed_size) {
-          return Status::Corrupt(Where(entry) + ": deflate data ends early");
-        }
+      if (z->avail_in == 0 && read < entry.compressed_size) {
         const size_t n =
             static_cast<size_t>(std::min<uint64_t>(entry.compressed_size - read, in_size));
         if (Status s = file_.ReadAt(entry.data_offset + read, in, n); !s.ok()) return s;
@@ -328,9 +325,16 @@ Status ZipArchive::Inflate(const ZipEntry& entry, const ChunkFn& fn, std::vector
         z->next_in = reinterpret_cast<Bytef*>(in);
         z->avail_in = static_cast<uInt>(n);
       }
+      // With every compressed byte read, zlib may still hold output (its
+      // window, the block's end): inflate is called until it makes no
+      // progress, and only then does the stream end early.
+      const uInt room = z->avail_out;
       const int rc = inflate(z, Z_NO_FLUSH);
       if (rc == Z_STREAM_END) {
         ended = true;
+      } else if ((rc == Z_OK || rc == Z_BUF_ERROR) && z->avail_in == 0 &&
+                 read == entry.compressed_size && z->avail_out == room) {
+        return Status::Corrupt(Where(entry) + ": deflate data ends early");
       } else if (rc != Z_OK && rc != Z_BUF_ERROR) {
         return Status::Corrupt(Where(entry) + ": bad deflate data (" + (z->msg ? z->msg : "error") +
                                ")");

@@ -455,17 +455,19 @@ void PrintAudit(const std::string& path, const core::CheckpointAudit& a, bool js
     for (size_t i = 0; i < t.shape.size(); ++i) {
       shape += (i ? "," : "") + std::to_string(t.shape[i]);
     }
-    std::printf("tensor  %s  %s  %s]  %lld bytes\n", t.name.c_str(), t.dtype.c_str(), shape.c_str(),
-                static_cast<long long>(t.bytes));
+    std::printf("tensor  %s  %s  %s]  %lld bytes\n", core::PrintableName(t.name).c_str(),
+                t.dtype.c_str(), shape.c_str(), static_cast<long long>(t.bytes));
   }
   for (const core::AuditValue& v : a.values) {
-    std::printf("value   %s  %s%s\n", v.name.empty() ? "(root)" : v.name.c_str(), v.json.c_str(),
-                v.opaque ? "  (object, contents not shown)" : "");
+    std::printf(
+        "value   %s  %s%s\n", v.name.empty() ? "(root)" : core::PrintableName(v.name).c_str(),
+        core::PrintableName(v.json).c_str(), v.opaque ? "  (object, contents not shown)" : "");
   }
   // uses: objects referring to it; 0 for what the reader consumed (a tensor
   // rebuild, OrderedDict()).
   for (const core::AuditGlobal& g : a.globals) {
-    std::printf("global  %s  %s", g.name.c_str(), g.allowed ? "allowed" : "NOT ALLOWED");
+    std::printf("global  %s  %s", core::PrintableName(g.name).c_str(),
+                g.allowed ? "allowed" : "NOT ALLOWED");
     if (g.uses > 0) std::printf("  (%lld use(s))", static_cast<long long>(g.uses));
     std::printf("\n");
   }
